@@ -23,7 +23,17 @@ _API = {
     "causal_lm_logprobs": "gspo.chunked",
 }
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = [
+    "__version__",
+    "advantages",
+    "causal_lm_logprobs",
+    "explain_objective",
+    "gspo_loss",
+    "gspo_loss_from_hidden",
+    "naive_token_logprobs",
+    "sequence_objective",
+    "token_logprobs",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
     from gspo.chunked import causal_lm_logprobs, gspo_loss_from_hidden, token_logprobs

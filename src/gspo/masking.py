@@ -1,0 +1,80 @@
+"""Per-sequence sums, counts and broadcasts over padded or packed token layouts.
+
+Two layouts hold the same B ragged sequences:
+
+* padded: values [B, T] with ``mask [B, T]`` bool, True = a real token of the
+  sequence, False = padding (or a prompt token) that must not count;
+* packed: values [N] holding the sequences back to back, with ``seq_lens [B]``
+  or ``cu_seqlens [B+1]`` (cumulative offsets, ``cu_seqlens[0] == 0``).
+
+Masked slots may hold anything, +-inf and NaN included. Values are therefore
+*selected* with ``torch.where`` before any arithmetic, never multiplied by the
+mask: ``NaN * 0`` is NaN, and ``exp(inf) * 0`` is NaN in the backward too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the valid tokens of B sequences sit in a padded [B,T] or packed [N] tensor.
+
+    Attributes:
+        mask: [B,T] bool (padded) or None (packed: every slot is a valid token).
+        seq_index: [N] int64 sequence number of each packed token, or None (padded).
+        count: [B] number of valid tokens per sequence, in the compute dtype.
+    """
+
+    mask: Tensor | None
+    seq_index: Tensor | None
+    count: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.count.shape[0]
+
+    def select(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        """x with every invalid slot replaced by ``fill`` (garbage can never leak)."""
+        return x if self.mask is None else torch.where(self.mask, x, fill)
+
+    def seq_sum(self, x: Tensor) -> Tensor:
+        """[B] sum of an already-selected per-token tensor over each sequence."""
+        if self.mask is not None:
+            return x.sum(dim=-1)
+        return x.new_zeros(self.batch).index_add_(0, self.seq_index, x)
+
+    def seq_mean(self, x: Tensor) -> Tensor:
+        """[B] mean of an already-selected per-token tensor over each sequence."""
+        return self.seq_sum(x) / self.count
+
+    def expand(self, per_seq: Tensor) -> Tensor:
+        """Broadcast a [B] per-sequence tensor to the token layout ([B,1] or [N])."""
+        return per_seq[:, None] if self.mask is not None else per_seq[self.seq_index]
+
+    def token_mean(self, x: Tensor) -> Tensor:
+        """Mean of an already-selected per-token tensor over every valid token of the batch."""
+        return x.sum() / self.count.sum()
+
+    def token_min(self, x: Tensor) -> Tensor:
+        return self.select(x, torch.inf).min()
+
+    def token_max(self, x: Tensor) -> Tensor:
+        return self.select(x, -torch.inf).max()
+
+
+def padded_layout(mask: Tensor, dtype: torch.dtype) -> Layout:
+    """Layout of a padded batch; ``mask [B,T]`` bool, True = valid token."""
+    return Layout(mask=mask, seq_index=None, count=mask.sum(dim=-1).to(dtype))
+
+
+def packed_layout(seq_lens: Tensor, num_tokens: int, dtype: torch.dtype) -> Layout:
+    """Layout of a packed batch of ``num_tokens`` tokens; ``seq_lens [B]`` >= 1, summing to N."""
+    seq_index = torch.repeat_interleave(
+        torch.arange(seq_lens.shape[0], device=seq_lens.device), seq_lens, output_size=num_tokens
+    )
+    return Layout(mask=None, seq_index=seq_index, count=seq_lens.to(dtype))
