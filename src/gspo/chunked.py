@@ -1,0 +1,203 @@
+"""Token log-probabilities from hidden states without ever holding the full logits.
+
+At Qwen2.5's vocabulary (V = 151936) the logits of N = 16384 tokens take
+~9.3 GiB in float32, and naive autograd keeps more copies of that size. Here the
+output projection, the log-sum-exp and the gather run over chunks of C tokens:
+the forward keeps only per-token results (logp, log-sum-exp, entropy) and the
+backward recomputes each chunk's logits to form the gradients. Peak extra memory
+is a few [C,V] buffers plus the [V,H] weight gradient, whatever N is.
+
+Shapes: N tokens, H hidden size, V vocabulary size, C chunk size; B sequences
+and L positions for CausalLMLogprobs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gspo.logprobs import IGNORE_INDEX, check_inputs, compute_dtype
+
+# Tokens per chunk. A float32 [C,V] buffer at V = 151936 is 0.58 MiB per token;
+# see bench/logprobs.py for the time/memory trade-off this value was chosen from.
+DEFAULT_CHUNK_SIZE = 512
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked, memory-bounded equal of ``gspo.logprobs.naive_token_logprobs``.
+
+    Equals, in value and in gradient (hidden, weight, bias)::
+
+        logits = (hidden @ weight.T + bias).float() / temperature   # [N,V]
+        logp_all = torch.log_softmax(logits, dim=-1)                 # [N,V]
+        logp = logp_all.gather(-1, labels[:, None])[:, 0]            # [N]
+        logp = torch.where(labels == ignore_index, 0, logp)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)               # [N], same where
+
+    but holds at most one chunk of logits [C,V] (two buffers of it) at a time.
+    The backward recomputes each chunk's logits: four matmuls where the naive
+    path does three, traded for never storing [N,V].
+
+    Args:
+        hidden: [N,H] final hidden states (float32, bfloat16, float16 or float64).
+        weight: [V,H] output embedding, same dtype and device as ``hidden``.
+        labels: [N] integer token ids in [0, V), or ``ignore_index``.
+        bias: optional [V] output bias.
+        temperature: logits are divided by it; finite and > 0.
+        chunk_size: C, tokens per chunk (>= 1). Only non-ignored tokens are
+            processed, so padding costs no matmul.
+        ignore_index: label whose position gets logp 0, entropy 0, no gradient;
+            hidden rows at such positions are never read (they may hold NaN).
+        return_entropy: also return the entropy of each position; its gradient
+            flows too when the entropy is used in the loss.
+
+    Returns:
+        ``logp`` [N], and ``entropy`` [N] when ``return_entropy``. float32 for
+        16/32-bit inputs (matmuls run in the input dtype, softmax and every
+        accumulation in float32), float64 for float64 inputs.
+    """
+    check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    check_chunk_size(chunk_size)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy: must be a bool, got {type(return_entropy).__name__}")
+    return _TokenLogprobs.apply(
+        hidden, weight, bias, labels, float(temperature), chunk_size, ignore_index, return_entropy
+    )
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Forward keeps per-token log-sum-exp (and entropy); backward recomputes logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size, ignore_index, want_ent):
+        dtype = compute_dtype(hidden.dtype)
+        rows = (labels != ignore_index).nonzero()[:, 0]  # [M] the tokens that count
+        labels = labels.long()
+        logp = hidden.new_zeros(hidden.shape[0], dtype=dtype)
+        entropy = hidden.new_zeros(hidden.shape[0], dtype=dtype)
+        lse = hidden.new_empty(rows.shape[0], dtype=dtype)
+        for start in range(0, rows.shape[0], chunk_size):
+            idx = rows[start : start + chunk_size]
+            z = _chunk_logits(hidden[idx], weight, bias, temperature, dtype)
+            logp_c, lse_c, ent_c = _chunk_forward(z, labels[idx], want_ent)
+            logp[idx] = logp_c
+            lse[start : start + idx.shape[0]] = lse_c
+            if want_ent:
+                entropy[idx] = ent_c
+            del z  # free the [C,V] buffer before the next chunk allocates its own
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.want_ent = temperature, chunk_size, want_ent
+        ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing
+        if want_ent:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        dtype, temp = lse.dtype, ctx.temperature
+        # d/dlogits = d/dz / temperature, folded into the per-token weights once.
+        g_logp = _rows_over_t(grad_logp, rows, temp, dtype)
+        g_ent = _rows_over_t(grad_entropy, rows, temp, dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # The weight gradient sums over every token: accumulate it in float32.
+        grad_w = weight.new_zeros(weight.shape, dtype=dtype) if need_w else None
+        grad_b = weight.new_zeros(weight.shape[0], dtype=dtype) if need_b else None
+        for start in range(0, rows.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            idx = rows[start:end]
+            h = hidden[idx]
+            z = _chunk_logits(h, weight, bias, temp, dtype)
+            dz = _chunk_grad(z, labels[idx], lse[start:end], entropy[idx], g_logp, g_ent, start)
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+            dz_in = dz.to(hidden.dtype)  # matmuls in the input dtype
+            if grad_h is not None:
+                grad_h[idx] = dz_in @ weight
+            if grad_w is not None:
+                if dz_in.dtype == dtype:
+                    grad_w.addmm_(dz_in.T, h)  # in place: no [V,H] temporary per chunk
+                else:
+                    grad_w += dz_in.T @ h
+            del z, dz, dz_in
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _rows_over_t(grad: Tensor | None, rows: Tensor, temperature: float, dtype) -> Tensor | None:
+    if grad is None:
+        return None
+    return grad[rows].to(dtype) / temperature
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias, temperature: float, dtype) -> Tensor:
+    """z = (h @ weight.T + bias) / temperature as a fresh [C,V] buffer in ``dtype``."""
+    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    z = z.to(dtype)  # no copy for float32 inputs; bf16/fp16 are promoted here
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _chunk_forward(z: Tensor, labels: Tensor, want_ent: bool):
+    """Per-token logp, log-sum-exp and entropy of one chunk; overwrites ``z``.
+
+    In place where possible so the chunk costs two [C,V] buffers: z and exp(z - max).
+    """
+    z_label = z.gather(1, labels[:, None])[:, 0]
+    zmax = z.amax(1, keepdim=True)
+    u = z.sub_(zmax)  # u = z - max: exp(u) <= 1 never overflows
+    e = u.exp()
+    s = e.sum(1)
+    lse = zmax[:, 0] + s.log()
+    ent = None
+    if want_ent:
+        # H = lse - sum_j p_j z_j = log s - sum_j e_j u_j / s  (the max cancels)
+        ent = s.log() - e.mul_(u).sum(1) / s
+    return z_label - lse, lse, ent
+
+
+def _chunk_grad(z, labels, lse, entropy, g_logp, g_ent, start):
+    """dL/dz for one chunk, built in place in ``z``.
+
+    With p = softmax(z) and y the label:
+        d logp / dz_j    = [j == y] - p_j
+        d entropy / dz_j = -p_j (z_j - E_p[z]) = -p_j (logp_j + entropy)
+    """
+    c = z.shape[0]
+    logp_all = z.sub_(lse[:, None])
+    gl = None if g_logp is None else g_logp[start : start + c, None]
+    if g_ent is None:
+        dz = logp_all.exp_().mul_(-gl)  # one [C,V] buffer
+    else:
+        p = logp_all.exp()
+        ge = g_ent[start : start + c, None]
+        dz = logp_all.add_(entropy[:, None]).mul_(p).mul_(-ge)
+        if gl is not None:
+            dz.addcmul_(p, gl, value=-1.0)
+        del p
+    if gl is not None:
+        dz.scatter_add_(1, labels[:, None], gl)
+    return dz
