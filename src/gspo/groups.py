@@ -120,7 +120,7 @@ def _check_rewards(rewards: Tensor) -> Tensor:
         raise ValueError(f"rewards must be real numbers, got {rewards.dtype}")
     rewards = rewards.detach()
     if not rewards.dtype.is_floating_point:
-        rewards = rewards.to(torch.float64)
+        rewards = rewards.to(torch.float32)  # integer rewards give float32 advantages
     bad = ~torch.isfinite(rewards)
     if bad.any():
         i = int(bad.nonzero()[0])

@@ -29,6 +29,8 @@ def sequence_objective(
     log_probs_old: Ragged,
     rewards: Sequence[float],
     epsilon: float,
+    *,
+    epsilon_high: float | None = None,
 ) -> float:
     """The GSPO objective L of one group (SPEC.md), in float64.
 
@@ -38,6 +40,8 @@ def sequence_objective(
         log_probs_old: the same shape, under the policy that sampled it.
         rewards: N scalar rewards.
         epsilon: clip range, > 0; the ratio is clipped to [1 - eps, 1 + eps].
+        epsilon_high: optional upper range (asymmetric clipping,
+            [1 - epsilon, 1 + epsilon_high]); defaults to epsilon, the spec.
 
     Returns:
         L = mean_i min(rho_i * A_i, clip(rho_i) * A_i). A training loss is -L.
@@ -45,9 +49,10 @@ def sequence_objective(
     Raises:
         ValueError: naming the argument, for any malformed or non-finite input.
     """
-    return _mean(
-        t.objective for t in sequence_terms(log_probs_new, log_probs_old, rewards, epsilon)
+    terms = sequence_terms(
+        log_probs_new, log_probs_old, rewards, epsilon, epsilon_high=epsilon_high
     )
+    return _mean(t.objective for t in terms)
 
 
 def sequence_terms(
@@ -55,9 +60,16 @@ def sequence_terms(
     log_probs_old: Ragged,
     rewards: Sequence[float],
     epsilon: float,
+    *,
+    epsilon_high: float | None = None,
 ) -> list[SequenceTerms]:
     """SPEC.md steps 1-4 for each sequence: advantage, ratio, clipped ratio, L_i."""
     _validate(log_probs_new, log_probs_old, rewards, epsilon)
+    if epsilon_high is None:
+        epsilon_high = epsilon
+    _check_number("epsilon_high", epsilon_high)
+    if not epsilon_high > 0:
+        raise ValueError(f"epsilon_high must be > 0, got {epsilon_high!r}")
     adv = group_advantages(rewards)
     terms = []
     for a, new, old in zip(adv, log_probs_new, log_probs_old, strict=True):
@@ -65,7 +77,7 @@ def sequence_terms(
         log_ratio = (math.fsum(new) - math.fsum(old)) / len(new)
         ratio = math.exp(log_ratio) if log_ratio < 700.0 else math.inf
         # Step 3: clip to [1 - eps, 1 + eps].
-        clipped = min(max(ratio, 1.0 - epsilon), 1.0 + epsilon)
+        clipped = min(max(ratio, 1.0 - epsilon), 1.0 + epsilon_high)
         # Step 4: pessimistic minimum. A == 0 gives 0 (not inf * 0 = NaN).
         objective = 0.0 if a == 0.0 else min(ratio * a, clipped * a)
         terms.append(SequenceTerms(a, log_ratio, ratio, clipped, objective))

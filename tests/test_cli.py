@@ -1,0 +1,84 @@
+"""`gspo objective`: JSON in, the objective out; bad input -> one line on stderr, exit 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gspo.cli import main
+from gspo.reference import sequence_objective
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXPECTED = {
+    "spec_example_1.json": -0.7591409142295236,
+    "spec_example_2.json": 0.0,
+    "spec_example_3.json": -0.0022368898100859624,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_examples(name, capsys):
+    assert main(["objective", str(EXAMPLES / name)]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(EXPECTED[name], abs=1e-12)
+
+
+def test_stdin_and_explain(monkeypatch, capsys):
+    payload = (EXAMPLES / "spec_example_3.json").read_text()
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(payload))
+    assert main(["objective", "--explain", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "clip(rho_i)" in out and "L = mean_i L_i = -0.00223688981008" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"log_probs_new": [[1.0]], "log_probs_old": [[1.0]], "rewards": [1.0]}', "missing"),
+        (
+            '{"log_probs_new": [[NaN]], "log_probs_old": [[1.0]], "rewards": [1.0], "epsilon": 0.2}',
+            "NaN",
+        ),
+        (
+            '{"log_probs_new": [[1.0]], "log_probs_old": [[1.0]], "rewards": [1.0], "epsilon": 0}',
+            "epsilon must be > 0",
+        ),
+        (
+            '{"log_probs_new": [[1.0]], "log_probs_old": [[1.0, 2.0]], "rewards": [1.0], '
+            '"epsilon": 0.2}',
+            "sequence 0",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, text, match):
+    path = tmp_path / "in.json"
+    path.write_text(text)
+    assert main(["objective", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_missing_file_exits_2(capsys):
+    assert main(["objective", "/nonexistent/x.json"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_console_script_round_trip(tmp_path):
+    payload = {"log_probs_new": [[-1.0, -2.0], [-0.5]], "log_probs_old": [[-1.1, -2.1], [-0.4]],
+               "rewards": [1.0, 0.0], "epsilon": 0.2}  # fmt: skip
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(payload))
+    out = subprocess.run(
+        [sys.executable, "-m", "gspo", "objective", str(path)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert float(out.stdout) == sequence_objective(**payload)
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
