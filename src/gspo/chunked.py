@@ -201,3 +201,134 @@ def _chunk_grad(z, labels, lse, entropy, g_logp, g_ent, start):
     if gl is not None:
         dz.scatter_add_(1, labels[:, None], gl)
     return dz
+
+
+def gspo_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    logp_old: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = IGNORE_INDEX,
+    **loss_kwargs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GSPO loss straight from final hidden states, never holding [N,V] logits.
+
+    Equals::
+
+        logp = token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
+        return gspo.loss.gspo_loss(logp, logp_old, **loss_kwargs)
+
+    The sequence ratio ``exp(mean_t(logp - logp_old))`` couples every token of
+    a sequence, so the log-probs of all tokens come first (chunked, memory
+    bounded) and the loss second; the loss's gradient w.r.t. ``logp`` then flows
+    back through the chunked backward.
+
+    Packed form: ``hidden`` [N,H], ``labels`` and ``logp_old`` [N], with
+    ``seq_lens=`` or ``cu_seqlens=`` in ``loss_kwargs``. Padded form: ``hidden``
+    [B,T,H], ``labels`` and ``logp_old`` [B,T] and ``mask=`` [B,T] (True = a
+    response token that counts); labels where the mask is False are replaced by
+    ``ignore_index``, so they may hold anything.
+
+    Returns:
+        ``(loss, metrics)`` exactly as ``gspo_loss`` returns them.
+    """
+    from gspo.loss import gspo_loss  # imported here: loss.py is a sibling, not a need of logp
+
+    if not isinstance(hidden, Tensor) or hidden.dim() not in (2, 3):
+        raise ValueError("hidden: must be a tensor [N,H] (packed) or [B,T,H] (padded)")
+    if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels: must have shape {tuple(hidden.shape[:-1])}, got {got}")
+    mask = loss_kwargs.get("mask")
+    if isinstance(mask, Tensor) and mask.shape == labels.shape:
+        labels = torch.where(mask.to(torch.bool), labels, ignore_index)
+    logp = token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        bias=bias,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        ignore_index=ignore_index,
+    )
+    return gspo_loss(logp.view(labels.shape), logp_old, **loss_kwargs)
+
+
+class CausalLMLogprobs(torch.nn.Module):
+    """Per-token log-probs of a Hugging Face causal LM, without its full logits.
+
+    ``forward(input_ids [B,L], attention_mask [B,L])`` returns ``logp`` [B,L-1]
+    with ``logp[:, t] = log p(input_ids[:, t+1] | input_ids[:, :t+1])``, and 0
+    where ``attention_mask[:, t+1]`` is 0 (True/1 = a real token). It equals::
+
+        logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logp = log_softmax(logits.float() / temperature).gather(-1, input_ids[:, 1:, None])
+
+    but runs only the base decoder (``getattr(model, model.base_model_prefix)``,
+    whose output is already final-normed for Qwen2/Llama) and feeds its hidden
+    states with ``model.get_output_embeddings()`` to ``token_logprobs``.
+
+    It is an nn.Module whose forward does the whole computation, so that DDP or
+    FSDP2's ``fully_shard`` can wrap it: the parameters are gathered for, and
+    read inside, this forward. (If the output embedding is sharded as its own
+    FSDP unit, its weight is only gathered around its own forward, which this
+    path never calls; shard it together with the root.)
+    """
+
+    def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        check_chunk_size(chunk_size)
+        prefix = getattr(model, "base_model_prefix", None)
+        if not prefix or not hasattr(model, prefix):
+            raise TypeError("model: expected a Hugging Face causal LM with a base_model_prefix")
+        if model.get_output_embeddings() is None:
+            raise TypeError("model: has no output embeddings (get_output_embeddings() is None)")
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: must have shape {tuple(input_ids.shape)}")
+        base = getattr(self.model, self.model.base_model_prefix)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0][:, :-1]  # [B,L-1,H]: position t predicts token t+1
+        head = self.model.get_output_embeddings()
+        target_ok = attention_mask[:, 1:].to(torch.bool)
+        labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
+        result = token_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]),
+            head.weight,
+            labels.reshape(-1),
+            bias=getattr(head, "bias", None),
+            temperature=temperature,
+            chunk_size=self.chunk_size,
+            return_entropy=return_entropy,
+        )
+        if return_entropy:
+            return tuple(x.view(labels.shape) for x in result)
+        return result.view(labels.shape)
+
+
+def causal_lm_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    **kwargs,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``CausalLMLogprobs(model, chunk_size=chunk_size)(input_ids, attention_mask, **kwargs)``."""
+    return CausalLMLogprobs(model, chunk_size=chunk_size)(input_ids, attention_mask, **kwargs)
