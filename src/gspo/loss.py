@@ -15,6 +15,7 @@ import math
 import torch
 from torch import Tensor
 
+from gspo.fused import seq_log_ratio
 from gspo.groups import NORMS
 from gspo.groups import advantages as group_advantages
 from gspo.masking import Layout, packed_layout, padded_layout
@@ -97,40 +98,56 @@ def gspo_loss(
     adv = _advantages(layout, logp, rewards, group_size, group_ids, advantages, adv_norm, variant)
     divisor = _divisor(num_sequences, layout.batch)
 
-    # The only per-token arithmetic before selection is the cast; everything
-    # after works on selected values, so garbage cannot reach a sum or a gradient.
-    logp = layout.select(logp.to(dtype))
-    logp_old = layout.select(logp_old.detach().to(dtype))
-    log_ratio = logp - logp_old
-    seq_log_ratio = layout.seq_mean(log_ratio)
-    _check_finite(seq_log_ratio, logp, logp_old, layout)
-
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
-    if variant == "grpo":
-        ratio = layout.select(log_ratio.clamp(-max_log_ratio, max_log_ratio).exp())
+    if variant == "sequence" and layout.mask is not None:
+        # Hot path: one fused reduction forward, one masked broadcast backward.
+        seq_lr, k3_sum, _ = seq_log_ratio(logp, logp_old, layout.mask, max_log_ratio)
+        _check_finite(seq_lr, logp, logp_old, layout)
+        kl = k3_sum.sum() / layout.count.sum()
+        ratio = seq_lr.clamp(-max_log_ratio, max_log_ratio).exp()
+        objective = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
+        adv_full = adv
     else:
-        ratio = seq_log_ratio.clamp(-max_log_ratio, max_log_ratio).exp()
-        if variant == "token":
-            # Value s_i, gradient s_i * d logp_t: GSPO-token (paper section 4.3).
-            ratio = layout.select(layout.expand(ratio.detach()) * (logp - logp.detach()).exp())
-    if adv.dim() == 1 and variant != "sequence":
-        adv_full = layout.expand(adv)
-    else:
-        adv_full = adv if variant == "sequence" else layout.select(adv.to(dtype))
-    objective = torch.minimum(ratio * adv_full, ratio.clamp(lo, hi) * adv_full)
-    if variant != "sequence":
-        objective = layout.seq_mean(layout.select(objective))
+        # The only per-token arithmetic before selection is the cast; everything
+        # after works on selected values, so garbage cannot reach a sum or a gradient.
+        logp = layout.select(logp.to(dtype))
+        logp_old = layout.select(logp_old.detach().to(dtype))
+        log_ratio = logp - logp_old
+        seq_lr = layout.seq_mean(log_ratio)
+        _check_finite(seq_lr, logp, logp_old, layout)
+        kl = _approx_kl(layout, log_ratio, max_log_ratio)
+        ratio, adv_full = _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, max_log_ratio)
+        objective = torch.minimum(ratio * adv_full, ratio.clamp(lo, hi) * adv_full)
+        if variant != "sequence":
+            objective = layout.seq_mean(layout.select(objective))
     loss = -objective.sum() / divisor
+    return loss, _metrics(layout, ratio, adv, adv_full, lo, hi, variant, kl)
 
-    metrics = _metrics(layout, log_ratio, ratio, adv, adv_full, lo, hi, variant, max_log_ratio)
-    return loss, metrics
+
+def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound):
+    """(ratio, advantage) in the layout each variant's objective is taken in."""
+    if variant == "sequence":  # packed GSPO: per sequence
+        return seq_lr.clamp(-bound, bound).exp(), adv
+    adv_full = layout.expand(adv) if adv.dim() == 1 else adv
+    if variant == "grpo":
+        return layout.select(log_ratio.clamp(-bound, bound).exp()), adv_full
+    # GSPO-token (paper section 4.3): value s_i, gradient s_i * d logp_t.
+    seq_ratio = seq_lr.clamp(-bound, bound).exp().detach()
+    return layout.select(layout.expand(seq_ratio) * (logp - logp.detach()).exp()), adv_full
 
 
 # ------------------------------------------------------------------ metrics
 
 
 @torch.no_grad()
-def _metrics(layout: Layout, log_ratio, ratio, adv, adv_full, lo, hi, variant, bound):
+def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
+    """Mean over valid tokens of k3 = (r - 1) - log r >= 0, r = p_new / p_old (Schulman)."""
+    lr = log_ratio.detach().clamp(-bound, bound)
+    return layout.token_mean(layout.select(torch.expm1(lr) - lr))
+
+
+@torch.no_grad()
+def _metrics(layout: Layout, ratio, adv, adv_full, lo, hi, variant, kl):
     ratio = ratio.detach()
     if variant == "sequence":
         low = (ratio < lo) & (adv_full < 0)
@@ -145,9 +162,6 @@ def _metrics(layout: Layout, log_ratio, ratio, adv, adv_full, lo, hi, variant, b
         clip_high = layout.token_mean(high.to(ratio.dtype))
         r_mean = layout.token_mean(ratio)
         r_min, r_max = layout.token_min(ratio), layout.token_max(ratio)
-    # k3 = (r - 1) - log r >= 0 per token, r = p_new / p_old (Schulman's estimator).
-    tok_lr = log_ratio.detach().clamp(-bound, bound)
-    kl = layout.token_mean(layout.select(torch.expm1(tok_lr) - tok_lr))
     if adv.shape == ratio.shape and variant != "sequence" and adv.shape != (layout.batch,):
         adv_mean = layout.token_mean(adv)  # per-token advantages, already selected
         adv_std = layout.token_mean(layout.select((adv - adv_mean).square())).sqrt()
@@ -321,7 +335,7 @@ def _check_finite(seq_log_ratio: Tensor, logp: Tensor, logp_old: Tensor, layout:
     if torch.isfinite(seq_log_ratio).all():
         return
     for name, x in (("logp", logp), ("logp_old", logp_old)):
-        bad = ~torch.isfinite(x.detach())
+        bad = ~torch.isfinite(layout.select(x.detach()))
         if bad.any():
             where = tuple(int(v) for v in bad.nonzero()[0])
             raise ValueError(f"{name} is non-finite at valid position {where}")
