@@ -52,7 +52,7 @@ def assert_matches(hidden, weight, bias, labels, *, entropy=False, rtol=RTOL, at
         temperature=kw.get("temperature", 1.0),
     )
     got = values_and_grads(token_logprobs, hidden, weight, bias, labels, entropy=entropy, **kw)
-    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
     return got
 
@@ -91,7 +91,7 @@ def test_chunk_size_does_not_change_results():
     ref = values_and_grads(token_logprobs, hidden, weight, b, labels, chunk_size=50)
     for chunk in (1, 3, 16, 49, 1000):
         got = values_and_grads(token_logprobs, hidden, weight, b, labels, chunk_size=chunk)
-        for r, g in zip(ref[0] + ref[1], got[0] + got[1]):
+        for r, g in zip(ref[0] + ref[1], got[0] + got[1], strict=True):
             torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL)
 
 
@@ -164,7 +164,7 @@ def test_bfloat16_within_tolerance():
     assert [g.dtype for g in got[1]] == [torch.bfloat16] * 3
     for result in (got, naive):
         assert (result[0][0].double() - truth[0][0]).abs().max() <= 2**-6 * zmax
-        for g, t in zip(result[1], truth[1]):
+        for g, t in zip(result[1], truth[1], strict=True):
             assert (g.double() - t).abs().max() <= 2**-5 * t.abs().max()
 
 
@@ -253,7 +253,7 @@ def test_gspo_loss_from_hidden_packed_equals_logp_then_loss(variant):
     got_g = torch.autograd.grad(loss, (hidden, weight, b))
     want_g = torch.autograd.grad(want, (hidden, weight, b))
     assert any(g.abs().max() > 0 for g in want_g)  # the comparison below is not vacuous
-    for g, w in zip(got_g, want_g):
+    for g, w in zip(got_g, want_g, strict=True):
         torch.testing.assert_close(g, w, rtol=RTOL, atol=1e-7)
     assert metrics.keys() == want_metrics.keys()
 
@@ -273,6 +273,8 @@ def test_gspo_loss_from_hidden_padded_ignores_garbage_labels():
     want, _ = gspo_loss(logp, logp_old, **kw)
     torch.testing.assert_close(loss, want, rtol=RTOL, atol=1e-7)
     for g, w in zip(
-        torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
+        torch.autograd.grad(loss, (hidden, weight)),
+        torch.autograd.grad(want, (hidden, weight)),
+        strict=True,
     ):
         torch.testing.assert_close(g, w, rtol=RTOL, atol=1e-7)
