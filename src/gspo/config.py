@@ -1,0 +1,279 @@
+"""Frozen, keyword-only configuration dataclasses and the CLI generated from them.
+
+One dataclass per component. Each field carries its help text in ``metadata``, so the
+help is written once and the argparse flags, the config file keys and the error messages
+all come from the same place:
+
+    @dataclass(frozen=True, kw_only=True)
+    class Opts:
+        lr: float = option(1e-3, "peak learning rate")
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Opts)               # --lr FLOAT
+    opts = from_args(Opts, parser.parse_args(argv), file_values=load_file("run.toml"))
+
+Precedence: dataclass default < config file < command line. Every error is a ValueError
+that names the field, the bad value and how to fix it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+# ---------------------------------------------------------------- generic machinery
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None) -> Any:
+    """A dataclass field with its CLI help (and optional allowed values) attached."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _field_kind(hint: Any) -> tuple[type, bool, tuple | None]:
+    """(base type, optional?, literal choices) for the hints this module supports."""
+    origin = typing.get_origin(hint)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            raise TypeError(f"unsupported union type {hint!r}")
+        hint, origin = args[0], typing.get_origin(args[0])
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), optional, choices
+    if hint not in (int, float, str, bool):
+        raise TypeError(f"unsupported field type {hint!r}")
+    return hint, optional, None
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, tuple | None]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        base, optional, choices = _field_kind(hints[f.name])
+        choices = f.metadata.get("choices") or choices
+        out.append((f, base, optional, tuple(choices) if choices else None))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of ``cls``. Unset flags stay absent from the namespace
+    (default=SUPPRESS) so a config file value is not overwritten by a default."""
+    for f, base, optional, choices in _fields(cls):
+        default = f.default
+        help_ = f.metadata.get("help", "")
+        shown = "none" if default is None else default
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        if base is bool:
+            parser.add_argument(
+                flag_name(f.name),
+                action=argparse.BooleanOptionalAction,
+                help=f"{help_} (default: {shown})",
+                **kwargs,
+            )
+            continue
+        parse = _parser_for(f.name, base, optional, choices)
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else base.__name__.upper()
+        parser.add_argument(
+            flag_name(f.name),
+            type=parse,
+            metavar=metavar,
+            help=f"{help_} (default: {shown})",
+            **kwargs,
+        )
+
+
+def _parser_for(name: str, base: type, optional: bool, choices: tuple | None) -> Callable:
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("none", ""):
+            return None
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag_name(name)} {text!r} is not a {base.__name__}; "
+                f"give e.g. {flag_name(name)} {_example(base)}"
+            ) from None
+        if base is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{flag_name(name)} {text!r} must be finite")
+        if choices and value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{flag_name(name)} {text!r} is not one of {list(choices)}"
+            )
+        return value
+
+    return parse
+
+
+def _example(base: type) -> str:
+    return {int: "8", float: "0.001", str: "text"}.get(base, "1")
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a flat JSON or TOML config (keys are field names, '-' or '_')."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(
+            f"config file {str(path)!r} cannot be read ({err}); fix the path"
+        ) from None
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ValueError as err:
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        raise ValueError(f"config file {str(path)!r} is not valid {kind}: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must hold one object of field = value")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def coerce(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check names and types of ``values`` (from a file or JSON) against ``cls``."""
+    known = {f.name: (base, optional, choices) for f, base, optional, choices in _fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+    out = {}
+    for name, value in values.items():
+        base, optional, choices = known[name]
+        out[name] = _coerce_one(name, value, base, optional, choices, source)
+    return out
+
+
+def _coerce_one(name, value, base, optional, choices, source) -> Any:
+    if value is None and optional:
+        return None
+    ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(
+            f"{source}: field {name!r} = {value!r} is a {type(value).__name__}; "
+            f"it must be a {base.__name__}" + (" or null" if optional else "")
+        )
+    if choices and value not in choices:
+        raise ValueError(f"{source}: field {name!r} = {value!r} must be one of {list(choices)}")
+    return value
+
+
+def from_args(
+    cls: type, args: argparse.Namespace, *, file_values: Mapping[str, Any] | None = None
+) -> Any:
+    """Build ``cls`` from defaults, then the config file, then flags given on the command line."""
+    values = coerce(cls, file_values or {}, "config file")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def check(ok: bool, name: str, value: Any, fix: str) -> None:
+    """Raise the project's standard config error unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{flag_name(name)} / {name} = {value!r} is invalid: {fix}")
+
+
+# ---------------------------------------------------------------- gspo train
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything `gspo train` reads. Defaults are the built-in job: a tiny Qwen2-style model
+    learns the digit-sum task on CPU in a few minutes."""
+
+    # what to train
+    model: str = option("tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir")
+    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy"))
+    prompts: str | None = option(None, "JSONL file of {'prompt': ..., fields for the reward}")
+    reward: str | None = option(None, "user reward 'module:function' (needs --prompts)")
+    eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
+    # the GSPO objective
+    loss: str = option(
+        "gspo",
+        "gspo (sequence ratio), gspo-token, or grpo (token ratios)",
+        choices=("gspo", "gspo-token", "grpo"),
+    )
+    eps_low: float = option(0.003, "clip range below 1: ratio >= 1 - eps_low")
+    eps_high: float = option(0.004, "clip range above 1: ratio <= 1 + eps_high")
+    kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
+    adv_norm: str = option(
+        "population", "std used for group advantages", choices=("population", "sample", "none")
+    )
+    # rollouts
+    steps: int = option(100, "training steps (one rollout batch each)")
+    prompts_per_step: int = option(16, "prompts per rollout batch (all ranks together)")
+    group_size: int = option(8, "G: samples per prompt")
+    max_new_tokens: int = option(6, "longest response in tokens")
+    temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    # optimisation
+    minibatches: int = option(4, "optimizer steps per rollout batch (each on a slice)")
+    lr: float = option(2e-3, "peak AdamW learning rate")
+    min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak (cosine decay)")
+    warmup_steps: int = option(10, "training steps of linear warmup")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    # the built-in tiny model
+    tiny_layers: int = option(2, "layers of the built-in tiny model")
+    tiny_hidden: int = option(64, "width of the built-in tiny model")
+    # bookkeeping
+    seed: int = option(0, "seed for model init, data order and sampling")
+    run_dir: str | None = option(None, "output directory (default runs/<timestamp>)")
+    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
+    eval_every: int = option(5, "held-out greedy evaluation every N steps")
+    checkpoint_every: int = option(25, "checkpoint every N steps (and on SIGINT/SIGTERM)")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    device: str = option(
+        "auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    fsdp: bool = option(False, "shard the model with FSDP2 under torchrun (else DDP)")
+    progress: bool = option(True, "show a tqdm progress bar")
+    plot: bool = option(True, "draw reward.png at the end")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
+                     "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "tiny_layers", "tiny_hidden"):  # fmt: skip
+            value = getattr(self, name)
+            check(value >= 1, name, value, "it must be a positive integer")
+        check(self.group_size >= 2, "group_size", self.group_size,
+              "group advantages need at least 2 samples per prompt")  # fmt: skip
+        n_seq = self.prompts_per_step * self.group_size
+        fix = f"it must divide prompts_per_step * group_size = {n_seq}"
+        check(n_seq % self.minibatches == 0, "minibatches", self.minibatches, fix)
+        for name in ("eps_low", "eps_high", "lr", "temperature", "max_grad_norm"):
+            value = getattr(self, name)
+            check(value > 0, name, value, "it must be > 0")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "it must be in (0, 1]")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "use >= 0")
+        check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use >= 0")
+        check(self.tiny_hidden % 4 == 0, "tiny_hidden", self.tiny_hidden,
+              "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
+        check(self.reward is None or self.prompts is not None, "reward", self.reward,
+              "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
+        check(self.reward is None or ":" in self.reward, "reward", self.reward,
+              "write it as 'module:function'")  # fmt: skip

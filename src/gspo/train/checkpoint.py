@@ -1,0 +1,133 @@
+"""Atomic checkpoints: everything a resumed run needs to continue bit-for-bit.
+
+Layout of ``RUN_DIR/checkpoints/step-000050/``:
+    model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF)
+    trainer.pt     optimizer, scheduler, step, data position, the config
+    rng-rank0.pt   python / torch / cuda RNG states of each rank (sampling differs per rank)
+
+A checkpoint is written into a temporary directory next to its final place, every file is
+fsync'ed, then the directory is renamed into place (atomic on POSIX), so a crash mid-write
+leaves the previous checkpoint intact. Only the last ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """The temporary directory every rank writes its part of checkpoint ``step`` into."""
+    parent = checkpoint_dir(run_dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-step-{step:06d}"
+    return tmp
+
+
+def write_rank_state(tmp: Path, rank: int) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+
+
+def write_main_state(tmp: Path, *, model_state, model, tokenizer, trainer_state: dict) -> None:
+    """Rank 0's part: the model (safetensors via save_pretrained) and the trainer state."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / "trainer.pt")
+
+
+def publish(run_dir: Path, step: int, keep: int) -> Path:
+    """fsync the staged directory, rename it into place, and prune old checkpoints."""
+    tmp = staging_dir(run_dir, step)
+    final = checkpoint_dir(run_dir) / f"step-{step:06d}"
+    _fsync_tree(tmp)
+    if final.exists():  # a re-run of the same step after resume: replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (staging directories are ignored)."""
+    parent = checkpoint_dir(run_dir)
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.iterdir() if _NAME.match(p.name) and (p / "trainer.pt").exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest(run_dir: Path) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ValueError(
+            f"--resume {str(run_dir)!r}: no checkpoint under {checkpoint_dir(run_dir)}; "
+            "give the run directory of a run that saved at least one checkpoint"
+        )
+    return found[-1]
+
+
+def load_trainer_state(path: Path) -> dict:
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def load_rank_rng(path: Path, rank: int) -> dict:
+    return torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Copy the checkpoint's weights into ``model`` in place (strict)."""
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")  # fmt: skip

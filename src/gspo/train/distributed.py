@@ -1,0 +1,209 @@
+"""Data parallelism on PyTorch's own engines: DDP, or FSDP2 (``fully_shard``).
+
+Launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) this joins the
+process group (gloo on CPU, nccl on CUDA); launched plainly it is a world of one and every
+helper is a no-op. Each rank gets a contiguous share of the step's prompts and samples
+their G completions itself, so every group lives whole on one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    if choice in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device_choice: str) -> World:
+    """Join the torchrun process group if there is one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(device=pick_device(device_choice))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_choice, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank,
+                 device=device)  # fmt: skip
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(items: list, world: World) -> list:
+    """This rank's contiguous share; the caller guarantees ``len(items) % world.size == 0``."""
+    per = len(items) // world.size
+    return items[world.rank * per : (world.rank + 1) * per]
+
+
+def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Module:
+    """DDP around the log-prob module, or FSDP2 on each decoder layer and then the root.
+
+    Under FSDP2 the root group holds the embeddings and the LM head, which the log-prob
+    module uses outside the inner model's forward; sharding the *log-prob module* as root
+    makes its forward gather them.
+    """
+    if not world.distributed and not fsdp:
+        return logprobs
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(logprobs):
+            fully_shard(layer)
+        return fully_shard(logprobs)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(logprobs, device_ids=ids)
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (``model.model.layers`` in HF causal LMs)."""
+    for sub in module.modules():
+        layers = getattr(sub, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    raise ValueError("--fsdp: cannot find the model's decoder layers (a ModuleList 'layers')")
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if hasattr(module, "module") and not is_fsdp(module) else module
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def all_mean(values: dict[str, float], world: World) -> dict[str, float]:
+    """Average scalar metrics over ranks (every rank has the same number of sequences)."""
+    if not world.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return {k: float(v) / world.size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank if it is True on any (so all ranks stop at the same step)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast_object(obj, world: World):
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """The HF model's full (unsharded) weights on rank 0, None elsewhere.
+
+    Under FSDP2 the parameters are DTensor shards; ``full_tensor()`` all-gathers one at a time
+    (a collective, so every rank runs this loop in the same order).
+    """
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for name, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if world.main:
+            state[name] = value.detach().cpu().clone()
+    return state if world.main else None
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def optimizer_state(engine: torch.nn.Module, optimizer, world: World) -> dict | None:
+    """The optimizer state to checkpoint, complete, on rank 0 (gathered under FSDP2)."""
+    if is_fsdp(engine):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(engine, optimizer, options=opts)
+        return state if world.main else None
+    return optimizer.state_dict() if world.main else None  # DDP: identical on every rank
+
+
+def load_optimizer_state(engine: torch.nn.Module, optimizer, state: dict) -> None:
+    if is_fsdp(engine):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(engine, optimizer, optim_state_dict=state, options=opts)
+        return
+    optimizer.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def gathered(engine: torch.nn.Module):
+    """Full root parameters (embeddings, LM head) for generate() under FSDP2.
+
+    ``generate`` calls the inner model, not the root's forward, so the root's hooks never
+    gather its parameters; ``unshard()`` does, ``reshard()`` frees them again. The decoder
+    layers gather themselves on each forward (their own FSDP hooks), which is why every rank
+    must run the same number of forwards (``generate(synced_gpus=True)``).
+    """
+    if not is_fsdp(engine):
+        yield
+        return
+    engine.unshard()
+    try:
+        yield
+    finally:
+        engine.reshard()

@@ -1,0 +1,322 @@
+"""The GSPO training loop, top to bottom.
+
+Launch:
+    gspo train                                   # built-in: tiny Qwen2 learns digit sums (CPU)
+    gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
+    gspo train --resume runs/20261124-120000     # continue from the last checkpoint
+    torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
+    torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
+
+One step:
+    prompts (this rank's share) -> G samples each (generate) -> rewards -> group advantages
+    -> old log-probs once -> ``minibatches`` optimizer steps (gspo_loss, optional k3 KL)
+    -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
+    -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from gspo.config import TrainConfig, to_dict
+from gspo.train import checkpoint as ckpt
+from gspo.train import distributed as dd
+from gspo.train.rewards import RewardError, build_task, prompts_at, score
+from gspo.train.rollout import generate
+from gspo.train.tiny import load_model_and_tokenizer
+from gspo.train.update import lr_lambda, update
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; the loop finishes the step, checkpoints and exits.
+    A second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self) -> Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
+    """Run (or resume) training; returns a summary. ``stop_after`` simulates a kill after
+    that many total steps (the same path as SIGINT: checkpoint, then return)."""
+    world = dd.init(config.device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break our own bar
+    try:
+        return _train(config, world, stop_after)
+    finally:
+        dd.shutdown(world)
+
+
+def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict:
+    run_dir = _run_dir(config, world)
+    resume_from = ckpt.latest(run_dir) if config.resume else None
+    _check_world(config, world)
+    # Per-rank seeds: ranks must sample different completions for their prompts.
+    random.seed(config.seed + 7919 * world.rank)
+    torch.manual_seed(config.seed + 7919 * world.rank)
+
+    # ---- model, reference, task
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, layers=config.tiny_layers, hidden=config.tiny_hidden, seed=config.seed
+    )
+    ref_model = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
+    if resume_from is not None:
+        ckpt.load_model_weights(model, resume_from)
+    model.to(world.device).train()
+    pool, held_out, reward_fn = build_task(
+        task=config.task, prompts_file=config.prompts, reward=config.reward,
+        eval_size=config.eval_prompts, seed=config.seed,
+    )  # fmt: skip
+
+    # ---- log-prob modules (the chunked path), data parallel engine, optimizer
+    from gspo.chunked import CausalLMLogprobs
+
+    engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=config.fsdp)
+    ref_logprobs = None
+    if ref_model is not None:
+        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval())
+    optimizer = torch.optim.AdamW(
+        [p for p in engine.parameters() if p.requires_grad],
+        lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda(config.warmup_steps * config.minibatches, config.steps * config.minibatches,
+                  config.min_lr_ratio),
+    )  # fmt: skip
+    start = 0
+    if resume_from is not None:
+        start = _restore(resume_from, engine, optimizer, scheduler, world)
+    synced = world.distributed and dd.is_fsdp(engine)
+
+    def sample(prompts, *, greedy):
+        with dd.gathered(engine):
+            return generate(
+                model, tokenizer, prompts, group_size=1 if greedy else config.group_size,
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                top_p=config.top_p, greedy=greedy, synced=synced,
+            )  # fmt: skip
+
+    def evaluate() -> float:
+        mine = held_out[world.rank :: world.size]
+        rollout = sample(mine, greedy=True)
+        rewards = _score_all(reward_fn, rollout, world, lambda: save(step))
+        total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
+        return total / count
+
+    def save(at_step: int) -> None:
+        _save(run_dir, at_step, model, tokenizer, engine, optimizer, scheduler, config, world)
+
+    # ---- the loop
+    log = _MetricsLog(run_dir / "metrics.jsonl", world, truncate_after=start)
+    bar = _progress(config, world, start)
+    step = start
+    if start == 0:
+        log.write({"step": 0, "eval_reward": evaluate()})
+    with Stop() as stop:
+        for step in range(start + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            # prompts -> rollouts: this rank's contiguous share of the step's prompts
+            prompts = prompts_at(pool, config.seed, (step - 1) * config.prompts_per_step,
+                                 config.prompts_per_step)  # fmt: skip
+            rollout = sample(dd.shard(prompts, world), greedy=False)
+            # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
+            rewards = _score_all(reward_fn, rollout, world, lambda s=step - 1: save(s))
+            from gspo.groups import advantages
+
+            reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
+            adv = advantages(reward_t, group_size=config.group_size, norm=config.adv_norm)
+            # old log-probs once, then the minibatch optimizer steps
+            history = update(engine, ref_logprobs, optimizer, scheduler, rollout, adv,
+                             config=config, world_size=world.size)  # fmt: skip
+            record = _step_metrics(step, rewards, rollout, history, t0, scheduler, world)
+            if step % config.eval_every == 0 or step == config.steps:
+                record["eval_reward"] = evaluate()
+            log.write(record)
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                            clip=f"{record['clip_frac']:.3f}",
+                            eval=f"{log.last_eval:.3f}")  # fmt: skip
+            interrupted = dd.any_rank(stop.requested or step == stop_after, world)
+            if step % config.checkpoint_every == 0 or step == config.steps or interrupted:
+                save(step)
+            if interrupted:
+                break
+    bar.close()
+    finished = step == config.steps
+    if finished:
+        _save_final(run_dir, model, tokenizer, engine, world)
+        if config.plot and world.main:
+            from gspo.train.plot import plot_run
+
+            plot_run(run_dir)
+    return {"run_dir": str(run_dir), "step": step, "finished": finished,
+            "signal": stop.signal, "last_eval": log.last_eval}  # fmt: skip
+
+
+# ---------------------------------------------------------------- helpers, in call order
+
+
+def _run_dir(config: TrainConfig, world: dd.World) -> Path:
+    if config.resume:
+        run_dir = Path(config.resume)
+    elif config.run_dir:
+        run_dir = Path(config.run_dir)
+    else:
+        stamp = dd.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), world)
+        run_dir = Path("runs") / stamp
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    dd.barrier(world)
+    return run_dir
+
+
+def _check_world(config: TrainConfig, world: dd.World) -> None:
+    per_rank = config.prompts_per_step * config.group_size // world.size
+    if config.prompts_per_step % world.size or per_rank % config.minibatches:
+        raise ValueError(
+            f"--prompts-per-step {config.prompts_per_step} with --minibatches "
+            f"{config.minibatches} on {world.size} ranks: prompts_per_step must divide by the "
+            "world size and each rank's prompts_per_step*group_size/world by minibatches"
+        )
+    if config.eval_prompts < world.size:
+        raise ValueError(f"--eval-prompts {config.eval_prompts}: need at least one per rank "
+                         f"({world.size})")  # fmt: skip
+
+
+def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
+    state = ckpt.load_trainer_state(path)
+    dd.load_optimizer_state(engine, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(ckpt.load_rank_rng(path, world.rank))
+    return int(state["step"])
+
+
+def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
+    """Score this rank's rollouts; if any rank's reward fails, every rank checkpoints
+    (``on_error``) and the run stops with the failing rank's message."""
+    error = None
+    try:
+        rewards = score(reward_fn, rollout.prompts, rollout.completions)
+    except RewardError as err:
+        error, rewards = err, []
+    if dd.any_rank(error is not None, world):
+        on_error()
+        if error is None:
+            raise RewardError("the reward function failed on another rank (see its message)")
+        raise error
+    return rewards
+
+
+def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict:
+    n = float(len(rewards))
+    lengths = rollout.response_mask.sum(dim=1).float()
+    s, s2, tokens, count = dd.all_sum(
+        [sum(rewards), sum(r * r for r in rewards), float(lengths.sum()), n], world
+    )
+    mean = s / count
+    local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    local["ratio_min"] = min(h["ratio_min"] for h in history)
+    local["ratio_max"] = max(h["ratio_max"] for h in history)
+    merged = dd.all_mean(local, world)
+    elapsed = time.perf_counter() - t0
+    return {
+        "step": step,
+        "reward_mean": mean,
+        "reward_std": max(0.0, s2 / count - mean * mean) ** 0.5,
+        **merged,
+        "clip_frac": merged["clip_frac_low"] + merged["clip_frac_high"],
+        "response_len": tokens / count,
+        "lr": scheduler.get_last_lr()[0],
+        "step_time": elapsed,
+        "tokens_per_s": tokens / elapsed,
+    }
+
+
+class _MetricsLog:
+    """metrics.jsonl on rank 0; on resume, lines past the checkpoint are dropped so the
+    file reads as if the run had never stopped."""
+
+    def __init__(self, path: Path, world: dd.World, *, truncate_after: int) -> None:
+        self.path, self.main, self.last_eval = path, world.main, float("nan")
+        if not self.main:
+            return
+        kept = []
+        if truncate_after > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row["step"] <= truncate_after:
+                    kept.append(line)
+                    self.last_eval = row.get("eval_reward", self.last_eval)
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        self.last_eval = record.get("eval_reward", self.last_eval)
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _progress(config: TrainConfig, world: dd.World, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc="gspo train", unit="step",
+                disable=not (config.progress and world.main), dynamic_ncols=True)  # fmt: skip
+
+
+def _save(run_dir, step, model, tokenizer, engine, optimizer, scheduler, config, world) -> None:
+    state = dd.full_state_dict(model, world)  # collectives first, on every rank
+    optim = dd.optimizer_state(engine, optimizer, world)
+    tmp = ckpt.staging_dir(run_dir, step)
+    if world.main and tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crash mid-write
+    dd.barrier(world)
+    ckpt.write_rank_state(tmp, world.rank)
+    if world.main:
+        trainer = {"step": step, "data_position": step * config.prompts_per_step,
+                   "optimizer": optim, "scheduler": scheduler.state_dict(),
+                   "config": to_dict(config)}  # fmt: skip
+        ckpt.write_main_state(tmp, model_state=state, model=model, tokenizer=tokenizer,
+                              trainer_state=trainer)  # fmt: skip
+    dd.barrier(world)
+    if world.main:
+        ckpt.publish(run_dir, step, config.keep_checkpoints)
+    dd.barrier(world)
+
+
+def _save_final(run_dir: Path, model, tokenizer, engine, world: dd.World) -> None:
+    """The trained model as a plain Hugging Face directory: RUN_DIR/model."""
+    state = dd.full_state_dict(model, world)
+    if world.main:
+        model.save_pretrained(run_dir / "model", state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(run_dir / "model")
+    dd.barrier(world)

@@ -1,0 +1,90 @@
+"""The built-in model: a small random Qwen2 and a character-level tokenizer, built in code.
+
+Nothing here downloads anything. The tokenizer is a Hugging Face ``PreTrainedTokenizerFast``
+over a ``tokenizers`` WordLevel vocabulary of single characters, so ``save_pretrained`` /
+``AutoTokenizer.from_pretrained`` round-trip it like any other tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+# Specials first so their ids are fixed (0..3); then every character a task can print.
+CHARS = string.digits + string.ascii_lowercase + " =:+-*,.?!()"
+VOCAB = [PAD, BOS, EOS, UNK, *CHARS]
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer: each character is one token, no BOS added."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # Split into single characters, keeping each one (spaces included) as its own token.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",  # generation appends on the right
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: int | None = None):
+    """A randomly initialised Qwen2ForCausalLM; the same seed gives the same weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(VOCAB),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=VOCAB.index(PAD),
+        bos_token_id=VOCAB.index(BOS),
+        eos_token_id=VOCAB.index(EOS),
+        use_cache=True,
+    )
+    # fork_rng: building the model must not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    return model
+
+
+def load_model_and_tokenizer(name: str, *, layers: int, hidden: int, seed: int):
+    """'tiny' builds the built-in pair; anything else is a local Hugging Face directory."""
+    if name == "tiny":
+        return tiny_model(layers=layers, hidden=hidden, seed=seed), tiny_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name)
+    if not path.is_dir():
+        raise ValueError(
+            f"--model / model = {name!r} is not a directory; give 'tiny' or a local directory "
+            "written by save_pretrained (this trainer never downloads weights)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {name!r}: the tokenizer has no EOS token; set eos_token")
+    return model, tokenizer

@@ -1,0 +1,141 @@
+"""The policy update for one rollout batch: old log-probs once, then minibatch steps.
+
+Per rollout batch (B sequences, groups of G contiguous rows):
+1. advantages from the rewards over whole groups (spec step 1), once;
+2. ``logp_old`` [B, T] under the policy that sampled (no grad), once; the same for the
+   frozen reference when the KL penalty is on;
+3. for each of ``minibatches`` slices: ``logp`` with grad -> ``gspo_loss(advantages=...)``
+   (+ ``kl_coef`` x k3 KL) -> backward -> clip grad norm -> AdamW step -> scheduler step.
+   From the second slice on the policy has moved, so the ratio leaves 1 and clipping acts.
+
+Data parallel: every rank holds whole groups. The loss divides by the *global* number of
+sequences in the minibatch, and is multiplied by the world size because DDP and FSDP
+average gradients over ranks; the sum over ranks then equals one process on the whole batch
+(``tests/test_train_distributed.py`` checks this to 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gspo.train.rollout import Rollout
+
+VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
+
+
+def response_logprobs(
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
+
+    ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
+    so the response (tokens P .. L-1) is columns P-1 .. L-2.
+    """
+    out = logprobs(
+        rollout.input_ids,
+        rollout.attention_mask,
+        temperature=temperature,
+        return_entropy=entropy,
+    )
+    logp, ent = out if entropy else (out, None)
+    start = rollout.prompt_len - 1
+    return logp[:, start:], (ent[:, start:] if ent is not None else None)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] per-sequence mean of the k3 estimator exp(d) - d - 1, d = ref_logp - logp (>= 0)."""
+    d = torch.where(mask, ref_logp - logp, torch.zeros_like(logp)).clamp(-20.0, 20.0)
+    kl = torch.where(mask, torch.exp(d) - d - 1.0, torch.zeros_like(logp))
+    return kl.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak, then cosine decay to ``min_ratio`` x peak (per optimizer step)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def minibatch_loss(
+    logprobs,
+    batch: Rollout,
+    *,
+    logp_old: torch.Tensor,
+    adv: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    config,
+    world_size: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to backpropagate on this rank (already scaled for gradient averaging)."""
+    from gspo.loss import gspo_loss
+
+    mask = batch.response_mask
+    logp, ent = response_logprobs(logprobs, batch, temperature=config.temperature, entropy=True)
+    num_sequences = len(batch) * world_size  # the global count: every rank has equal slices
+    loss, metrics = gspo_loss(
+        logp,
+        logp_old,
+        mask,
+        advantages=adv,
+        eps_low=config.eps_low,
+        eps_high=config.eps_high,
+        variant=VARIANTS[config.loss],
+        num_sequences=num_sequences,
+    )
+    if ref_logp is not None and config.kl_coef > 0:
+        kl = k3_kl(logp, ref_logp, mask)
+        loss = loss + config.kl_coef * kl.sum() / num_sequences
+        metrics["kl_ref"] = (kl.sum() / len(batch)).detach()
+    ent_mean = torch.where(mask, ent, torch.zeros_like(ent)).sum() / mask.sum().clamp(min=1)
+    metrics["entropy"] = ent_mean.detach()
+    metrics["loss"] = loss.detach()
+    # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
+    return loss * world_size, metrics
+
+
+def update(
+    logprobs,
+    ref_logprobs,
+    optimizer,
+    scheduler,
+    rollout: Rollout,
+    adv: torch.Tensor,
+    *,
+    config,
+    world_size: int = 1,
+) -> list[dict[str, float]]:
+    """All minibatch steps for one rollout batch; returns one metrics dict per step."""
+    with torch.no_grad():
+        logp_old, _ = response_logprobs(logprobs, rollout, temperature=config.temperature)
+        ref_logp = None
+        if ref_logprobs is not None:
+            ref_logp, _ = response_logprobs(ref_logprobs, rollout, temperature=config.temperature)
+    size = len(rollout) // config.minibatches
+    params = [p for p in logprobs.parameters() if p.requires_grad]
+    history = []
+    for k in range(config.minibatches):
+        part = slice(k * size, (k + 1) * size)
+        loss, metrics = minibatch_loss(
+            logprobs,
+            rollout.select(part),
+            logp_old=logp_old[part],
+            adv=adv[part],
+            ref_logp=None if ref_logp is None else ref_logp[part],
+            config=config,
+            world_size=world_size,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        metrics["grad_norm"] = grad_norm.detach()
+        history.append({k: float(v) for k, v in metrics.items()})
+    return history
