@@ -11,7 +11,7 @@ the backward except the mask itself.
 ones or when compilation is unavailable. It equals, on valid tokens::
 
     lr = torch.where(mask, logp - logp_old, 0)
-    seq_log_ratio = lr.sum(-1) / mask.sum(-1)          # [B], differentiable in logp
+    seq_log_ratio = lr.sum(-1) / count                  # [B], differentiable in logp
     k3_sum = (expm1(lr) - lr).sum(-1)                   # [B], for the KL metric only
 
 Shapes: B sequences, T padded tokens; mask True = a valid token.
@@ -31,12 +31,12 @@ COMPILE_MIN_SLOTS = 1 << 20
 
 
 def _stats(logp: Tensor, logp_old: Tensor, mask: Tensor, bound: float):
-    """Eager per-sequence sums: (sum of log-ratio [B], sum of k3 [B], count [B])."""
+    """Per-sequence sums of the log-ratio [B] and of k3 [B] over valid tokens."""
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lr = torch.where(mask, logp.to(dtype) - logp_old.to(dtype), 0.0)
     clamped = lr.clamp(-bound, bound)  # the KL metric stays finite for any ratio
     k3 = torch.expm1(clamped) - clamped
-    return lr.sum(-1), k3.sum(-1), mask.sum(-1).to(dtype)
+    return lr.sum(-1), k3.sum(-1)
 
 
 def _spread(mask: Tensor, coef: Tensor, dtype: torch.dtype) -> Tensor:
@@ -81,27 +81,29 @@ KERNELS = _Kernels()
 
 
 class SeqLogRatio(torch.autograd.Function):
-    """(mean log-ratio [B], k3 sum [B], count [B]) of a padded batch; gradient flows to logp."""
+    """(mean log-ratio [B], k3 sum [B]) of a padded batch; gradient flows to logp."""
 
     @staticmethod
-    def forward(ctx, logp: Tensor, logp_old: Tensor, mask: Tensor, bound: float):
-        lr_sum, k3_sum, count = KERNELS.run(0, logp.numel(), logp, logp_old, mask, bound)
+    def forward(ctx, logp: Tensor, logp_old: Tensor, mask: Tensor, count: Tensor, bound: float):
+        lr_sum, k3_sum = KERNELS.run(0, logp.numel(), logp, logp_old, mask, bound)
         ctx.save_for_backward(mask, count)
         ctx.logp_dtype = logp.dtype
-        ctx.mark_non_differentiable(k3_sum, count)
-        return lr_sum / count, k3_sum, count
+        ctx.mark_non_differentiable(k3_sum)
+        return lr_sum / count, k3_sum
 
     @staticmethod
-    def backward(ctx, grad_mean: Tensor, _grad_k3, _grad_count):
+    def backward(ctx, grad_mean: Tensor, _grad_k3):
         mask, count = ctx.saved_tensors
         grad = KERNELS.run(1, mask.numel(), mask, grad_mean / count, ctx.logp_dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def seq_log_ratio(logp: Tensor, logp_old: Tensor, mask: Tensor, bound: float):
-    """Per-sequence mean log-ratio [B] (differentiable), k3 sum [B] and count [B].
+def seq_log_ratio(logp: Tensor, logp_old: Tensor, mask: Tensor, count: Tensor, bound: float):
+    """Per-sequence mean log-ratio [B] (differentiable in logp) and k3 sum [B].
 
     logp, logp_old: [B,T] (any float dtype; arithmetic in float32, float64 kept).
-    mask: [B,T] bool, True = valid token. Masked slots may hold NaN or inf.
+    mask: [B,T] bool, True = valid token; masked slots may hold NaN or inf.
+    count: [B] valid tokens per sequence (>= 1), in the compute dtype.
+    bound: |log-ratio| clamp for the k3 metric.
     """
-    return SeqLogRatio.apply(logp, logp_old.detach(), mask, bound)
+    return SeqLogRatio.apply(logp, logp_old.detach(), mask, count, bound)
