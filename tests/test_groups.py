@@ -93,3 +93,12 @@ def test_matches_reference(groups):
 def test_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):
         advantages(**kwargs)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
+def test_tiny_and_huge_spreads_do_not_underflow(scale):
+    # Squaring deviations of 1e-200 underflows to 0 (and of 1e200 overflows to inf);
+    # a scale-free computation still gives the advantages of [0, 1].
+    r = torch.tensor([0.0, scale], dtype=torch.float64)
+    assert advantages(r, group_size=2).tolist() == [-1.0, 1.0]
+    assert group_advantages([0.0, scale]) == [-1.0, 1.0]

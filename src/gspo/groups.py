@@ -61,10 +61,14 @@ def advantages(
         size = count[inverse]
         adv = torch.where(size > 1, centred * size / (size - 1).clamp(min=1), 0.0)
     else:
+        # Scale-free: divide by the group's largest deviation before squaring, so tiny
+        # (1e-200) or huge (1e200) rewards neither underflow nor overflow.
+        scale = _group_max(centred.abs(), inverse, num_groups)[inverse]
+        dev = centred / torch.where(scale > 0, scale, 1.0)
         ddof = 1 if norm == "sample" else 0
-        var = _group_sum(centred.square(), inverse, num_groups) / (count - ddof).clamp(min=1)
+        var = _group_sum(dev.square(), inverse, num_groups) / (count - ddof).clamp(min=1)
         std = var.sqrt()[inverse]
-        adv = centred / torch.where(std > 0, std, 1.0)
+        adv = dev / torch.where(std > 0, std, 1.0)
     tied = _group_max(r, inverse, num_groups) == _group_min(r, inverse, num_groups)
     return torch.where(tied[inverse], 0.0, adv).to(out_dtype)
 

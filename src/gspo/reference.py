@@ -95,8 +95,12 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     if all(r == rewards[0] for r in rewards):
         return [0.0] * len(rewards)
     mu = _mean(rewards)
-    sigma = math.sqrt(_mean((r - mu) ** 2 for r in rewards))
-    return [(r - mu) / sigma for r in rewards]
+    # (r - mu) / sigma is scale-free: divide by the largest deviation first so that
+    # squaring cannot underflow (spreads ~1e-200) or overflow (rewards ~1e200).
+    scale = max(abs(r - mu) for r in rewards)
+    dev = [(r - mu) / scale for r in rewards]
+    sigma = math.sqrt(_mean(d * d for d in dev))
+    return [d / sigma for d in dev]
 
 
 def explain_objective(
