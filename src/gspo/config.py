@@ -219,10 +219,12 @@ class TrainConfig:
     eps_high: float = option(0.004, "clip range above 1: ratio <= 1 + eps_high")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
     adv_norm: str = option(
-        "population", "std used for group advantages", choices=("population", "sample", "none")
+        "population",
+        "group advantage normalisation (gspo.groups)",
+        choices=("population", "sample", "center", "loo"),
     )
     # rollouts
-    steps: int = option(100, "training steps (one rollout batch each)")
+    steps: int = option(200, "training steps (one rollout batch each)")
     prompts_per_step: int = option(16, "prompts per rollout batch (all ranks together)")
     group_size: int = option(8, "G: samples per prompt")
     max_new_tokens: int = option(6, "longest response in tokens")
@@ -237,16 +239,21 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
     # the built-in tiny model
     tiny_layers: int = option(2, "layers of the built-in tiny model")
-    tiny_hidden: int = option(64, "width of the built-in tiny model")
+    tiny_hidden: int = option(128, "width of the built-in tiny model")
     # bookkeeping
     seed: int = option(0, "seed for model init, data order and sampling")
     run_dir: str | None = option(None, "output directory (default runs/<timestamp>)")
     resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
-    eval_every: int = option(5, "held-out greedy evaluation every N steps")
+    eval_every: int = option(10, "held-out greedy evaluation every N steps")
     checkpoint_every: int = option(25, "checkpoint every N steps (and on SIGINT/SIGTERM)")
     keep_checkpoints: int = option(2, "how many checkpoints to keep")
     device: str = option(
         "auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    threads: int = option(
+        0,
+        "CPU threads per process; 0 = 1 for the tiny model (its ops are too small to split), "
+        "else torch's default",
     )
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun (else DDP)")
     progress: bool = option(True, "show a tqdm progress bar")
@@ -268,6 +275,7 @@ class TrainConfig:
             check(value > 0, name, value, "it must be > 0")
         check(0 < self.top_p <= 1, "top_p", self.top_p, "it must be in (0, 1]")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "use [0, 1]")
+        check(self.threads >= 0, "threads", self.threads, "use >= 0 (0 = automatic)")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "use >= 0")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use >= 0")
