@@ -71,12 +71,27 @@ def timer(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dic
     return {"median_s": statistics.median(times), "times_s": times}
 
 
-def measure(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> dict:
-    """``timer`` plus the peak resident memory added over the RSS just before the first call."""
+def measure(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    warmup_fn: Callable[[], object] | None = None,
+) -> dict:
+    """``timer`` plus the peak resident memory added over the RSS just before the first call.
+
+    ``warmup_fn``, if given, replaces the ``warmup`` calls of ``fn`` (e.g. a
+    smaller step on the same inputs); it runs after the baseline is taken, so
+    its memory counts, as the peak is a high-water mark of the whole process.
+    """
     baseline = current_rss_mib()
+    if warmup_fn is not None:
+        warmup_fn()
+        warmup = 0
     result = timer(fn, warmup=warmup, repeats=repeats)
     result["baseline_mib"] = baseline
     result["peak_added_mib"] = peak_rss_mib() - baseline
+    result["loadavg_1min"] = os.getloadavg()[0]  # other processes sharing the cores
     return result
 
 

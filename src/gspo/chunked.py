@@ -44,7 +44,7 @@ def token_logprobs(
         logp = torch.where(labels == ignore_index, 0, logp)
         entropy = -(logp_all.exp() * logp_all).sum(-1)               # [N], same where
 
-    but holds at most one chunk of logits [C,V] (two buffers of it) at a time.
+    but holds at most one chunk of logits [C,V] at a time (two with entropy).
     The backward recomputes each chunk's logits: four matmuls where the naive
     path does three, traded for never storing [N,V].
 
@@ -164,12 +164,13 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias, temperature: float, dtype) ->
 def _chunk_forward(z: Tensor, labels: Tensor, want_ent: bool):
     """Per-token logp, log-sum-exp and entropy of one chunk; overwrites ``z``.
 
-    In place where possible so the chunk costs two [C,V] buffers: z and exp(z - max).
+    In place, so the chunk costs one [C,V] buffer (two with entropy, which needs
+    z - max and exp(z - max) together).
     """
     z_label = z.gather(1, labels[:, None])[:, 0]
     zmax = z.amax(1, keepdim=True)
     u = z.sub_(zmax)  # u = z - max: exp(u) <= 1 never overflows
-    e = u.exp()
+    e = u.exp() if want_ent else u.exp_()
     s = e.sum(1)
     lse = zmax[:, 0] + s.log()
     ent = None
