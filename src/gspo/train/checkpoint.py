@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/checkpoints/step-000050/``:
     model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF)
     trainer.pt     optimizer, scheduler, step, data position, the config
-    rng-rank0.pt   python / torch / cuda RNG states of each rank (sampling differs per rank)
+    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank),
+                   and under FSDP2 its optimizer shards
 
 A checkpoint is written into a temporary directory next to its final place, every file is
 fsync'ed, then the directory is renamed into place (atomic on POSIX), so a crash mid-write
@@ -65,9 +66,10 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(tmp: Path, rank: int) -> None:
+def write_rank_state(tmp: Path, rank: int, optimizer_shard: dict | None = None) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    state = {"rng": rng_state(), "optimizer_shard": optimizer_shard}
+    torch.save(state, tmp / f"rank{rank}.pt")
 
 
 def write_main_state(tmp: Path, *, model_state, model, tokenizer, trainer_state: dict) -> None:
@@ -115,8 +117,12 @@ def load_trainer_state(path: Path) -> dict:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
 
 
-def load_rank_rng(path: Path, rank: int) -> dict:
-    return torch.load(path / f"rng-rank{rank}.pt", map_location="cpu", weights_only=False)
+def load_rank_state(path: Path, rank: int) -> dict:
+    file = path / f"rank{rank}.pt"
+    if not file.exists():
+        raise ValueError(f"--resume: {file} is missing; resume with the number of ranks that "
+                         "saved the checkpoint")  # fmt: skip
+    return torch.load(file, map_location="cpu", weights_only=False)
 
 
 def load_model_weights(model, path: Path) -> None:

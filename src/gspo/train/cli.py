@@ -78,6 +78,8 @@ def _reward_error():
 
 
 def _report(summary: dict) -> int:
+    if not summary.get("main", True):  # one report per run, not one per rank
+        return 0 if summary.get("finished") else 130
     if summary.get("finished"):
         print(f"gspo train: done, step {summary['step']}, held-out reward "
               f"{summary['last_eval']:.3f}; outputs in {summary['run_dir']}")  # fmt: skip

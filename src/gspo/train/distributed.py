@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,16 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
 
         for layer in decoder_layers(logprobs):
             fully_shard(layer)
-        return fully_shard(logprobs)
+        root = fully_shard(logprobs)
+        # The log-prob module returns a view; we never modify it in place, so FSDP's warning
+        # about in-place ops on views does not apply.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        # FSDP2 initialises lazily on the first *root* forward; generate() calls only the
+        # inner model, so run one tiny root forward first (every rank, so collectives match).
+        ids = torch.zeros(1, 2, dtype=torch.long, device=world.device)
+        with torch.no_grad():
+            root(ids, torch.ones_like(ids))
+        return root
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [world.device.index] if world.device.type == "cuda" else None
@@ -164,30 +174,43 @@ def all_sum(values: list[float], world: World) -> list[float]:
 
 
 def optimizer_state(engine: torch.nn.Module, optimizer, world: World) -> dict | None:
-    """The optimizer state to checkpoint, complete, on rank 0 (gathered under FSDP2)."""
-    if is_fsdp(engine):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+    """What this rank must save of the optimizer.
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_optimizer_state_dict(engine, optimizer, options=opts)
-        return state if world.main else None
-    return optimizer.state_dict() if world.main else None  # DDP: identical on every rank
+    DDP: the full state, identical on every rank, saved by rank 0 (None elsewhere).
+    FSDP2: each rank's own shards (DTensor -> local tensor), saved by every rank; a resumed
+    FSDP run must therefore use the same number of ranks.
+    """
+    if not is_fsdp(engine):
+        return optimizer.state_dict() if world.main else None
+    from torch.distributed.tensor import DTensor
+
+    full = optimizer.state_dict()
+    # New dicts: state_dict() shares the per-parameter dicts with the live optimizer.
+    state = {
+        idx: {k: v.to_local().detach().cpu().clone() if isinstance(v, DTensor) else v
+              for k, v in entry.items()}
+        for idx, entry in full["state"].items()
+    }  # fmt: skip
+    return {"state": state, "param_groups": full["param_groups"]}
 
 
 def load_optimizer_state(engine: torch.nn.Module, optimizer, state: dict) -> None:
-    if is_fsdp(engine):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(engine, optimizer, optim_state_dict=state, options=opts)
+    if not is_fsdp(engine):
+        optimizer.load_state_dict(state)
         return
-    optimizer.load_state_dict(state)
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    restored = {}
+    for idx, entry in state["state"].items():
+        p = params[idx]
+        restored[idx] = {
+            k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
+            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.to_local().shape
+            and v.dim() > 0 else v
+            for k, v in entry.items()
+        }  # fmt: skip
+    optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
 
 
 @contextlib.contextmanager

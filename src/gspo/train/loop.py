@@ -180,7 +180,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
             from gspo.train.plot import plot_run
 
             plot_run(run_dir)
-    return {"run_dir": str(run_dir), "step": step, "finished": finished,
+    return {"run_dir": str(run_dir), "step": step, "main": world.main, "finished": finished,
             "signal": stop.signal, "last_eval": log.last_eval}  # fmt: skip
 
 
@@ -217,9 +217,11 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
 
 def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     state = ckpt.load_trainer_state(path)
-    dd.load_optimizer_state(engine, optimizer, state["optimizer"])
+    mine = ckpt.load_rank_state(path, world.rank)
+    optim = mine["optimizer_shard"] if dd.is_fsdp(engine) else state["optimizer"]
+    dd.load_optimizer_state(engine, optimizer, optim)
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(ckpt.load_rank_rng(path, world.rank))
+    ckpt.set_rng_state(mine["rng"])
     return int(state["step"])
 
 
@@ -302,10 +304,11 @@ def _save(run_dir, step, model, tokenizer, engine, optimizer, scheduler, config,
     if world.main and tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
     dd.barrier(world)
-    ckpt.write_rank_state(tmp, world.rank)
+    sharded = dd.is_fsdp(engine)
+    ckpt.write_rank_state(tmp, world.rank, optim if sharded else None)
     if world.main:
         trainer = {"step": step, "data_position": step * config.prompts_per_step,
-                   "optimizer": optim, "scheduler": scheduler.state_dict(),
+                   "optimizer": None if sharded else optim, "scheduler": scheduler.state_dict(),
                    "config": to_dict(config)}  # fmt: skip
         ckpt.write_main_state(tmp, model_state=state, model=model, tokenizer=tokenizer,
                               trainer_state=trainer)  # fmt: skip
