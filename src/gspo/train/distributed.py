@@ -198,19 +198,24 @@ def load_optimizer_state(engine: torch.nn.Module, optimizer, state: dict) -> Non
     if not is_fsdp(engine):
         optimizer.load_state_dict(state)
         return
-    from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     restored = {}
     for idx, entry in state["state"].items():
         p = params[idx]
-        restored[idx] = {
-            k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
-            if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.to_local().shape
-            and v.dim() > 0 else v
-            for k, v in entry.items()
-        }  # fmt: skip
+        restored[idx] = {k: _as_shard_of(v, p) for k, v in entry.items()}
     optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
+
+
+def _as_shard_of(value, param):
+    """A saved local tensor shaped like ``param``'s shard becomes a DTensor shard again
+    (Adam's moments); scalars such as its step count stay as they are."""
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local() if isinstance(param, DTensor) else None
+    if local is None or not isinstance(value, torch.Tensor) or value.shape != local.shape:
+        return value
+    return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements)
 
 
 @contextlib.contextmanager
