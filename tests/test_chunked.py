@@ -278,3 +278,54 @@ def test_gspo_loss_from_hidden_padded_ignores_garbage_labels():
         strict=True,
     ):
         torch.testing.assert_close(g, w, rtol=RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("chunk", [1, 6, 9, 100], ids=lambda c: f"C={c}")
+def test_fused_equals_recompute_packed(variant, chunk):
+    # C=6: sequences (5, 9, 3, 7) split into blocks of whole sequences and the
+    # 9- and 7-token ones exceed C (two-pass); C=100: one block holds all.
+    hidden, weight, b, labels, logp_old, kw = packed_batch(seed=chunk)
+    labels[6] = -100
+    kw["variant"] = variant
+    results = []
+    for fused in (False, True):
+        loss, metrics = gspo_loss_from_hidden(
+            hidden, weight, labels, logp_old, bias=b, temperature=0.9, chunk_size=chunk,
+            fused=fused, **kw,
+        )  # fmt: skip
+        grads = torch.autograd.grad(2.5 * loss, (hidden, weight, b))
+        results.append([loss, *grads, *metrics.values()])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-7)
+
+
+def test_fused_equals_recompute_padded():
+    hidden, weight, b, labels = make(15, 16, 120, seed=12)
+    hidden3, labels2 = hidden.view(3, 5, 16), labels.clone().view(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    labels2[~mask] = -7  # garbage
+    kw = dict(mask=mask, rewards=torch.tensor([0.1, 0.9, 0.4]), group_size=3, eps_low=0.2)
+    logp_old = -torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (False, True):
+        loss, _ = gspo_loss_from_hidden(
+            hidden3, weight, labels2, logp_old, bias=b, chunk_size=4, fused=fused, **kw
+        )
+        results.append([loss, *torch.autograd.grad(loss, (hidden, weight, b))])
+    assert results[0][1].abs().max() > 0
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-7)
+
+
+def test_fused_blocks_are_whole_sequences_within_chunk():
+    from gspo.chunked import _blocks
+
+    bounds = [0, 5, 14, 17, 24, 40]  # sequence lengths 5, 9, 3, 7, 16
+    valid = torch.ones(40, dtype=torch.bool)
+    valid[20:24] = False  # 4 ignored tokens in the 7-token sequence: it counts 3
+    blocks = list(_blocks(bounds, valid, 10))
+    # 5 | 9 | 3 + 3 | 16 (alone, longer than C: two passes)
+    assert blocks == [(0, 5), (5, 14), (14, 24), (24, 40)]
+    assert list(_blocks(bounds, valid, 1000)) == [(0, 40)]
+    assert list(_blocks(bounds, valid, 1)) == [(0, 5), (5, 14), (14, 17), (17, 24), (24, 40)]

@@ -127,23 +127,28 @@ class _TokenLogprobs(torch.autograd.Function):
         for start in range(0, rows.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             idx = rows[start:end]
-            h = hidden[idx]
-            z = _chunk_logits(h, weight, bias, temp, dtype)
+            z = _chunk_logits(hidden[idx], weight, bias, temp, dtype)
             dz = _chunk_grad(z, labels[idx], lse[start:end], entropy[idx], g_logp, g_ent, start)
-            if grad_b is not None:
-                grad_b += dz.sum(0)
-            dz_in = dz.to(hidden.dtype)  # matmuls in the input dtype
-            if grad_h is not None:
-                grad_h[idx] = dz_in @ weight
-            if grad_w is not None:
-                if dz_in.dtype == dtype:
-                    grad_w.addmm_(dz_in.T, h)  # in place: no [V,H] temporary per chunk
-                else:
-                    grad_w += dz_in.T @ h
-            del z, dz, dz_in
+            _accumulate(dz, idx, hidden, weight, grad_h, grad_w, grad_b, dtype)
+            del z, dz
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _accumulate(dz, idx, hidden, weight, grad_h, grad_w, grad_b, dtype) -> None:
+    """Add one chunk's dL/dlogits [C,V] into the hidden / weight / bias gradients."""
+    if grad_b is not None:
+        grad_b += dz.sum(0)
+    dz_in = dz.to(hidden.dtype)  # matmuls in the input dtype
+    if grad_h is not None:
+        grad_h[idx] = dz_in @ weight
+    if grad_w is not None:
+        h = hidden[idx]
+        if dz_in.dtype == dtype:
+            grad_w.addmm_(dz_in.T, h)  # in place: no [V,H] temporary per chunk
+        else:
+            grad_w += dz_in.T @ h
 
 
 def _rows_over_t(grad: Tensor | None, rows: Tensor, temperature: float, dtype) -> Tensor | None:
@@ -214,6 +219,7 @@ def gspo_loss_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = IGNORE_INDEX,
+    fused: bool = False,
     **loss_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO loss straight from final hidden states, never holding [N,V] logits.
@@ -234,6 +240,13 @@ def gspo_loss_from_hidden(
     response token that counts); labels where the mask is False are replaced by
     ``ignore_index``, so they may hold anything.
 
+    ``fused=True`` forms the gradients during the forward instead (three
+    matmuls per token instead of four): chunks are made of whole sequences, and
+    since each sequence's loss term depends only on its own tokens, a chunk's
+    dL/dlogp is known as soon as its log-probs are. A sequence longer than
+    ``chunk_size`` takes two passes over its chunks (logp, then gradients).
+    See ``_FusedLoss``; bench/logprobs.py measures both.
+
     Returns:
         ``(loss, metrics)`` exactly as ``gspo_loss`` returns them.
     """
@@ -247,6 +260,11 @@ def gspo_loss_from_hidden(
     mask = loss_kwargs.get("mask")
     if isinstance(mask, Tensor) and mask.shape == labels.shape:
         labels = torch.where(mask.to(torch.bool), labels, ignore_index)
+    if fused:
+        return _fused_gspo_loss(
+            hidden, weight, labels, logp_old, bias, temperature, chunk_size, ignore_index,
+            loss_kwargs, gspo_loss,
+        )  # fmt: skip
     logp = token_logprobs(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -257,6 +275,145 @@ def gspo_loss_from_hidden(
         ignore_index=ignore_index,
     )
     return gspo_loss(logp.view(labels.shape), logp_old, **loss_kwargs)
+
+
+def _fused_gspo_loss(
+    hidden, weight, labels, logp_old, bias, temperature, chunk_size, ignore_index, loss_kwargs, loss
+):
+    flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    check_inputs(flat_h, weight, flat_y, bias, temperature, ignore_index)
+    check_chunk_size(chunk_size)
+    if not isinstance(logp_old, Tensor) or logp_old.shape != labels.shape:
+        raise ValueError(f"logp_old: must have shape {tuple(labels.shape)}")
+    bounds = _sequence_bounds(labels.shape, loss_kwargs)
+
+    def loss_of(logp: Tensor):
+        return loss(logp.view(labels.shape), logp_old, **loss_kwargs)
+
+    out: dict = {}
+    value = _FusedLoss.apply(
+        flat_h, weight, bias, flat_y, (float(temperature), chunk_size, ignore_index, bounds),
+        loss_of, out,
+    )  # fmt: skip
+    return value, out["metrics"]
+
+
+def _sequence_bounds(shape, loss_kwargs) -> list[int]:
+    """Flat token offsets where sequences start and end (cu_seqlens), for either layout."""
+    if len(shape) == 2:  # padded [B,T]: sequence b is row b
+        return [b * shape[1] for b in range(shape[0] + 1)]
+    if loss_kwargs.get("cu_seqlens") is not None:
+        return [int(x) for x in loss_kwargs["cu_seqlens"]]
+    if loss_kwargs.get("seq_lens") is not None:
+        return [0] + torch.cumsum(torch.as_tensor(loss_kwargs["seq_lens"]), 0).tolist()
+    raise ValueError("seq_lens: packed input needs seq_lens= or cu_seqlens=")
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Loss forward that forms grad_hidden/weight/bias on the way; backward scales them.
+
+    Per block of whole sequences: logits (1 matmul), logp, dL/dlogp of the
+    block (a cheap autograd call of the loss on [N] numbers, where tokens of
+    other blocks hold any finite value: they do not enter this block's terms),
+    then dz = g * (onehot - softmax) and its two gradient matmuls. The softmax
+    of a block that fits in one chunk is kept from the logp pass, so nothing is
+    recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, spec, loss_of, out):
+        temperature, chunk_size, ignore_index, bounds = spec
+        dtype = compute_dtype(hidden.dtype)
+        valid = labels != ignore_index
+        labels = torch.where(valid, labels, 0).long()
+        # Tokens of blocks not yet reached hold 0: any finite value does, as
+        # other sequences' loss terms do not touch this block's gradient.
+        logp = hidden.new_zeros(labels.shape[0], dtype=dtype)
+        grads = _Grads(hidden, weight, bias, dtype)
+        for start, end in _blocks(bounds, valid, chunk_size):
+            rows = start + valid[start:end].nonzero()[:, 0]
+            pieces = [rows[i : i + chunk_size] for i in range(0, rows.shape[0], chunk_size)]
+            kept = None
+            for idx in pieces:
+                z = _chunk_logits(hidden[idx], weight, bias, temperature, dtype)
+                logp[idx] = _chunk_forward(z, labels[idx], False)[0]  # z is now exp(z - max)
+                if len(pieces) == 1:  # the block fits one chunk: keep its softmax
+                    kept = z.div_(z.sum(1, keepdim=True))
+                del z
+            g = _dloss_dlogp(loss_of, logp, rows) / temperature
+            for i, idx in enumerate(pieces):
+                p = (
+                    kept
+                    if kept is not None
+                    else _chunk_softmax(hidden, weight, bias, idx, temperature, dtype, labels)
+                )
+                gi = g[i * chunk_size : i * chunk_size + idx.shape[0], None]
+                # dlogp/dz = onehot(y) - p, so dL/dz = g * (onehot(y) - p), in place in p
+                grads.add(p.mul_(-gi).scatter_add_(1, labels[idx][:, None], gi), idx)
+                del p
+            kept = None
+        with torch.no_grad():
+            value, out["metrics"] = loss_of(logp)
+        ctx.save_for_backward(*grads.result())
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = (
+            None if g.numel() == 0 else g * grad_out for g in ctx.saved_tensors
+        )
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _blocks(bounds: list[int], valid: Tensor, chunk_size: int):
+    """(start, end) token ranges of whole sequences, about chunk_size valid tokens each."""
+    counts = torch.tensor([0] + valid.long().cumsum(0).tolist())[bounds].tolist()
+    start = 0
+    for i in range(1, len(bounds)):
+        last = i == len(bounds) - 1
+        # close the block before sequence i if adding it would pass chunk_size
+        if not last and counts[i + 1] - counts[start] > chunk_size and i > start:
+            yield bounds[start], bounds[i]
+            start = i
+    yield bounds[start], bounds[-1]
+
+
+def _dloss_dlogp(loss_of, logp: Tensor, rows: Tensor) -> Tensor:
+    """dL/dlogp at ``rows``: an autograd call of the loss on [N] numbers (no logits)."""
+    leaf = logp.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        value, _ = loss_of(leaf)
+        (grad,) = torch.autograd.grad(value, leaf)
+    return grad[rows].to(logp.dtype)
+
+
+def _chunk_softmax(hidden, weight, bias, idx, temperature, dtype, labels) -> Tensor:
+    z = _chunk_logits(hidden[idx], weight, bias, temperature, dtype)
+    _chunk_forward(z, labels[idx], False)
+    return z.div_(z.sum(1, keepdim=True))
+
+
+class _Grads:
+    """grad_hidden / grad_weight / grad_bias accumulators (float32 for the sums)."""
+
+    def __init__(self, hidden, weight, bias, dtype):
+        self.hidden, self.weight, self.dtype = hidden, weight, dtype
+        self.h = torch.zeros_like(hidden) if hidden.requires_grad else None
+        self.w = weight.new_zeros(weight.shape, dtype=dtype) if weight.requires_grad else None
+        need_b = bias is not None and bias.requires_grad
+        self.b = weight.new_zeros(weight.shape[0], dtype=dtype) if need_b else None
+        self.bias_dtype = None if bias is None else bias.dtype
+
+    def add(self, dz: Tensor, idx: Tensor) -> None:
+        """Add one chunk's dL/dlogits [C,V] (tokens ``idx``)."""
+        _accumulate(dz, idx, self.hidden, self.weight, self.h, self.w, self.b, self.dtype)
+
+    def result(self):
+        empty = self.hidden.new_empty(0)  # save_for_backward needs tensors, not None
+        w = empty if self.w is None else self.w.to(self.weight.dtype)
+        b = empty if self.b is None else self.b.to(self.bias_dtype)
+        return (empty if self.h is None else self.h), w, b
 
 
 class CausalLMLogprobs(torch.nn.Module):
