@@ -104,7 +104,7 @@ def _parser_for(name: str, base: type, optional: bool, choices: tuple | None) ->
             value = base(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{flag_name(name)} {text!r} is not a {base.__name__}; "
+                f"{flag_name(name)} {text!r} is not {_a(base)}; "
                 f"give e.g. {flag_name(name)} {_example(base)}"
             ) from None
         if base is float and not math.isfinite(value):
@@ -116,6 +116,10 @@ def _parser_for(name: str, base: type, optional: bool, choices: tuple | None) ->
         return value
 
     return parse
+
+
+def _a(base: type) -> str:
+    return {int: "an int", float: "a float", str: "a string", bool: "a bool"}[base]
 
 
 def _example(base: type) -> str:
@@ -166,9 +170,11 @@ def _coerce_one(name, value, base, optional, choices, source) -> Any:
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
+        kind = type(value)
+        kind_text = _a(kind) if kind in (int, float, str, bool) else kind.__name__
         raise ValueError(
-            f"{source}: field {name!r} = {value!r} is a {type(value).__name__}; "
-            f"it must be a {base.__name__}" + (" or null" if optional else "")
+            f"{source}: field {name!r} = {value!r} is {kind_text}; "
+            f"it must be {_a(base)}" + (" or null" if optional else "")
         )
     if choices and value not in choices:
         raise ValueError(f"{source}: field {name!r} = {value!r} must be one of {list(choices)}")
