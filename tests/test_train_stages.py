@@ -58,6 +58,11 @@ def test_tiny_model_and_tokenizer_save_and_load_with_auto_classes(tmp_path):
     ids = torch.tensor([tok2("sum 12:", add_special_tokens=False)["input_ids"]])
     assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-6)
     assert tok2.eos_token_id == tok.eos_token_id and tok2.pad_token_id == tok.pad_token_id
+    # AutoTokenizer picks Qwen2Tokenizer from config.json (model_type qwen2); a vocab it does
+    # not understand loses the spaces ("sum 12: a b" -> "sum12:ab"), so compare ids exactly.
+    text = "sum 12: a b"
+    assert tok2(text)["input_ids"] == tok(text)["input_ids"]
+    assert tok2.decode(tok2(text)["input_ids"]) == text
 
 
 # ---------------------------------------------------------------- rollouts

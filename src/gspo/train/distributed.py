@@ -156,8 +156,14 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Ten
     """
     from torch.distributed.tensor import DTensor
 
-    state = {}
+    state, seen = {}, set()
     for name, value in model.state_dict().items():
+        # Tied weights (embeddings = LM head) appear under two names; keep the first, as
+        # save_pretrained does, so the file has the layout from_pretrained expects.
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if local.numel() and local.data_ptr() in seen:
+            continue
+        seen.add(local.data_ptr())
         if isinstance(value, DTensor):
             value = value.full_tensor()
         if world.main:

@@ -19,15 +19,20 @@ VOCAB = [PAD, BOS, EOS, UNK, *CHARS]
 
 
 def tiny_tokenizer():
-    """A character-level fast tokenizer: each character is one token, no BOS added."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level fast tokenizer: each character is one token, no BOS added.
+
+    It is byte-level BPE with no merges: characters are spelled as GPT-2 byte symbols (a
+    space is "Ġ"). That is exactly what ``Qwen2Tokenizer`` expects, and ``AutoTokenizer``
+    loads a directory whose config.json says ``qwen2`` with that class whatever
+    tokenizer_config.json says; a plain WordLevel vocab would lose its spaces on reload.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # Split into single characters, keeping each one (spaces included) as its own token.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    vocab = {_byte_symbol(tok): i for i, tok in enumerate(VOCAB)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
@@ -38,6 +43,30 @@ def tiny_tokenizer():
         clean_up_tokenization_spaces=False,
     )
     return tok
+
+
+def _byte_symbol(token: str) -> str:
+    """The GPT-2 byte-level spelling of a one-character token (specials stay as they are)."""
+    if len(token) != 1:
+        return token
+    return _BYTE_SYMBOLS[token]
+
+
+def _byte_symbols() -> dict[str, str]:
+    # GPT-2's table: printable bytes map to themselves, the rest (space included) are shifted
+    # past 255 so that every byte is a visible character.
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = chr(b)
+        else:
+            table[chr(b)] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+_BYTE_SYMBOLS = _byte_symbols()
 
 
 def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: int | None = None):
