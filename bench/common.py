@@ -95,13 +95,18 @@ def measure(
     return result
 
 
-def isolated(script: str, case: dict, *, timeout: float | None = None) -> dict:
+def isolated(
+    script: str, case: dict, *, timeout: float | None = None, python: str | None = None
+) -> dict:
     """Run ``python script --case <json>`` and return the dict the child passed to ``report``.
+
+    ``python`` is the interpreter (default this one), e.g. a separate venv
+    holding a peer library that must not enter the project's environment.
 
     A child that fails (out of memory, an exception, a timeout) gives
     ``{"error": "..."}`` instead of raising, so one bad case does not lose the table.
     """
-    cmd = [sys.executable, script, CASE_FLAG, json.dumps(case)]
+    cmd = [python or sys.executable, script, CASE_FLAG, json.dumps(case)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
