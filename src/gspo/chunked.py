@@ -363,8 +363,10 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # Usually grad_out is 1 (the loss is the root): skip a [V,H] product then.
+        one = bool(grad_out == 1)
         grad_h, grad_w, grad_b = (
-            None if g.numel() == 0 else g * grad_out for g in ctx.saved_tensors
+            None if g.numel() == 0 else g if one else g * grad_out for g in ctx.saved_tensors
         )
         return grad_h, grad_w, grad_b, None, None, None, None
 
