@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from gspo.fused import seq_log_ratio
+from gspo.fused import k3, seq_log_ratio
 from gspo.groups import NORMS
 from gspo.groups import advantages as group_advantages
 from gspo.masking import Layout, packed_layout, padded_layout
@@ -142,8 +142,7 @@ def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound):
 @torch.no_grad()
 def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
     """Mean over valid tokens of k3 = (r - 1) - log r >= 0, r = p_new / p_old (Schulman)."""
-    lr = log_ratio.detach().clamp(-bound, bound)
-    return layout.token_mean(layout.select(torch.expm1(lr) - lr))
+    return layout.token_mean(layout.select(k3(log_ratio.detach().clamp(-bound, bound))))
 
 
 @torch.no_grad()
