@@ -1,0 +1,162 @@
+"""Data parallel equivalence: 2 gloo ranks (DDP or FSDP2), each holding whole groups, give the
+same gradient as one process on the whole batch, to 1e-5.
+
+The bug this guards against: dividing each rank's loss by its *local* sequence count and then
+letting DDP average over ranks gives a gradient world_size times too small (world_size^2 if
+the count is also divided by world_size, as once in verl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gspo.config import TrainConfig
+from gspo.train.rollout import Rollout
+from gspo.train.tiny import tiny_model
+from gspo.train.update import minibatch_loss
+
+REPO = Path(__file__).resolve().parents[1]
+B, G, P, T = 16, 4, 3, 5  # 4 groups: each of 2 ranks holds 2 whole groups
+
+
+def make_batch():
+    """A fixed batch: random tokens, ragged response masks, off-policy logp_old."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model(layers=1, hidden=32, seed=0)
+    ids = torch.randint(4, 50, (B, P + T), generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    response_mask = torch.arange(T)[None, :] < lengths[:, None]
+    attention = torch.cat([torch.ones(B, P, dtype=torch.long), response_mask.long()], dim=1)
+    rollout = Rollout(
+        prompts=[{"prompt": "x"}] * B, input_ids=ids, attention_mask=attention,
+        response_mask=response_mask, prompt_len=P, completions=[""] * B,
+    )  # fmt: skip
+    from gspo.groups import advantages
+
+    adv = advantages(torch.rand(B, generator=gen), group_size=G)
+    # logp_old = current logp shifted per sequence so some ratios leave [1-eps, 1+eps]
+    from gspo.chunked import CausalLMLogprobs
+
+    with torch.no_grad():
+        logp = CausalLMLogprobs(model)(ids, attention)[:, P - 1 :]
+    shift = (torch.rand(B, 1, generator=gen) - 0.5) * 0.02
+    logp_old = torch.where(response_mask, logp + shift, torch.zeros_like(logp))
+    ref_logp = torch.where(response_mask, logp - 0.1, torch.zeros_like(logp))
+    return model, rollout, adv, logp_old, ref_logp
+
+
+CONFIG = TrainConfig(eps_low=0.003, eps_high=0.004, kl_coef=0.05)
+
+
+def gradients(model, engine, rollout, adv, logp_old, ref_logp, rows, world_size):
+    loss, _ = minibatch_loss(
+        engine, rollout.select(rows), logp_old=logp_old[rows], adv=adv[rows],
+        ref_logp=ref_logp[rows], config=CONFIG, world_size=world_size,
+    )  # fmt: skip
+    loss.backward()
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        out[name] = g.detach().clone()
+    return out
+
+
+def _worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """DDP, then FSDP2 on a fresh model, in one pair of processes (spawning is the slow part)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    from gspo.chunked import CausalLMLogprobs
+    from gspo.train import distributed as dd
+
+    world = dd.init("cpu")
+    per = B // world_size
+    rows = slice(rank * per, (rank + 1) * per)
+    results = {}
+    for mode in ("ddp", "fsdp2"):
+        model, rollout, adv, logp_old, ref_logp = make_batch()
+        engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
+        results[mode] = gradients(model, engine, rollout, adv, logp_old, ref_logp, rows,
+                                  world_size)  # fmt: skip
+    if rank == 0:
+        torch.save(results, out)
+    dd.shutdown(world)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_rank_gradients(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grads") / "grads.pt"
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
+    from gspo.chunked import CausalLMLogprobs
+
+    model, rollout, adv, logp_old, ref_logp = make_batch()
+    assert adv.abs().sum() > 0
+    expected = gradients(model, CausalLMLogprobs(model), rollout, adv, logp_old, ref_logp,
+                         slice(0, B), world_size=1)  # fmt: skip
+    got = two_rank_gradients[mode]
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], g, rtol=0, atol=1e-5, msg=name)
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "-m", "gspo", "train", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--prompts-per-step", "4",
+        "--group-size", "4", "--minibatches", "2", "--max-new-tokens", "4",
+        "--eval-prompts", "4", "--eval-every", "2", "--no-progress", "--no-plot"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_two_ranks_train_stop_and_resume(tmp_path, fsdp):
+    """The whole loop under torchrun: sampling (synced under FSDP2), checkpoints of sharded
+    state, and a resume on the same number of ranks that reproduces the straight run."""
+    extra = ["--fsdp"] if fsdp else []
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = torchrun([*TINY, *extra, "--steps", "4", "--checkpoint-every", "2",
+                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # a copy without the last checkpoint resumes from step 2 and redoes steps 3-4
+    import shutil
+
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    again = torchrun(["--resume", str(resumed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(resumed / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    rows = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    first = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in first]
