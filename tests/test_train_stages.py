@@ -242,3 +242,12 @@ def test_update_moves_the_ratio_off_one_and_clips():
     assert any(h["clip_frac_low"] + h["clip_frac_high"] > 0 for h in later)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert sched.get_last_lr()[0] < config.lr
+
+
+def test_chat_template_is_applied_when_present():
+    from gspo.train.rollout import render_prompt
+
+    tok = tiny_tokenizer()
+    assert render_prompt(tok, "sum 07:") == "sum 07:"  # no template: the raw prompt
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}>"
+    assert render_prompt(tok, "sum 07:") == "<user>sum 07:>"

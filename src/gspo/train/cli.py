@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="run --loss gspo and --loss grpo with the same settings into RUN_DIR/{gspo,grpo} "
-        "and draw RUN_DIR/compare.png",
+        help="run --loss gspo, --loss grpo (same clip range) and grpo with eps 0.2 into "
+        "RUN_DIR/{gspo,grpo,grpo-eps0.2} and draw RUN_DIR/compare.png",
     )
     add_arguments(parser, TrainConfig)
     return parser
@@ -90,19 +90,31 @@ def _report(summary: dict) -> int:
 
 
 def _compare(config: TrainConfig) -> int:
-    """The same job twice, sequence-level (GSPO) and token-level (GRPO) ratios."""
+    """The same job with sequence-level (GSPO) and token-level (GRPO) ratios: GRPO once with
+    the same clip range and once with the 0.2 that token-level methods usually use."""
     import time
 
     from gspo.train.loop import train
-    from gspo.train.plot import plot_compare
+    from gspo.train.plot import plot_compare, read_metrics
 
     base = Path(config.run_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    runs = {}
-    for loss in ("gspo", "grpo"):
-        run = dataclasses.replace(config, loss=loss, run_dir=str(base / loss), resume=None)
+    variants = {
+        "gspo": {"loss": "gspo"},
+        "grpo": {"loss": "grpo"},
+        "grpo-eps0.2": {"loss": "grpo", "eps_low": 0.2, "eps_high": 0.2},
+    }
+    runs, lines = {}, []
+    for name, change in variants.items():
+        run = dataclasses.replace(config, **change, run_dir=str(base / name), resume=None)
+        t0 = time.perf_counter()
         summary = train(run)
-        runs[loss] = summary["run_dir"]
-        print(f"{loss}: held-out reward {summary['last_eval']:.3f}")
+        seconds = time.perf_counter() - t0
+        runs[name] = summary["run_dir"]
+        evals = [r["eval_reward"] for r in read_metrics(summary["run_dir"]) if "eval_reward" in r]
+        lines.append(f"{name:<12} eps {run.eps_low:g}/{run.eps_high:g}  held-out first "
+                     f"{evals[0]:.3f} best {max(evals):.3f} last {evals[-1]:.3f}  "
+                     f"{seconds:.0f} s")  # fmt: skip
     out = plot_compare(runs, base / "compare.png")
+    print("\n".join(lines))
     print(f"gspo train --compare: wrote {out}")
     return 0

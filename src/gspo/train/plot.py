@@ -62,7 +62,7 @@ def plot_compare(runs: dict[str, str | Path], out: str | Path) -> Path:
     ax.set_ylabel("reward")
     ax.set_ylim(0, 1.05)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("digit-sum task, same seed and budget")
+    ax.set_title("held-out greedy reward, same seed and budget")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
