@@ -230,7 +230,7 @@ class TrainConfig:
         choices=("population", "sample", "center", "loo"),
     )
     # rollouts
-    steps: int = option(200, "training steps (one rollout batch each)")
+    steps: int = option(300, "training steps (one rollout batch each)")
     prompts_per_step: int = option(16, "prompts per rollout batch (all ranks together)")
     group_size: int = option(8, "G: samples per prompt")
     max_new_tokens: int = option(6, "longest response in tokens")
@@ -238,7 +238,7 @@ class TrainConfig:
     top_p: float = option(1.0, "nucleus sampling mass")
     # optimisation
     minibatches: int = option(4, "optimizer steps per rollout batch (each on a slice)")
-    lr: float = option(2e-3, "peak AdamW learning rate")
+    lr: float = option(1e-3, "peak AdamW learning rate")
     min_lr_ratio: float = option(0.1, "final lr as a fraction of the peak (cosine decay)")
     warmup_steps: int = option(10, "training steps of linear warmup")
     weight_decay: float = option(0.0, "AdamW weight decay")
