@@ -66,9 +66,11 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(tmp: Path, rank: int, optimizer_shard: dict | None = None) -> None:
+def write_rank_state(
+    tmp: Path, rank: int, optimizer_shard: dict | None = None, *, rng: dict | None = None
+) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {"rng": rng_state(), "optimizer_shard": optimizer_shard}
+    state = {"rng": rng or rng_state(), "optimizer_shard": optimizer_shard}
     torch.save(state, tmp / f"rank{rank}.pt")
 
 

@@ -126,6 +126,15 @@ def all_mean(values: dict[str, float], world: World) -> dict[str, float]:
     return {k: float(v) / world.size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
+def all_extreme(value: float, world: World, *, largest: bool) -> float:
+    """The max (or min) of a scalar over ranks."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+    return float(t.item())
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank if it is True on any (so all ranks stop at the same step)."""
     if not world.distributed:

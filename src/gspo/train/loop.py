@@ -17,6 +17,7 @@ One step:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import random
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gspo.config import TrainConfig, to_dict
+from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
@@ -114,9 +116,9 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
         lr_lambda(config.warmup_steps * config.minibatches, config.steps * config.minibatches,
                   config.min_lr_ratio),
     )  # fmt: skip
-    start = 0
+    start, position = 0, 0  # steps done; prompts consumed from the data stream
     if resume_from is not None:
-        start = _restore(resume_from, engine, optimizer, scheduler, world)
+        start, position = _restore(resume_from, engine, optimizer, scheduler, world)
     synced = world.distributed and dd.is_fsdp(engine)
 
     def sample(prompts, *, greedy):
@@ -130,12 +132,13 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     def evaluate() -> float:
         mine = held_out[world.rank :: world.size]
         rollout = sample(mine, greedy=True)
-        rewards = _score_all(reward_fn, rollout, world, lambda: save(step))
+        rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
-    def save(at_step: int) -> None:
-        _save(run_dir, at_step, model, tokenizer, engine, optimizer, scheduler, config, world)
+    def save(at_step: int, at_position: int, rng: dict | None = None) -> None:
+        _save(run_dir, at_step, at_position, model, tokenizer, engine, optimizer, scheduler,
+              config, world, rng)  # fmt: skip
 
     # ---- the loop
     log = _MetricsLog(run_dir / "metrics.jsonl", world, truncate_after=start)
@@ -145,15 +148,15 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
         log.write({"step": 0, "eval_reward": evaluate()})
     with Stop() as stop:
         for step in range(start + 1, config.steps + 1):
-            t0 = time.perf_counter()
+            t0, rng_before = time.perf_counter(), ckpt.rng_state()
             # prompts -> rollouts: this rank's contiguous share of the step's prompts
-            prompts = prompts_at(pool, config.seed, (step - 1) * config.prompts_per_step,
-                                 config.prompts_per_step)  # fmt: skip
+            prompts = prompts_at(pool, config.seed, position, config.prompts_per_step)
             rollout = sample(dd.shard(prompts, world), greedy=False)
             # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
-            rewards = _score_all(reward_fn, rollout, world, lambda s=step - 1: save(s))
-            from gspo.groups import advantages
-
+            # on a reward error, save the state this step started from (RNG included)
+            on_error = functools.partial(save, step - 1, position, rng_before)
+            rewards = _score_all(reward_fn, rollout, world, on_error)
+            position += config.prompts_per_step
             reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
             adv = advantages(reward_t, group_size=config.group_size, norm=config.adv_norm)
             # old log-probs once, then the minibatch optimizer steps
@@ -169,7 +172,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
                             eval=f"{log.last_eval:.3f}")  # fmt: skip
             interrupted = dd.any_rank(stop.requested or step == stop_after, world)
             if step % config.checkpoint_every == 0 or step == config.steps or interrupted:
-                save(step)
+                save(step, position)
             if interrupted:
                 break
     bar.close()
@@ -222,7 +225,7 @@ def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     dd.load_optimizer_state(engine, optimizer, optim)
     scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(mine["rng"])
-    return int(state["step"])
+    return int(state["step"]), int(state["data_position"])
 
 
 def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
@@ -252,6 +255,8 @@ def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict
     local["ratio_min"] = min(h["ratio_min"] for h in history)
     local["ratio_max"] = max(h["ratio_max"] for h in history)
     merged = dd.all_mean(local, world)
+    merged["ratio_min"] = dd.all_extreme(local["ratio_min"], world, largest=False)
+    merged["ratio_max"] = dd.all_extreme(local["ratio_max"], world, largest=True)
     elapsed = time.perf_counter() - t0
     return {
         "step": step,
@@ -297,7 +302,8 @@ def _progress(config: TrainConfig, world: dd.World, start: int):
                 disable=not (config.progress and world.main), dynamic_ncols=True)  # fmt: skip
 
 
-def _save(run_dir, step, model, tokenizer, engine, optimizer, scheduler, config, world) -> None:
+def _save(run_dir, step, position, model, tokenizer, engine, optimizer, scheduler, config, world,
+          rng=None) -> None:  # fmt: skip
     state = dd.full_state_dict(model, world)  # collectives first, on every rank
     optim = dd.optimizer_state(engine, optimizer, world)
     tmp = ckpt.staging_dir(run_dir, step)
@@ -305,9 +311,9 @@ def _save(run_dir, step, model, tokenizer, engine, optimizer, scheduler, config,
         shutil.rmtree(tmp)  # left over from a crash mid-write
     dd.barrier(world)
     sharded = dd.is_fsdp(engine)
-    ckpt.write_rank_state(tmp, world.rank, optim if sharded else None)
+    ckpt.write_rank_state(tmp, world.rank, optim if sharded else None, rng=rng)
     if world.main:
-        trainer = {"step": step, "data_position": step * config.prompts_per_step,
+        trainer = {"step": step, "data_position": position,
                    "optimizer": None if sharded else optim, "scheduler": scheduler.state_dict(),
                    "config": to_dict(config)}  # fmt: skip
         ckpt.write_main_state(tmp, model_state=state, model=model, tokenizer=tokenizer,
