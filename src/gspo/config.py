@@ -32,9 +32,12 @@ from typing import Any, Literal
 # ---------------------------------------------------------------- generic machinery
 
 
-def option(default: Any, help: str, *, choices: Sequence[Any] | None = None) -> Any:
-    """A dataclass field with its CLI help (and optional allowed values) attached."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(
+    default: Any, help: str, *, choices: Sequence[Any] | None = None, metavar: str | None = None
+) -> Any:
+    """A dataclass field with its CLI help (and optional allowed values, metavar) attached."""
+    meta = {"help": help, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def flag_name(field_name: str) -> str:
@@ -86,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
             continue
         parse = _parser_for(f.name, base, optional, choices)
-        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else base.__name__.upper()
+        metavar = f.metadata.get("metavar") or (
+            "{" + ",".join(map(str, choices)) + "}" if choices else base.__name__.upper()
+        )
         parser.add_argument(
             flag_name(f.name),
             type=parse,
@@ -210,10 +215,14 @@ class TrainConfig:
     learns the digit-sum task on CPU in a few minutes."""
 
     # what to train
-    model: str = option("tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir")
+    model: str = option(
+        "tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir", metavar="PATH"
+    )
     task: str = option("digitsum", "built-in task", choices=("digitsum", "copy"))
-    prompts: str | None = option(None, "JSONL file of {'prompt': ..., fields for the reward}")
-    reward: str | None = option(None, "user reward 'module:function' (needs --prompts)")
+    prompts: str | None = option(
+        None, "JSONL file of {'prompt': ..., fields for the reward}", metavar="FILE"
+    )
+    reward: str | None = option(None, "user reward (needs --prompts)", metavar="MODULE:FUNCTION")
     eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
     # the GSPO objective
     loss: str = option(
@@ -248,8 +257,10 @@ class TrainConfig:
     tiny_hidden: int = option(128, "width of the built-in tiny model")
     # bookkeeping
     seed: int = option(0, "seed for model init, data order and sampling")
-    run_dir: str | None = option(None, "output directory (default runs/<timestamp>)")
-    resume: str | None = option(None, "continue the run in this directory from its last checkpoint")
+    run_dir: str | None = option(None, "output directory; none = runs/<timestamp>", metavar="DIR")
+    resume: str | None = option(
+        None, "continue the run in this directory from its last checkpoint", metavar="RUN_DIR"
+    )
     eval_every: int = option(10, "held-out greedy evaluation every N steps")
     checkpoint_every: int = option(25, "checkpoint every N steps (and on SIGINT/SIGTERM)")
     keep_checkpoints: int = option(2, "how many checkpoints to keep")

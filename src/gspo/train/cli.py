@@ -23,7 +23,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gspo train",
         description="Fine-tune a causal LM with GSPO. With no arguments: a tiny random Qwen2 "
         "learns the built-in digit-sum task on CPU in a few minutes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of field = value")
     parser.add_argument(
