@@ -202,3 +202,38 @@ def test_loss_variants_and_kl_run(tmp_path, extra, key):
         # step 1 samples from the reference itself, so its KL is 0 before the first update;
         # the later minibatches have moved away from it
         assert all(r["kl_ref"] >= 0 for r in metrics) and metrics[-1]["kl_ref"] > 0
+
+
+FLAKY_MODULE = """
+CALLS = []
+
+def score(prompts, completions, target):
+    return [0.1 * (len(c) % 7) + 0.01 * t for c, t in zip(completions, target)]
+
+def fails_once(prompts, completions, target):
+    CALLS.append(1)
+    if len(CALLS) == 3:  # 1 = step-0 eval, 2 = step 1, 3 = step 2
+        raise RuntimeError("transient")
+    return score(prompts, completions, target)
+"""
+
+
+def test_resume_after_a_reward_error_equals_a_run_without_it(tmp_path, monkeypatch):
+    """A failing reward loses only the step it failed in: the checkpoint holds the state
+    (RNG included) that step started from, so the resumed run matches a clean one."""
+    (tmp_path / "flaky.py").write_text(FLAKY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("flaky", None)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"sum {t:02d}:", "target": t}) + "\n"
+                            for t in range(1, 41)))  # fmt: skip
+    common = [*TINY, "--steps", "4", "--eval-every", "10", "--checkpoint-every", "10",
+              "--no-plot", "--prompts", str(path)]  # fmt: skip
+    clean, failed = tmp_path / "clean", tmp_path / "failed"
+    assert main([*common, "--reward", "flaky:score", "--run-dir", str(clean)]) == 0
+    assert main([*common, "--reward", "flaky:fails_once", "--run-dir", str(failed)]) == 3
+    assert [p.name for p in list_checkpoints(failed)] == ["step-000001"]
+    assert main(["--resume", str(failed)]) == 0  # CALLS is past 3: no second failure
+    a, b = weights(clean), weights(failed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)

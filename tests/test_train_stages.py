@@ -251,3 +251,26 @@ def test_chat_template_is_applied_when_present():
     assert render_prompt(tok, "sum 07:") == "sum 07:"  # no template: the raw prompt
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}>"
     assert render_prompt(tok, "sum 07:") == "<user>sum 07:>"
+
+
+def test_left_padding_does_not_change_response_logprobs():
+    """Prompts of different lengths are left-padded; generate() numbers positions from the
+    first real token, the log-prob forward from column 0. With rotary positions (Qwen2) only
+    relative positions matter, so each row must score exactly as it does unpadded."""
+    torch.manual_seed(0)
+    from gspo.chunked import CausalLMLogprobs
+
+    model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
+    prompts = [{"prompt": "sum 7:"}, {"prompt": "a much longer prompt:"}]
+    r = generate(model, tok, prompts, group_size=2, max_new_tokens=4)
+    lp = CausalLMLogprobs(model)
+    logp, _ = response_logprobs(lp, r, temperature=1.0)
+    for i in range(len(r)):
+        pad = int((r.attention_mask[i, : r.prompt_len] == 0).sum())
+        alone = r.select(slice(i, i + 1))
+        alone.input_ids = alone.input_ids[:, pad:]
+        alone.attention_mask = alone.attention_mask[:, pad:]
+        alone.prompt_len = r.prompt_len - pad
+        single, _ = response_logprobs(lp, alone, temperature=1.0)
+        assert torch.allclose(single[0], logp[i], atol=1e-5), i
+    assert (r.attention_mask[:, : r.prompt_len] == 0).any()  # the test did pad something
