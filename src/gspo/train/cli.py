@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"gspo train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("gspo train: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
+        return 130
     except _reward_error() as err:
         print(f"gspo train: reward error: {err}", file=sys.stderr)
         print("gspo train: a checkpoint of the state before this step was saved; fix the "
