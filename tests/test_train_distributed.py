@@ -88,9 +88,30 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
         results[mode] = gradients(model, engine, rollout, adv, logp_old, ref_logp, rows,
                                   world_size)  # fmt: skip
+        model, rollout, adv, _, _ = make_batch()
+        engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
+        updated = updated_weights(model, engine, rollout.select(rows), adv[rows], world)
+        results[mode + "-update"] = updated
     if rank == 0:
         torch.save(results, out)
     dd.shutdown(world)
+
+
+UPDATE = TrainConfig(minibatches=2, max_grad_norm=0.05, lr=1e-2, warmup_steps=0)
+
+
+def updated_weights(model, engine, rollout, adv, world):
+    """Parameters after one full ``update`` (2 minibatch AdamW steps, clipping active), built
+    the way the loop builds its optimizer: from ``engine.parameters()`` after wrapping."""
+    from gspo.train import distributed as dd
+    from gspo.train.update import lr_lambda, update
+
+    optimizer = torch.optim.AdamW(list(engine.parameters()), lr=UPDATE.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, 2, 0.1))
+    history = update(engine, None, optimizer, scheduler, rollout, adv, config=UPDATE,
+                     world_size=world.size)  # fmt: skip
+    assert all(h["grad_norm"] > UPDATE.max_grad_norm for h in history)  # clipping acted
+    return dd.full_state_dict(model, world)
 
 
 def free_port() -> int:
@@ -119,6 +140,34 @@ def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
     for name, g in expected.items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(got[name], g, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_take_the_single_process_update_step(two_rank_gradients, mode):
+    """Whole update(): old log-probs, 2 minibatches, grad clipping, AdamW. Once failed for
+    FSDP2 because the optimizer held the root group's temporary unsharded tensors, so the
+    embeddings never trained and clipping ignored their gradient."""
+    from gspo.chunked import CausalLMLogprobs
+    from gspo.train.distributed import World
+
+    model, rollout, adv, _, _ = make_batch()
+    # rank r holds rows 8r..8r+7 and its minibatch k is rows 8r+4k..8r+4k+3; the single
+    # process sees each global minibatch (both ranks' slices) as one contiguous slice
+    order = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+    single = Rollout(
+        prompts=[rollout.prompts[i] for i in order], input_ids=rollout.input_ids[order],
+        attention_mask=rollout.attention_mask[order], response_mask=rollout.response_mask[order],
+        prompt_len=P, completions=[""] * B,
+    )  # fmt: skip
+    expected = updated_weights(model, CausalLMLogprobs(model), single, adv[order], World())
+    got = two_rank_gradients[mode + "-update"]
+    assert set(got) == set(expected)
+    start = tiny_model(layers=1, hidden=32, seed=0).state_dict()
+    assert not torch.equal(
+        expected["model.embed_tokens.weight"], start["model.embed_tokens.weight"]
+    )
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -90,6 +90,14 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
         ids = torch.zeros(1, 2, dtype=torch.long, device=world.device)
         with torch.no_grad():
             root(ids, torch.ones_like(ids))
+        # The root keeps its parameters gathered after a forward; while gathered, .parameters()
+        # yields plain temporary tensors, and an optimizer built from those would never update
+        # the real (sharded) embeddings. Reshard so callers see the DTensor parameters.
+        root.reshard()
+        from torch.distributed.tensor import DTensor
+
+        if not all(isinstance(p, DTensor) for p in root.parameters()):
+            raise RuntimeError("FSDP2: parameters are not sharded after reshard()")
         return root
     from torch.nn.parallel import DistributedDataParallel
 

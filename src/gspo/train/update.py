@@ -118,7 +118,10 @@ def update(
         if ref_logprobs is not None:
             ref_logp, _ = response_logprobs(ref_logprobs, rollout, temperature=config.temperature)
     size = len(rollout) // config.minibatches
-    params = [p for p in logprobs.parameters() if p.requires_grad]
+    # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
+    # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
+    # then silently skip the embeddings.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
     for k in range(config.minibatches):
         part = slice(k * size, (k + 1) * size)
