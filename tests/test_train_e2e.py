@@ -237,3 +237,8 @@ def test_resume_after_a_reward_error_equals_a_run_without_it(tmp_path, monkeypat
     a, b = weights(clean), weights(failed)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_fsdp_without_torchrun_is_a_clear_error(tmp_path, capsys):
+    assert main([*TINY, "--fsdp", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "torchrun --nproc-per-node" in capsys.readouterr().err

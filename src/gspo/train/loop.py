@@ -206,6 +206,9 @@ def _run_dir(config: TrainConfig, world: dd.World) -> Path:
 
 
 def _check_world(config: TrainConfig, world: dd.World) -> None:
+    if config.fsdp and not world.distributed:
+        raise ValueError("--fsdp shards the model over several processes: launch with "
+                         "torchrun --nproc-per-node N -m gspo train --fsdp")  # fmt: skip
     per_rank = config.prompts_per_step * config.group_size // world.size
     if config.prompts_per_step % world.size or per_rank % config.minibatches:
         raise ValueError(
