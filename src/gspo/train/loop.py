@@ -78,9 +78,9 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 
 
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict:
+    _check_world(config, world)
     run_dir = _run_dir(config, world)
     resume_from = ckpt.latest(run_dir) if config.resume else None
-    _check_world(config, world)
     if config.threads or config.model == "tiny":
         torch.set_num_threads(config.threads or 1)
     # Per-rank seeds: ranks must sample different completions for their prompts.
