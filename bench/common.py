@@ -151,7 +151,8 @@ def print_table(
 
     ``columns`` are (key, header, format spec), default every key of the first
     row as its own header, floats as ``.4g``. A missing or None value prints as
-    ``row["note"]`` if present (e.g. "does not fit"), else "-". ``extra`` is
+    "-", except the first column the row has no key for, which shows ``row["note"]``
+    (e.g. "does not fit (~28 GiB)"). ``extra`` is
     added to the JSON line (machine facts such as the copy bandwidth).
     """
     if columns is None:
@@ -159,6 +160,7 @@ def print_table(
     cells = [[header for _, header, _ in columns]]
     for row in rows:
         cells.append([_cell(row, key, spec) for key, _, spec in columns])
+        _note_once(cells[-1], row, [key for key, _, _ in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for i, r in enumerate(cells):
         print("  ".join(c.rjust(w) if i else c.ljust(w) for c, w in zip(r, widths, strict=True)))
@@ -170,7 +172,14 @@ def print_table(
 def _cell(row: dict, key: str, spec: str) -> str:
     value = row.get(key)
     if value is None:
-        return str(row.get("note", "-"))
+        return "-"
     if not spec and isinstance(value, float):
         spec = ".4g"
     return format(value, spec) if spec else str(value)
+
+
+def _note_once(cells: list[str], row: dict, keys: list[str]) -> None:
+    """Put row["note"] in the first column the row has no figure for at all."""
+    missing = [i for i, key in enumerate(keys) if key not in row]
+    if "note" in row and missing:
+        cells[missing[0]] = str(row["note"])

@@ -248,7 +248,10 @@ def gspo_loss_from_hidden(
     since each sequence's loss term depends only on its own tokens, a chunk's
     dL/dlogp is known as soon as its log-probs are. A sequence longer than
     ``chunk_size`` takes two passes over its chunks (logp, then gradients).
-    See ``_FusedLoss``; bench/logprobs.py measures both.
+    See ``_FusedLoss``. Measured (bench/logprobs.py, H = 896, V = 151936,
+    sequences of 512 tokens, fused at C = 512 vs recompute at C = 256): 43.6 s
+    vs 59.9 s at N = 4096, 206 s vs 270 s at N = 16384, for 857 vs 711 MiB
+    added peak memory.
 
     Returns:
         ``(loss, metrics)`` exactly as ``gspo_loss`` returns them.
