@@ -163,12 +163,23 @@ def test_prompts_file_errors_name_the_line(tmp_path):
 ROWS = [{"prompt": "sum 03:", "target": 3}, {"prompt": "sum 09:", "target": 9}]
 
 
-def test_reward_that_raises_names_the_prompt():
-    def bad(prompts, completions, **_):
-        raise KeyError("oops")
+def test_reward_that_raises_names_the_failing_sample():
+    def bad(prompts, completions, target):
+        return [1.0 / (t - 9) for t in target]  # the second sample divides by zero
 
-    with pytest.raises(RewardError, match=r"raised KeyError.*'sum 03:'"):
+    with pytest.raises(RewardError, match=r"raised ZeroDivisionError.* sample index 1 "
+                       r"\(prompt 'sum 09:', completion '2'\)"):  # fmt: skip
         score(bad, ROWS, ["1", "2"])
+
+
+def test_reward_that_fails_only_on_the_batch_says_so():
+    def batch_only(prompts, completions, **_):
+        if len(prompts) > 1:
+            raise RuntimeError("needs one at a time")
+        return [0.0]
+
+    with pytest.raises(RewardError, match=r"the batch of 2 \(no single sample fails alone\)"):
+        score(batch_only, ROWS, ["1", "2"])
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, "x", None])

@@ -160,6 +160,17 @@ def prompts_at(pool: Sequence[Prompt], seed: int, start: int, count: int) -> lis
 # ---------------------------------------------------------------- scoring
 
 
+def _first_failing(reward_fn, texts, completions, fields) -> int | None:
+    """Re-run the reward one sample at a time to name the sample that raises."""
+    for i in range(len(texts)):
+        one = {k: [v[i]] for k, v in fields.items()}
+        try:
+            reward_fn([texts[i]], [completions[i]], **one)
+        except Exception:  # noqa: BLE001
+            return i
+    return None
+
+
 def score(
     reward_fn: RewardFn, prompts: Sequence[Prompt], completions: Sequence[str]
 ) -> list[float]:
@@ -172,9 +183,13 @@ def score(
     try:
         values = reward_fn(texts, list(completions), **fields)
     except Exception as err:  # noqa: BLE001 - any user error must stop the run with context
+        i = _first_failing(reward_fn, texts, completions, fields)
+        if i is None:
+            where = f"the batch of {len(texts)} (no single sample fails alone)"
+        else:
+            where = f"sample index {i} (prompt {texts[i]!r}, completion {completions[i]!r})"
         raise RewardError(
-            f"reward function {name} raised {type(err).__name__}: {err} "
-            f"(batch of {len(texts)}; first sample index 0, prompt {texts[0]!r}); "
+            f"reward function {name} raised {type(err).__name__}: {err} on {where}; "
             "fix the reward function or the prompt fields"
         ) from err
     try:
