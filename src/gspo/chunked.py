@@ -106,7 +106,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 entropy[idx] = ent_c
             del z  # free the [C,V] buffer before the next chunk allocates its own
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.want_ent = temperature, chunk_size, want_ent
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing
         if want_ent:
             return logp, entropy
