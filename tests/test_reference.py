@@ -116,3 +116,11 @@ def test_import_does_not_load_torch():
     code += "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_public_api_resolves():
+    import gspo
+
+    for name in gspo.__all__:
+        assert getattr(gspo, name) is not None, name
+    assert callable(gspo.advantages) and callable(gspo.gspo_loss)

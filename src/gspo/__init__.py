@@ -21,9 +21,11 @@ _API = {
     "naive_token_logprobs": "gspo.logprobs",
     "gspo_loss_from_hidden": "gspo.chunked",
     "causal_lm_logprobs": "gspo.chunked",
+    "CausalLMLogprobs": "gspo.chunked",
 }
 
 __all__ = [
+    "CausalLMLogprobs",
     "__version__",
     "advantages",
     "causal_lm_logprobs",
@@ -36,7 +38,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
-    from gspo.chunked import causal_lm_logprobs, gspo_loss_from_hidden, token_logprobs
+    from gspo.chunked import (
+        CausalLMLogprobs,
+        causal_lm_logprobs,
+        gspo_loss_from_hidden,
+        token_logprobs,
+    )
     from gspo.groups import advantages
     from gspo.logprobs import naive_token_logprobs
     from gspo.loss import gspo_loss
