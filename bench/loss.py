@@ -3,8 +3,8 @@
 Run: python bench/loss.py [--repeats N]
 
 For each B x T, in one process: the eager baseline of tests/eager_reference.py
-(what peers write from the spec), gspo_loss (its fused path: torch.compile for
-large batches), gspo_loss with the eager kernels only, and the floor: the bytes
+(what peers write from the spec), gspo_loss on the padded batch (its fused
+path), gspo_loss on the same sequences packed, and the floor: the bytes
 that must move (read logp, logp_old, mask; read the mask and write the gradient
 in the backward) divided by the copy bandwidth measured in this run. Prints a
 table and one JSON line.
@@ -25,8 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from common import median_ms, print_table  # noqa: E402
 from eager_reference import eager_gspo_loss  # noqa: E402
-
-import gspo.fused  # noqa: E402
 from gspo import gspo_loss  # noqa: E402
 
 SIZES = [(64, 1024), (512, 4096)]
@@ -59,44 +57,47 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
+def measure(b: int, t: int, repeats: int, bandwidth: float) -> dict:
+    """One row: eager spec code, gspo_loss padded and packed, and the floor, at B x T."""
+    logp, logp_old, mask, rewards = make_inputs(b, t)
+    packed, packed_old, lens = (
+        logp.detach()[mask].requires_grad_(True),
+        logp_old[mask],
+        mask.sum(-1),
+    )
+    kw = dict(rewards=rewards, group_size=GROUP, eps_low=EPS)
+    eager_ms = median_ms(
+        fwd_bwd(lambda: eager_gspo_loss(logp, logp_old, mask, rewards, GROUP, EPS, EPS), logp),
+        repeats=repeats,
+    )
+    ours_ms = median_ms(
+        fwd_bwd(lambda: gspo_loss(logp, logp_old, mask, **kw)[0], logp), repeats=repeats
+    )
+    packed_ms = median_ms(
+        fwd_bwd(lambda: gspo_loss(packed, packed_old, seq_lens=lens, **kw)[0], packed),
+        repeats=repeats,
+    )
+    # forward reads logp, logp_old (4 B each) and mask (1 B); backward reads the
+    # mask and writes the float32 gradient.
+    floor_ms = (4 + 4 + 1 + 1 + 4) * b * t / bandwidth * 1e3
+    return {
+        "B x T": f"{b} x {t}",
+        "eager spec (ms)": eager_ms,
+        "gspo_loss (ms)": ours_ms,
+        "speed-up": eager_ms / ours_ms,
+        "gspo packed (ms)": packed_ms,
+        "floor (ms)": floor_ms,
+        "gspo / floor": ours_ms / floor_ms,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per case")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     bandwidth = copy_bandwidth()
-    rows = []
-    for b, t in SIZES:
-        logp, logp_old, mask, rewards = make_inputs(b, t)
-
-        def eager():
-            return eager_gspo_loss(logp, logp_old, mask, rewards, GROUP, EPS, EPS)
-
-        def ours():
-            return gspo_loss(logp, logp_old, mask, rewards=rewards, group_size=GROUP, eps_low=EPS)[
-                0
-            ]
-
-        eager_ms = median_ms(fwd_bwd(eager, logp), repeats=args.repeats)
-        ours_ms = median_ms(fwd_bwd(ours, logp), repeats=args.repeats)
-        saved = gspo.fused.COMPILE_MIN_SLOTS
-        gspo.fused.COMPILE_MIN_SLOTS = 1 << 62  # the eager fallback kernels
-        fallback_ms = median_ms(fwd_bwd(ours, logp), repeats=args.repeats)
-        gspo.fused.COMPILE_MIN_SLOTS = saved
-        # forward reads logp, logp_old (4 B each) and mask (1 B); backward reads the
-        # mask and writes the float32 gradient.
-        floor_ms = (4 + 4 + 1 + 1 + 4) * b * t / bandwidth * 1e3
-        rows.append(
-            {
-                "B x T": f"{b} x {t}",
-                "eager spec (ms)": eager_ms,
-                "gspo_loss (ms)": ours_ms,
-                "speed-up": eager_ms / ours_ms,
-                "gspo eager kernels (ms)": fallback_ms,
-                "floor (ms)": floor_ms,
-                "gspo / floor": ours_ms / floor_ms,
-            }
-        )
+    rows = [measure(b, t, args.repeats, bandwidth) for b, t in SIZES]
     print(f"float32 forward+backward, median of {args.repeats}, {torch.get_num_threads()} threads, "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch {torch.__version__}")  # fmt: skip
     print_table(rows, name="loss", extra={"copy_GBps": bandwidth / 1e9})

@@ -3,117 +3,111 @@
 GSPO's gradient with respect to a token's log-prob is the same for every valid
 token of a sequence: ``d loss / d logp[b, t] = mask[b, t] * g[b] / T_b``. So the
 forward needs one reduction over ``logp - logp_old`` and the backward one
-broadcast of ``g / T`` under the mask; nothing [B,T]-sized has to be kept for
-the backward except the mask itself.
+broadcast of ``g / T`` under the mask.
 
-``seq_log_ratio`` is an autograd Function built on two small kernels, run through
-``torch.compile`` (fused into one pass each) for large batches, eagerly for small
-ones or when compilation is unavailable. It equals, on valid tokens::
+``seq_log_ratio`` equals, on valid tokens::
 
     lr = torch.where(mask, logp - logp_old, 0)
     seq_log_ratio = lr.sum(-1) / count                  # [B], differentiable in logp
-    k3_sum = (expm1(lr) - lr).sum(-1)                   # [B], for the KL metric only
+    k3_sum = (expm1(c) - c).sum(-1), c = lr.clamp(-bound, bound)   # [B], KL metric only
+
+Selection is done on the bits: a float ANDed with all ones is itself and with
+zero is +0.0, whatever it held, NaN and inf included. On CPU that is an order
+of magnitude faster than ``torch.where`` against a scalar, which runs scalar
+code (measured at 512 x 4096, 2 threads: 0.22 ms against 2.95 ms), and exact.
+
+Fresh [B,T] buffers are few on purpose: where page faults are slow (this
+project's VMs: ~1 us a page, 2.5 ms for an 8 MB tensor) they cost more than the
+arithmetic. The layout makes one (the mask's bits), the forward one (the log-ratio),
+the backward none: it writes the gradient over the mask's bits, in place.
 
 Shapes: B sequences, T padded tokens; mask True = a valid token.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 from torch import Tensor
 
-# Below this many [B,T] slots a compiled kernel saves less than a millisecond, which
-# would never repay its ~15 s compile (tests, the tiny default trainer).
-COMPILE_MIN_SLOTS = 1 << 20
+from gspo.masking import SAME_WIDTH_INT, mask_bits
+
+# Slots per block of the forward: 2^18 float32 = 1 MiB, cache-sized.
+CHUNK_SLOTS = 1 << 18
 
 
-def k3(log_ratio: Tensor) -> Tensor:
-    """Schulman's k3 = (r - 1) - log r = expm1(x) - x >= 0 per token, x = log r (float64).
+def keep_valid_(x: Tensor, bits: Tensor) -> Tensor:
+    """In place: x on valid slots, exactly +0.0 elsewhere (even where x held NaN or inf).
 
-    torch's eager expm1 is scalar code on CPU (~25 ns an element, more than all the
-    rest of the loss), and float32 exp(x) - 1 - x cancels for the small x that are
-    usual here. In float64 the cancellation costs ~1e-16 absolute, against k3 ~ x^2/2.
+    x: [B,T] contiguous float32/float64; bits: ``gspo.masking.mask_bits(mask, x.dtype)``.
     """
-    x = log_ratio.double()
-    return torch.exp(x) - 1 - x
+    ints = SAME_WIDTH_INT[x.dtype]
+    x.view(ints).bitwise_and_(bits.view(ints))
+    return x
 
 
-def _stats(logp: Tensor, logp_old: Tensor, mask: Tensor, bound: float):
-    """Per-sequence sums of the log-ratio [B] and of k3 [B] over valid tokens."""
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    lr = torch.where(mask, logp.to(dtype) - logp_old.to(dtype), 0.0)
-    kl = k3(lr.clamp(-bound, bound))  # clamped: the KL metric stays finite for any ratio
-    return lr.sum(-1), kl.sum(-1).to(dtype)
+def _forward(logp: Tensor, logp_old: Tensor, bits: Tensor, bound: float):
+    """(sum of the log-ratio [B], sum of k3 [B]) over each sequence's valid tokens.
 
-
-def _spread(mask: Tensor, coef: Tensor, dtype: torch.dtype) -> Tensor:
-    """[B,T] gradient: coef[b] on valid tokens, exactly 0 elsewhere."""
-    return torch.where(mask, coef[:, None], 0.0).to(dtype)
-
-
-class _Kernels:
-    """The two kernels, compiled on first use when it pays off, eager otherwise."""
-
-    def __init__(self) -> None:
-        self.compiled: tuple | None = None
-        self.failed = os.environ.get("GSPO_COMPILE", "1") == "0"
-
-    def pick(self, numel: int):
-        if self.failed or numel < COMPILE_MIN_SLOTS:
-            return _stats, _spread
-        if self.compiled is None:
-            self.compiled = (
-                torch.compile(_stats, dynamic=True),
-                torch.compile(_spread, dynamic=True),
-            )
-        return self.compiled
-
-    def run(self, which: int, numel: int, *args):
-        fn = self.pick(numel)[which]
-        if fn is _stats or fn is _spread:
-            return fn(*args)
-        try:
-            return fn(*args)
-        except Exception as err:  # no C++ compiler, unsupported backend, ...
-            warnings.warn(
-                f"gspo: torch.compile failed ({type(err).__name__}: {err}); using eager kernels. "
-                "Set GSPO_COMPILE=0 to skip the attempt.",
-                stacklevel=3,
-            )
-            self.failed = True
-            return (_stats, _spread)[which](*args)
-
-
-KERNELS = _Kernels()
+    Row blocks of about CHUNK_SLOTS slots go through one small reused buffer: it
+    stays in cache and never page-faults, where a fresh [B,T] buffer would.
+    """
+    dtype = bits.dtype
+    rows = max(1, CHUNK_SLOTS // max(1, logp.shape[1]))
+    buf = torch.empty((min(rows, logp.shape[0]), logp.shape[1]), dtype=dtype, device=logp.device)
+    lr_sum = bits.new_empty(logp.shape[0])
+    k3_sum = bits.new_empty(logp.shape[0])
+    for start in range(0, logp.shape[0], rows):
+        end = min(start + rows, logp.shape[0])
+        lr = torch.sub(logp[start:end], logp_old[start:end], out=buf[: end - start])
+        keep_valid_(lr, bits[start:end])
+        lr_sum[start:end] = lr.sum(-1)
+        # k3 = (e^c - 1) - c summed as two sums: elementwise e^c - 1 is exact near 0
+        # (Sterbenz), so the small KL of a near-on-policy batch is not lost to rounding.
+        clamped_sum = lr.clamp_(-bound, bound).sum(-1)
+        k3_sum[start:end] = lr.exp_().sub_(1.0).sum(-1) - clamped_sum
+    return lr_sum, k3_sum
 
 
 class SeqLogRatio(torch.autograd.Function):
     """(mean log-ratio [B], k3 sum [B]) of a padded batch; gradient flows to logp."""
 
     @staticmethod
-    def forward(ctx, logp: Tensor, logp_old: Tensor, mask: Tensor, count: Tensor, bound: float):
-        lr_sum, k3_sum = KERNELS.run(0, logp.numel(), logp, logp_old, mask, bound)
+    def forward(ctx, logp, logp_old, mask, bits, count, bound):
+        lr_sum, k3_sum = _forward(logp, logp_old, bits, bound)
         ctx.save_for_backward(mask, count)
-        ctx.logp_dtype = logp.dtype
+        ctx.bits, ctx.logp_dtype = bits, logp.dtype  # not saved: the backward consumes it
         ctx.mark_non_differentiable(k3_sum)
         return lr_sum / count, k3_sum
 
     @staticmethod
     def backward(ctx, grad_mean: Tensor, _grad_k3):
         mask, count = ctx.saved_tensors
-        grad = KERNELS.run(1, mask.numel(), mask, grad_mean / count, ctx.logp_dtype)
-        return grad, None, None, None, None
+        # The first backward overwrites the bits with the gradient; a second one
+        # (retain_graph=True) rebuilds them from the mask.
+        grad = ctx.bits if ctx.bits is not None else mask_bits(mask, count.dtype)
+        ctx.bits = None
+        coef = (grad_mean / count).contiguous()  # [B], finite
+        ints = SAME_WIDTH_INT[grad.dtype]
+        grad.view(ints).bitwise_and_(coef.view(ints)[:, None])
+        return grad.to(ctx.logp_dtype), None, None, None, None, None
 
 
-def seq_log_ratio(logp: Tensor, logp_old: Tensor, mask: Tensor, count: Tensor, bound: float):
+def seq_log_ratio(logp: Tensor, logp_old: Tensor, layout, bound: float):
     """Per-sequence mean log-ratio [B] (differentiable in logp) and k3 sum [B].
 
-    logp, logp_old: [B,T] (any float dtype; arithmetic in float32, float64 kept).
-    mask: [B,T] bool, True = valid token; masked slots may hold NaN or inf.
-    count: [B] valid tokens per sequence (>= 1), in the compute dtype.
+    logp, logp_old: [B,T] (any float dtype; arithmetic in the layout's dtype);
+        masked slots may hold NaN or inf.
+    layout: ``gspo.masking.padded_layout(mask, dtype)``; its ``bits`` are consumed.
     bound: |log-ratio| clamp for the k3 metric.
     """
-    return SeqLogRatio.apply(logp, logp_old.detach(), mask, count, bound)
+    return SeqLogRatio.apply(logp, logp_old.detach(), layout.mask, layout.bits, layout.count, bound)
+
+
+def k3(log_ratio: Tensor) -> Tensor:
+    """Schulman's k3 = (r - 1) - log r = expm1(x) - x >= 0 per token, x = log r, in float64.
+
+    For the generic (packed, token-level) paths. torch's eager expm1 is scalar code
+    on CPU; in float64, exp(x) - 1 - x loses ~1e-16 absolute against k3 ~ x^2 / 2.
+    """
+    x = log_ratio.double()
+    return torch.exp(x) - 1 - x

@@ -101,7 +101,7 @@ def gspo_loss(
     lo, hi = 1.0 - eps_low, 1.0 + eps_high
     if variant == "sequence" and layout.mask is not None:
         # Hot path: one fused reduction forward, one masked broadcast backward.
-        seq_lr, k3_sum = seq_log_ratio(logp, logp_old, layout.mask, layout.count, max_log_ratio)
+        seq_lr, k3_sum = seq_log_ratio(logp, logp_old, layout, max_log_ratio)
         _check_finite(seq_lr, logp, logp_old, layout)
         kl = k3_sum.sum() / layout.count.sum()
         ratio = seq_lr.clamp(-max_log_ratio, max_log_ratio).exp()

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# The integer type whose bits a float's bits are ANDed with.
+SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -28,11 +31,15 @@ class Layout:
         mask: [B,T] bool (padded) or None (packed: every slot is a valid token).
         seq_index: [N] int64 sequence number of each packed token, or None (padded).
         count: [B] number of valid tokens per sequence, in the compute dtype.
+        bits: [B,T] buffer of the compute dtype whose bits are all ones on valid
+            tokens and zero elsewhere (padded only; see ``mask_bits``). The fused
+            GSPO path consumes it: its backward writes the gradient over it.
     """
 
     mask: Tensor | None
     seq_index: Tensor | None
     count: Tensor
+    bits: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -69,7 +76,23 @@ class Layout:
 
 def padded_layout(mask: Tensor, dtype: torch.dtype) -> Layout:
     """Layout of a padded batch; ``mask [B,T]`` bool, True = valid token."""
-    return Layout(mask=mask, seq_index=None, count=mask.sum(dim=-1).to(dtype))
+    bits = mask_bits(mask, dtype)
+    # Counting from the bits (-1 per valid token) in their own integer type: summing
+    # bools, or bytes into int32, makes a converted [B,T] copy first (profiled).
+    ints = bits.view(SAME_WIDTH_INT[dtype])
+    count = ints.sum(dim=-1, dtype=ints.dtype).neg_().to(dtype)
+    return Layout(mask=mask, seq_index=None, count=count, bits=bits)
+
+
+def mask_bits(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A [B,T] ``dtype`` buffer whose bits are all ones on valid tokens, zero elsewhere.
+
+    ANDed with a float's bits it keeps the float or makes it +0.0, whatever the
+    float held, NaN and inf included (``gspo.fused.keep_valid_``).
+    """
+    buf = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    buf.view(SAME_WIDTH_INT[dtype]).copy_(mask).neg_()  # True -> 1 -> -1: every bit set
+    return buf
 
 
 def packed_layout(seq_lens: Tensor, num_tokens: int, dtype: torch.dtype) -> Layout:
