@@ -55,17 +55,14 @@ def _forward(logp: Tensor, logp_old: Tensor, bits: Tensor, bound: float):
     rows = max(1, CHUNK_SLOTS // max(1, logp.shape[1]))
     buf = torch.empty((min(rows, logp.shape[0]), logp.shape[1]), dtype=dtype, device=logp.device)
     lr_sum = bits.new_empty(logp.shape[0])
-    k3_sum = bits.new_empty(logp.shape[0])
+    k3_sums = bits.new_empty(logp.shape[0])
     for start in range(0, logp.shape[0], rows):
         end = min(start + rows, logp.shape[0])
         lr = torch.sub(logp[start:end], logp_old[start:end], out=buf[: end - start])
         keep_valid_(lr, bits[start:end])
         lr_sum[start:end] = lr.sum(-1)
-        # k3 = (e^c - 1) - c summed as two sums: elementwise e^c - 1 is exact near 0
-        # (Sterbenz), so the small KL of a near-on-policy batch is not lost to rounding.
-        clamped_sum = lr.clamp_(-bound, bound).sum(-1)
-        k3_sum[start:end] = lr.exp_().sub_(1.0).sum(-1) - clamped_sum
-    return lr_sum, k3_sum
+        k3_sums[start:end] = _k3_sum_(lr, bound)
+    return lr_sum, k3_sums
 
 
 class SeqLogRatio(torch.autograd.Function):
@@ -103,11 +100,19 @@ def seq_log_ratio(logp: Tensor, logp_old: Tensor, layout, bound: float):
     return SeqLogRatio.apply(logp, logp_old.detach(), layout.mask, layout.bits, layout.count, bound)
 
 
-def k3(log_ratio: Tensor) -> Tensor:
-    """Schulman's k3 = (r - 1) - log r = expm1(x) - x >= 0 per token, x = log r, in float64.
+def k3_sum(log_ratio: Tensor, bound: float) -> Tensor:
+    """Sum over the last dim of Schulman's k3 = (r - 1) - log r = expm1(x) - x, x = log r.
 
-    For the generic (packed, token-level) paths. torch's eager expm1 is scalar code
-    on CPU; in float64, exp(x) - 1 - x loses ~1e-16 absolute against k3 ~ x^2 / 2.
+    log_ratio must already be 0 on masked slots (they then add exactly 0). x is
+    clamped to +-bound so the metric stays finite. Summed as sum(e^x - 1) - sum(x):
+    elementwise e^x - 1 is exact near 0 (Sterbenz), so the small KL of a near
+    on-policy batch is not lost to rounding, and no float64 pass is needed.
+    Modifies nothing: works on a clamped copy.
     """
-    x = log_ratio.double()
-    return torch.exp(x) - 1 - x
+    return _k3_sum_(log_ratio.clamp(-bound, bound), bound)
+
+
+def _k3_sum_(x: Tensor, bound: float) -> Tensor:
+    """k3_sum, overwriting x (the fused forward's scratch buffer) instead of copying it."""
+    clamped_sum = x.clamp_(-bound, bound).sum(-1)
+    return x.exp_().sub_(1.0).sum(-1) - clamped_sum

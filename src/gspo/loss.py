@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from gspo.fused import k3, seq_log_ratio
+from gspo.fused import k3_sum, seq_log_ratio
 from gspo.groups import NORMS
 from gspo.groups import advantages as group_advantages
 from gspo.masking import Layout, packed_layout, padded_layout
@@ -142,7 +142,7 @@ def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound):
 @torch.no_grad()
 def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
     """Mean over valid tokens of k3 = (r - 1) - log r >= 0, r = p_new / p_old (Schulman)."""
-    return layout.token_mean(layout.select(k3(log_ratio.detach().clamp(-bound, bound))))
+    return k3_sum(layout.select(log_ratio.detach()), bound).sum() / layout.count.sum()
 
 
 @torch.no_grad()
@@ -261,7 +261,7 @@ def _packed_layout(logp, seq_lens, cu_seqlens, dtype) -> Layout:
     _check_nonempty(lens, "sequence")
     if int(lens.sum()) != logp.shape[0]:
         raise ValueError(f"{name} cover {int(lens.sum())} tokens but logp holds {logp.shape[0]}")
-    return packed_layout(lens.long(), logp.shape[0], dtype)
+    return packed_layout(lens.long(), dtype)
 
 
 def _check_nonempty(count: Tensor, what: str) -> None:
