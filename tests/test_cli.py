@@ -82,3 +82,10 @@ def test_console_script_round_trip(tmp_path):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_readme_shows_what_the_cli_prints(capsys):
+    # README quotes `gspo objective --explain examples/spec_example_3.json` verbatim.
+    assert main(["objective", "--explain", str(EXAMPLES / "spec_example_3.json")]) == 0
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    assert capsys.readouterr().out.strip() in readme
