@@ -142,9 +142,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         ) from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
+            values = _toml().loads(text)
         else:
             values = json.loads(text)
     except ValueError as err:
@@ -153,6 +151,19 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold one object of field = value")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _toml():
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:  # 3.10: the same parser as a package (the `train` extra)
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError(
+                "TOML config files need Python 3.11+ or `pip install tomli`; or use JSON"
+            ) from None
+    return tomllib
 
 
 def coerce(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
