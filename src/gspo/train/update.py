@@ -31,16 +31,20 @@ def response_logprobs(
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
-    so the response (tokens P .. L-1) is columns P-1 .. L-2.
+    so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
+    (``target_mask``): the LM head never projects a prompt position.
     """
+    start = rollout.prompt_len - 1
+    mask = rollout.response_mask
+    target = torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
     out = logprobs(
         rollout.input_ids,
         rollout.attention_mask,
         temperature=temperature,
         return_entropy=entropy,
+        target_mask=target,
     )
     logp, ent = out if entropy else (out, None)
-    start = rollout.prompt_len - 1
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
 
 
