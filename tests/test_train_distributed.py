@@ -92,6 +92,11 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
         updated = updated_weights(model, engine, rollout.select(rows), adv[rows], world)
         results[mode + "-update"] = updated
+        for sign in (1.0, -1.0):
+            model, rollout, _, _, _ = make_batch()
+            engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
+            results[f"{mode}-direction{sign:+.0f}"] = logp_change(engine, rollout.select(rows),
+                                                                  sign, world)  # fmt: skip
     if rank == 0:
         torch.save(results, out)
     dd.shutdown(world)
@@ -112,6 +117,31 @@ def updated_weights(model, engine, rollout, adv, world):
                      world_size=world.size)  # fmt: skip
     assert all(h["grad_norm"] > UPDATE.max_grad_norm for h in history)  # clipping acted
     return dd.full_state_dict(model, world)
+
+
+DIRECTION = TrainConfig(minibatches=1, lr=1e-3, max_grad_norm=1e9)
+
+
+def logp_change(engine, rollout, sign, world) -> float:
+    """Change of the summed response log-prob of all ranks' sequences after one on-policy
+    update with advantage ``sign`` on every sequence."""
+    from gspo.train import distributed as dd
+    from gspo.train.update import response_logprobs, update
+
+    def total() -> float:
+        with torch.no_grad():
+            logp, _ = response_logprobs(engine, rollout, temperature=1.0)
+        return dd.all_sum([float(logp.sum())], world)[0]
+
+    # The optimizer first: after a root forward FSDP2 keeps the root's parameters gathered,
+    # and .parameters() would then give temporary tensors that the step never writes back.
+    optimizer = torch.optim.AdamW(list(engine.parameters()), lr=DIRECTION.lr)
+    before = total()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    adv = torch.full((len(rollout),), sign)
+    update(engine, None, optimizer, scheduler, rollout, adv, config=DIRECTION,
+           world_size=world.size)  # fmt: skip
+    return total() - before
 
 
 def free_port() -> int:
@@ -168,6 +198,22 @@ def test_two_ranks_take_the_single_process_update_step(two_rank_gradients, mode)
     )
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_ranks_move_the_log_prob_with_the_advantage(two_rank_gradients, mode):
+    """Advantage +1 on every sequence raises their summed log-prob, -1 lowers it (about 0.14
+    nats per sequence here, as in one process); a sign flip in the rank scaling or the engine
+    reverses it."""
+    up, down = two_rank_gradients[mode + "-direction+1"], two_rank_gradients[mode + "-direction-1"]
+    from gspo.chunked import CausalLMLogprobs
+    from gspo.train.distributed import World
+
+    assert up > 0.1 and down < -0.1, (up, down)
+    for sign, got in ((1.0, up), (-1.0, down)):  # and by as much as one process on all 16
+        model, rollout, _, _, _ = make_batch()
+        single = logp_change(CausalLMLogprobs(model), rollout, sign, World())
+        assert got == pytest.approx(single, abs=1e-3), (sign, got, single)
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
