@@ -92,6 +92,10 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
         updated = updated_weights(model, engine, rollout.select(rows), adv[rows], world)
         results[mode + "-update"] = updated
+        model, rollout, adv, _, _ = make_batch()  # again, in micro-batches of <= 13 tokens
+        engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
+        results[mode + "-update-mb"] = updated_weights(model, engine, rollout.select(rows),
+                                                       adv[rows], world, UPDATE_MB)  # fmt: skip
         for sign in (1.0, -1.0):
             model, rollout, _, _, _ = make_batch()
             engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
@@ -103,9 +107,13 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 UPDATE = TrainConfig(minibatches=2, max_grad_norm=0.05, lr=1e-2, warmup_steps=0)
+# 13 tokens: 1 sequence (8 tokens) per micro-batch, sometimes 2 short ones; ranks may need
+# different counts and then split further to match (FSDP2's collectives need equal counts)
+UPDATE_MB = TrainConfig(minibatches=2, max_grad_norm=0.05, lr=1e-2, warmup_steps=0,
+                        max_tokens_per_microbatch=13)  # fmt: skip
 
 
-def updated_weights(model, engine, rollout, adv, world):
+def updated_weights(model, engine, rollout, adv, world, config=UPDATE):
     """Parameters after one full ``update`` (2 minibatch AdamW steps, clipping active), built
     the way the loop builds its optimizer: from ``engine.parameters()`` after wrapping."""
     from gspo.train import distributed as dd
@@ -113,9 +121,9 @@ def updated_weights(model, engine, rollout, adv, world):
 
     optimizer = torch.optim.AdamW(list(engine.parameters()), lr=UPDATE.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, 2, 0.1))
-    history = update(engine, None, optimizer, scheduler, rollout, adv, config=UPDATE,
+    history = update(engine, None, optimizer, scheduler, rollout, adv, config=config,
                      world_size=world.size)  # fmt: skip
-    assert all(h["grad_norm"] > UPDATE.max_grad_norm for h in history)  # clipping acted
+    assert all(h["grad_norm"] > config.max_grad_norm for h in history)  # clipping acted
     return dd.full_state_dict(model, world)
 
 
@@ -172,7 +180,7 @@ def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
         torch.testing.assert_close(got[name], g, rtol=0, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "ddp-mb", "fsdp2-mb"])
 def test_two_ranks_take_the_single_process_update_step(two_rank_gradients, mode):
     """Whole update(): old log-probs, 2 minibatches, grad clipping, AdamW. Once failed for
     FSDP2 because the optimizer held the root group's temporary unsharded tensors, so the
@@ -190,7 +198,8 @@ def test_two_ranks_take_the_single_process_update_step(two_rank_gradients, mode)
         prompt_len=P, completions=[""] * B,
     )  # fmt: skip
     expected = updated_weights(model, CausalLMLogprobs(model), single, adv[order], World())
-    got = two_rank_gradients[mode + "-update"]
+    # "-mb": each rank in micro-batches of <= 13 tokens, against the unsplit single process
+    got = two_rank_gradients[mode.replace("-mb", "") + "-update" + ("-mb" if "mb" in mode else "")]
     assert set(got) == set(expected)
     start = tiny_model(layers=1, hidden=32, seed=0).state_dict()
     assert not torch.equal(

@@ -63,3 +63,101 @@ def test_one_update_moves_the_log_prob_with_the_advantage(loss, sign):
     after = sequence_logp(CausalLMLogprobs(model), rollout)
     assert history[0]["clip_frac_low"] + history[0]["clip_frac_high"] == 0.0
     assert sign * float(after - before) > 0.01, (float(before), float(after))
+
+
+# ---------------------------------------------------------------- micro-batches
+
+
+PADS = [0, 2, 1, 3, 0, 0, 2, 1]  # left padding of each prompt (P = 4)
+LENGTHS = [5, 1, 3, 2, 4, 5, 1, 2]  # response lengths (T = 5)
+
+
+def ragged_batch(dtype=torch.float64):
+    model = tiny_model(layers=1, hidden=32, seed=0).to(dtype)
+    ids = torch.randint(4, 50, (8, P + T), generator=torch.Generator().manual_seed(2))
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.9, -1.2, 0.1, 0.4], dtype=dtype)
+    return model, rollout_of(ids, LENGTHS, PADS), adv
+
+
+@pytest.mark.parametrize("budget", [0, 5, 9, 13, 20, 1000], ids=lambda b: f"budget={b}")
+def test_microbatches_by_token_budget_give_the_whole_minibatch_update(budget):
+    """float64, 2 minibatches of 4 ragged sequences (36 padded tokens each), KL on, clipping
+    on: the parameters after update() agree to 1e-6 with the unsplit update, for budgets below
+    one sequence (5: every row alone), dividing (9, 20) and not dividing (13) the batch.
+    Dividing each piece's loss by its own sequence count instead is off by 2-4x."""
+    from gspo.train.microbatch import cost, plan
+
+    config = TrainConfig(minibatches=2, lr=1e-2, max_grad_norm=0.5, kl_coef=0.1,
+                         max_tokens_per_microbatch=budget)  # fmt: skip
+    whole = TrainConfig(minibatches=2, lr=1e-2, max_grad_norm=0.5, kl_coef=0.1)
+    results = []
+    for cfg in (whole, config):
+        model, rollout, adv = ragged_batch()
+        ref = CausalLMLogprobs(tiny_model(layers=1, hidden=32, seed=1).double())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        history = update(CausalLMLogprobs(model), ref, optimizer, scheduler, rollout, adv,
+                         config=cfg)  # fmt: skip
+        results.append((model.state_dict(), history))
+    (want, want_hist), (got, got_hist) = results
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6, msg=name)
+    start = tiny_model(layers=1, hidden=32, seed=0).double().state_dict()
+    assert (want["lm_head.weight"] - start["lm_head.weight"]).abs().max() > 1e-3  # it moved
+    for a, b in zip(got_hist, want_hist, strict=True):
+        for key in ("loss", "grad_norm", "ratio_min", "ratio_max", "kl_ref", "entropy",
+                    "adv_std", "clip_frac_low", "clip_frac_high"):  # fmt: skip
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    _, rollout, _ = ragged_batch()
+    half = rollout.select(slice(0, 4))
+    parts = plan(half, budget)
+    assert [i for s in parts for i in range(s.start, s.stop)] == [0, 1, 2, 3]
+    if budget:
+        assert all(cost(half.select(s)) <= budget or s.stop - s.start == 1 for s in parts)
+    assert len(parts) == {0: 1, 5: 4, 9: 4, 13: 3, 20: 2, 1000: 1}[budget]
+
+
+def test_plan_splits_further_to_match_other_ranks():
+    from gspo.train.microbatch import plan
+
+    _, rollout, _ = ragged_batch()
+    parts = plan(rollout, 1000, count=5)
+    assert len(parts) == 5 and all(s.stop > s.start for s in parts)
+    assert [i for s in parts for i in range(s.start, s.stop)] == list(range(8))
+    with pytest.raises(ValueError, match="count"):
+        plan(rollout, 1000, count=9)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """HF gradient checkpointing (non-reentrant) recomputes each decoder layer in the
+    backward: same gradients to float64 rounding, and each layer's forward runs twice."""
+    from gspo.train.update import enable_grad_checkpointing, minibatch_loss
+
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model, rollout, adv = ragged_batch()
+        model.train()
+        if checkpointing:
+            enable_grad_checkpointing(model)
+        count = [0]
+
+        def counting(*args, count=count):
+            count[0] += 1
+
+        # a pre-hook: the recompute stops early, once the last saved tensor it needs is back
+        model.model.layers[0].mlp.register_forward_pre_hook(counting)
+        with torch.no_grad():
+            logp_old, _ = response_logprobs(CausalLMLogprobs(model), rollout, temperature=1.0)
+        count[0] = 0
+        loss, _ = minibatch_loss(CausalLMLogprobs(model), rollout, logp_old=logp_old - 0.01,
+                                 adv=adv, ref_logp=None, config=TrainConfig(), world_size=1)  # fmt: skip
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        calls.append(count[0])
+    assert calls == [1, 2]
+    for name, g in grads[0].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12, msg=name)

@@ -77,11 +77,17 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
     if not world.distributed and not fsdp:
         return logprobs
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16: FSDP2 gathers bf16 copies of the fp32 shards for compute and reduce-scatters
+        # the gradients in fp32 into the fp32 shards (master weights); no autocast needed.
+        low = getattr(logprobs, "compute_dtype", None)
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        if low is not None:
+            logprobs.compute_dtype = None  # the parameters are already bf16 inside forward
         for layer in decoder_layers(logprobs):
-            fully_shard(layer)
-        root = fully_shard(logprobs)
+            fully_shard(layer, mp_policy=policy)
+        root = fully_shard(logprobs, mp_policy=policy)
         # The log-prob module returns a view; we never modify it in place, so FSDP's warning
         # about in-place ops on views does not apply.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")

@@ -34,7 +34,7 @@ from gspo.train import distributed as dd
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
 from gspo.train.rollout import generate
 from gspo.train.tiny import load_model_and_tokenizer
-from gspo.train.update import lr_lambda, update
+from gspo.train.update import COMPUTE_DTYPES, enable_grad_checkpointing, lr_lambda, update
 
 
 class Stop:
@@ -95,6 +95,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     if resume_from is not None:
         ckpt.load_model_weights(model, resume_from)
     model.to(world.device).train()
+    if config.grad_checkpointing:
+        enable_grad_checkpointing(model)
     pool, held_out, reward_fn = build_task(
         task=config.task, prompts_file=config.prompts, reward=config.reward,
         eval_size=config.eval_prompts, seed=config.seed,
@@ -103,10 +105,11 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
     from gspo.chunked import CausalLMLogprobs
 
-    engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=config.fsdp)
+    low = COMPUTE_DTYPES[config.dtype]  # None (fp32) or bf16; parameters stay fp32
+    engine = dd.wrap(CausalLMLogprobs(model, compute_dtype=low), world, fsdp=config.fsdp)
     ref_logprobs = None
     if ref_model is not None:
-        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval())
+        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval(), compute_dtype=low)
     optimizer = torch.optim.AdamW(
         [p for p in engine.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
