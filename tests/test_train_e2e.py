@@ -191,8 +191,10 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path):
 @pytest.mark.parametrize(
     "extra, key",
     [(["--kl-coef", "0.1"], "kl_ref"), (["--loss", "grpo"], "loss"),
-     (["--loss", "gspo-token", "--task", "copy"], "loss")],
-    ids=["kl", "grpo", "gspo-token-copy"],
+     (["--loss", "gspo-token", "--task", "copy"], "loss"),
+     (["--dtype", "bf16", "--max-tokens-per-microbatch", "24", "--grad-checkpointing",
+       "--kl-coef", "0.1"], "kl_ref")],
+    ids=["kl", "grpo", "gspo-token-copy", "bf16-microbatches-checkpointing"],
 )  # fmt: skip
 def test_loss_variants_and_kl_run(tmp_path, extra, key):
     run = tmp_path / "run"
