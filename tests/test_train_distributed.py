@@ -287,3 +287,37 @@ def test_torchrun_two_ranks_train_stop_and_resume(tmp_path, fsdp):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     first = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in first]
+    # the 2-rank checkpoint resumes on 1 process too (DCP reshards the optimizer state)
+    single = tmp_path / "single"
+    shutil.copytree(straight, single)
+    shutil.rmtree(single / "checkpoints" / "step-000004")
+    shutil.rmtree(single / "model")
+    assert_full_optimizer_state(single / "checkpoints" / "step-000002", steps=2 * 2)
+    alone = subprocess.run(
+        [sys.executable, "-m", "gspo", "train", "--resume", str(single), "--no-fsdp"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    rows = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[:3] == first[:3]  # the steps before the checkpoint are kept as they were
+
+
+def assert_full_optimizer_state(path: Path, steps: int) -> None:
+    """One process loads a 2-rank checkpoint's AdamW state: every parameter's moments come
+    back whole (full shape, not one rank's shard), with the step count of the saving run."""
+    from transformers import AutoModelForCausalLM
+
+    from gspo.chunked import CausalLMLogprobs
+    from gspo.train import distributed as dd
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    engine = CausalLMLogprobs(model)
+    optimizer = torch.optim.AdamW(list(engine.parameters()), lr=1e-3)
+    dd.load_optimizer(engine, optimizer, path / "optimizer", dd.World())
+    for name, p in engine.named_parameters():
+        state = optimizer.state[p]
+        assert state["exp_avg"].shape == p.shape, name
+        assert float(state["step"]) == steps, name
+        assert state["exp_avg_sq"].abs().sum() > 0, name

@@ -1,10 +1,12 @@
 """Atomic checkpoints: everything a resumed run needs to continue bit-for-bit.
 
 Layout of ``RUN_DIR/checkpoints/step-000050/``:
-    model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF)
-    trainer.pt     optimizer, scheduler, step, data position, the config
-    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank),
-                   and under FSDP2 its optimizer shards
+    model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF;
+                   resume also reads the sharded form, model-0000N-of-0000M + index)
+    optimizer/     AdamW state via torch.distributed.checkpoint, keyed by parameter name:
+                   every rank writes its shards; it loads on any number of ranks
+    trainer.pt     scheduler, step, data position, the config
+    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank)
 
 A checkpoint is written into a temporary directory next to its final place, every file is
 fsync'ed, then the directory is renamed into place (atomic on POSIX), so a crash mid-write
@@ -66,11 +68,9 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(
-    tmp: Path, rank: int, optimizer_shard: dict | None = None, *, rng: dict | None = None
-) -> None:
+def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {"rng": rng or rng_state(), "optimizer_shard": optimizer_shard}
+    state = {"rng": rng or rng_state()}
     torch.save(state, tmp / f"rank{rank}.pt")
 
 
@@ -120,18 +120,38 @@ def load_trainer_state(path: Path) -> dict:
 
 
 def load_rank_state(path: Path, rank: int) -> dict:
+    """This rank's RNG states. A rank the checkpoint did not have (resuming on more ranks
+    than saved) gets None: it keeps its fresh per-rank seed."""
     file = path / f"rank{rank}.pt"
     if not file.exists():
-        raise ValueError(f"--resume: {file} is missing; resume with the number of ranks that "
-                         "saved the checkpoint")  # fmt: skip
+        return None
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists (large models, or any ``max_shard_size``)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        single = path / "model.safetensors"
+        if not single.exists():
+            raise ValueError(f"{path}: neither model.safetensors nor its sharded index is there")
+        return load_file(single)
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
 
 
 def load_model_weights(model, path: Path) -> None:
     """Copy the checkpoint's weights into ``model`` in place (strict)."""
-    from safetensors.torch import load_file
-
-    state = load_file(path / "model.safetensors")
+    state = read_safetensors(path)
     if getattr(model.config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
     missing, unexpected = model.load_state_dict(state, strict=False)

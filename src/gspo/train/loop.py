@@ -227,10 +227,10 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
 def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     state = ckpt.load_trainer_state(path)
     mine = ckpt.load_rank_state(path, world.rank)
-    optim = mine["optimizer_shard"] if dd.is_fsdp(engine) else state["optimizer"]
-    dd.load_optimizer_state(engine, optimizer, optim)
+    dd.load_optimizer(engine, optimizer, path / "optimizer", world)
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(mine["rng"])
+    if mine is not None:  # None: a rank the saving run did not have
+        ckpt.set_rng_state(mine["rng"])
     return int(state["step"]), int(state["data_position"])
 
 
@@ -311,17 +311,15 @@ def _progress(config: TrainConfig, world: dd.World, start: int):
 def _save(run_dir, step, position, model, tokenizer, engine, optimizer, scheduler, config, world,
           rng=None) -> None:  # fmt: skip
     state = dd.full_state_dict(model, world)  # collectives first, on every rank
-    optim = dd.optimizer_state(engine, optimizer, world)
     tmp = ckpt.staging_dir(run_dir, step)
     if world.main and tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
     dd.barrier(world)
-    sharded = dd.is_fsdp(engine)
-    ckpt.write_rank_state(tmp, world.rank, optim if sharded else None, rng=rng)
+    dd.save_optimizer(engine, optimizer, tmp / "optimizer", world)
+    ckpt.write_rank_state(tmp, world.rank, rng=rng)
     if world.main:
         trainer = {"step": step, "data_position": position,
-                   "optimizer": None if sharded else optim, "scheduler": scheduler.state_dict(),
-                   "config": to_dict(config)}  # fmt: skip
+                   "scheduler": scheduler.state_dict(), "config": to_dict(config)}  # fmt: skip
         ckpt.write_main_state(tmp, model_state=state, model=model, tokenizer=tokenizer,
                               trainer_state=trainer)  # fmt: skip
     dd.barrier(world)
