@@ -8,6 +8,10 @@ Per rollout batch (B sequences, groups of G contiguous rows):
    (+ ``kl_coef`` x k3 KL) -> backward -> clip grad norm -> AdamW step -> scheduler step.
    From the second slice on the policy has moved, so the ratio leaves 1 and clipping acts.
 
+Memory and precision: every forward in 2-3 can run in micro-batches of at most
+``max_tokens_per_microbatch`` padded tokens, gradients accumulating (gspo.train.microbatch);
+``dtype="bf16"`` computes in bf16 over fp32 parameters (CausalLMLogprobs' compute_dtype).
+
 Data parallel: every rank holds whole groups. The loss divides by the *global* number of
 sequences in the minibatch, and is multiplied by the world size because DDP and FSDP
 average gradients over ranks; the sum over ranks then equals one process on the whole batch
@@ -143,7 +147,7 @@ def update(
     minibatch's forward + backward) runs on micro-batches of at most that many padded
     tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
     """
-    budget = getattr(config, "max_tokens_per_microbatch", None)
+    budget = config.max_tokens_per_microbatch
     with torch.no_grad():
         logp_old = old_logprobs(logprobs, rollout, config, budget, world_size)
         ref_logp = None
