@@ -296,6 +296,10 @@ class TrainConfig:
     plot: bool = option(True, "draw reward.png at the end")
 
     def __post_init__(self) -> None:
+        for f, _, _, choices in _fields(type(self)):  # what the CLI checks, for code too
+            value = getattr(self, f.name)
+            if choices:
+                check(value in choices, f.name, value, f"use one of {list(choices)}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
                      "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "tiny_layers", "tiny_hidden"):  # fmt: skip
