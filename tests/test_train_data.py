@@ -109,7 +109,7 @@ def test_prompts_file_with_chat_messages(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": "text"}) + "\n")
     assert load_prompts_file(path)[0]["prompt"] == chat
-    path.write_text(json.dumps({"prompt": [{"role": "user"}]}) + "\n{\"prompt\": \"b\"}\n")
+    path.write_text(json.dumps({"prompt": [{"role": "user"}]}) + '\n{"prompt": "b"}\n')
     with pytest.raises(ValueError, match=r"line 1 .*list of chat messages"):
         load_prompts_file(path)
 
