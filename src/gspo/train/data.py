@@ -65,12 +65,13 @@ def fit_prompts(
     if limit is not None and longest[0] + config.max_new_tokens > limit:
         text = repr(longest[1])
         text = text if len(text) <= 80 else text[:77] + "..."
-        fix = (f"--max-prompt-tokens {limit - config.max_new_tokens} drops longer prompts"
-               if limit > config.max_new_tokens else "lower --max-new-tokens")  # fmt: skip
+        room = limit - config.max_new_tokens
+        fix = (f"--max-prompt-tokens {room} drops longer prompts, or shorten the prompts, or "
+               "lower --max-new-tokens" if room > 0 else
+               f"lower --max-new-tokens below {limit}")  # fmt: skip
         raise ValueError(
             f"a prompt of {longest[0]} tokens ({text}) plus --max-new-tokens "
-            f"{config.max_new_tokens} exceeds the model's {limit} positions; {fix}, or shorten "
-            "the prompts, or lower --max-new-tokens"
+            f"{config.max_new_tokens} exceeds the model's {limit} positions; {fix}"
         )
     if dropped:
         warn(f"--max-prompt-tokens {cap}: dropped {dropped} longer prompts "
