@@ -276,7 +276,7 @@ class TrainConfig:
     system_prompt: str | None = option(
         None,
         "system message put before each text prompt when the tokenizer has a chat template; "
-        "none = the template's own default (Qwen2.5's adds 'You are Qwen, ...', Llama's none); "
+        "none = the template's own default (Qwen2.5's adds 'You are Qwen, ...'); "
         "chat-message prompts that bring their own system message keep it",
         metavar="TEXT",
     )
@@ -341,8 +341,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
             value = getattr(self, name)
-            object.__setattr__(self, name, (value,) if isinstance(value, str | float | int)
-                               else tuple(value))  # fmt: skip
+            value = () if value is None else (value,) if isinstance(value, str | float | int) \
+                else tuple(value)  # fmt: skip
+            object.__setattr__(self, name, value)
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
                      "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "tiny_layers", "tiny_hidden"):  # fmt: skip

@@ -202,8 +202,10 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
 
 def _check_world(config: TrainConfig, world: dd.World) -> None:
     if config.fsdp and not world.distributed:
+        again = f"--resume {config.resume} (N = the ranks that saved it)" if config.resume \
+            else "--fsdp"  # fmt: skip
         raise ValueError("--fsdp shards the model over several processes: launch with "
-                         "torchrun --nproc-per-node N -m gspo train --fsdp")  # fmt: skip
+                         f"torchrun --nproc-per-node N -m gspo train {again}")  # fmt: skip
     per_rank = config.prompts_per_step * config.group_size // world.size
     if config.prompts_per_step % world.size or per_rank % config.minibatches:
         raise ValueError(
