@@ -59,10 +59,11 @@ def test_a_prompt_past_the_model_positions_is_an_error_before_the_first_step():
 def test_max_prompt_tokens_drops_longer_prompts_and_counts_them():
     tok, model = tiny_tokenizer(), fake_model(n_positions=32)
     pool, held = prompts("sum 01:", "a" * 30, "b" * 11), prompts("sum 02:", "c" * 12)
-    config = TrainConfig(max_new_tokens=6, max_prompt_tokens=10)
-    with pytest.warns(TrainWarning, match="dropped 3 longer prompts"):
-        kept, kept_held, dropped = fit_prompts(pool, held, tok, model, config)
+    config = TrainConfig(max_new_tokens=6, max_prompt_tokens=10, prompts_per_step=1)
+    kept, kept_held, dropped = fit_prompts(pool, held, tok, model, config)
     assert (kept, kept_held, dropped) == (prompts("sum 01:"), prompts("sum 02:"), 3)
+    with pytest.warns(TrainWarning, match="dropped 3 longer prompts"):
+        start_warnings(config, len(kept), dropped)
     with pytest.raises(ValueError, match="leaves 0 to train on"):
         fit_prompts(pool, held, tok, model, TrainConfig(max_prompt_tokens=3))
 

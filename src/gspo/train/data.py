@@ -73,14 +73,15 @@ def fit_prompts(
             f"a prompt of {longest[0]} tokens ({text}) plus --max-new-tokens "
             f"{config.max_new_tokens} exceeds the model's {limit} positions; {fix}"
         )
-    if dropped:
-        warn(f"--max-prompt-tokens {cap}: dropped {dropped} longer prompts "
-             f"({len(pool)} left to train on, {len(held_out)} held out)")  # fmt: skip
     return pool, held_out, dropped
 
 
-def start_warnings(config, pool_size: int) -> None:
-    """Settings that run but do not do what their names suggest."""
+def start_warnings(config, pool_size: int, dropped: int = 0) -> None:
+    """Settings that run but do not do what their names suggest, and the prompts dropped by
+    --max-prompt-tokens (rank 0 calls this, so a run warns once)."""
+    if dropped:
+        warn(f"--max-prompt-tokens {config.max_prompt_tokens}: dropped {dropped} longer "
+             f"prompts ({pool_size} left to train on)")  # fmt: skip
     if pool_size < config.prompts_per_step:
         warn(f"only {pool_size} training prompts for --prompts-per-step "
              f"{config.prompts_per_step}: the same prompt appears more than once in a step "

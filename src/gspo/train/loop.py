@@ -103,7 +103,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     )  # fmt: skip
     pool, held_out, dropped = data.fit_prompts(pool, held_out, tokenizer, model, config)
     if world.main:
-        data.start_warnings(config, len(pool))
+        data.start_warnings(config, len(pool), dropped)
 
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
     from gspo.chunked import CausalLMLogprobs
