@@ -49,7 +49,7 @@ def objective_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gspo objective",
         description="Read {log_probs_new, log_probs_old, rewards, epsilon} as JSON and print "
-        "the GSPO objective L of ../SPEC.md (float64, pure Python).",
+        "the GSPO objective L of docs/spec.md in the gspo repository (float64, pure Python).",
     )
     parser.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
     parser.add_argument(
