@@ -82,7 +82,9 @@ def spell(value: Fraction) -> str:
 # optional thousands groups, optional decimals, optional "/ denominator"; or LaTeX \frac.
 _NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+"
 _NUMBER = re.compile(rf"\s*=?\s*(?P<num>{_NUM})(?:\s*/\s*(?P<den>{_NUM}))?")
-_FRAC = re.compile(r"\s*=?\s*(?P<sign>[+-]?)\s*\\d?frac\{\s*(?P<num>[+-]?\d+)\s*\}\{\s*(?P<den>[+-]?\d+)\s*\}")
+_FRAC = re.compile(
+    r"\s*=?\s*(?P<sign>[+-]?)\s*\\d?frac\{\s*(?P<num>[+-]?\d+)\s*\}\{\s*(?P<den>[+-]?\d+)\s*\}"
+)
 _ANSWER = re.compile(r"answer\s*\**\s*[:：]", re.IGNORECASE)
 # Markup that models wrap answers in; removed before the number is read.
 _MARKUP = re.compile(r"\*\*|__|`|\$|\\\(|\\\)|\\\[|\\\]|\\boxed\{|\\text\{[^}]*\}")
@@ -118,12 +120,8 @@ def parse_number(text: str) -> Fraction | None:
 
 def final_answer(completion: str) -> Fraction | None:
     """The number after the last ``Answer:`` (any case, markdown bold allowed), else None."""
-    last = None
-    for last in _ANSWER.finditer(completion):
-        pass
-    if last is None:
-        return None
-    return parse_number(completion[last.end() :])
+    ends = [match.end() for match in _ANSWER.finditer(completion)]
+    return parse_number(completion[ends[-1] :]) if ends else None
 
 
 # ---------------------------------------------------------------- questions
