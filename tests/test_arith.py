@@ -137,6 +137,13 @@ def test_prompts_are_reproducible_and_cover_everything():
     assert all(kinds.values()), kinds
 
 
+def test_train_and_test_splits_are_disjoint():
+    train = {r["question"] for r in arith_prompts(3000, seed=0)}
+    test = {r["question"] for r in arith_prompts(300, seed=0, split="test")}
+    assert train and test and not train & test
+    assert len(test) > 200  # mostly distinct questions, not a handful repeated
+
+
 def test_user_rows_are_checked():
     row = as_prompt("What is 3 plus 0.2?", "3.2")
     assert arith_reward([row["prompt"]], ["Answer: 16/5"], answer=[row["answer"]]) == [1.0]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -197,14 +198,30 @@ def as_prompt(question_text: str, answer: str | Fraction, **fields) -> dict:
             "answer": str(answer), **fields}  # fmt: skip
 
 
-def arith_prompts(n: int, seed: int, levels: Sequence[int] = LEVELS) -> list[dict]:
-    """``n`` questions, categories and levels drawn uniformly, reproducible from ``seed``."""
+def split_of(question_text: str) -> str:
+    """``"test"`` for about 1 question in 10, by a stable hash of its text, else ``"train"``.
+
+    Level 1 has only a few hundred distinct questions, so a training pool and a held-out set
+    drawn with different seeds would share many; splitting by the text keeps them disjoint
+    whatever the seeds and sizes.
+    """
+    return "test" if zlib.crc32(question_text.encode()) % 10 == 0 else "train"
+
+
+def arith_prompts(
+    n: int, seed: int, *, split: str = "train", levels: Sequence[int] = LEVELS
+) -> list[dict]:
+    """``n`` questions of one split, categories and levels drawn uniformly, reproducible from
+    ``seed``; a question may repeat within a split (level 1 is small)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         category, level = rng.choice(CATEGORIES), rng.choice(tuple(levels))
         text, value = question(rng, category, level)
-        out.append(as_prompt(text, value, category=category, level=level))
+        if split_of(text) == split:
+            out.append(as_prompt(text, value, category=category, level=level))
     return out
 
 

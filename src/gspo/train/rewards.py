@@ -42,7 +42,8 @@ class RewardError(RuntimeError):
 # ---------------------------------------------------------------- built-in tasks
 
 
-def digitsum_prompts(n: int, seed: int) -> list[Prompt]:
+def digitsum_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    # ``split`` is ignored: with 27 targets, held-out prompts can only differ by the seed.
     rng = random.Random(seed)
     return [_digitsum(rng.choice(DIGITSUM_TARGETS)) for _ in range(n)]
 
@@ -67,8 +68,8 @@ def digitsum_reward(prompts: Sequence[str], completions: Sequence[str], target) 
     return out
 
 
-def copy_prompts(n: int, seed: int) -> list[Prompt]:
-    rng = random.Random(seed)
+def copy_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    rng = random.Random(seed)  # ``split`` ignored: 8^3 words, the seed alone separates them
     words = ["".join(rng.choices(string.ascii_lowercase[:8], k=3)) for _ in range(n)]
     return [{"prompt": f"copy {w}:", "answer": w} for w in words]
 
@@ -140,7 +141,8 @@ def build_task(
         reward_fn = import_reward(reward)
     if prompts_file is None:
         # Seeds are offset so held-out prompts are drawn independently of the training pool.
-        return make(4096, seed), make(eval_size, seed + 1_000_003), reward_fn
+        held_out = make(eval_size, seed + 1_000_003, split="test")
+        return make(4096, seed, split="train"), held_out, reward_fn
     rows = load_prompts_file(prompts_file)
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
