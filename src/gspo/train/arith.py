@@ -208,6 +208,17 @@ def split_of(question_text: str) -> str:
     return "test" if zlib.crc32(question_text.encode()) % 10 == 0 else "train"
 
 
+def from_row(row: dict, where: str) -> dict:
+    """A user's ``{"question", "answer", ...}`` row as a task prompt (other keys kept, e.g.
+    ``category``); a row that already has ``prompt`` is taken as it is."""
+    if "prompt" in row and "question" not in row:
+        return row
+    if "question" not in row or "answer" not in row:
+        raise ValueError(f"{where} needs 'question' and 'answer' (or 'prompt') for task arith")
+    fields = {k: v for k, v in row.items() if k not in ("question", "answer", "prompt")}
+    return as_prompt(str(row["question"]), str(row["answer"]), **fields)
+
+
 def arith_prompts(
     n: int, seed: int, *, split: str = "train", levels: Sequence[int] = LEVELS
 ) -> list[dict]:

@@ -26,7 +26,7 @@ import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gspo.train.arith import arith_prompts, arith_reward
+from gspo.train.arith import arith_prompts, arith_reward, from_row
 
 Prompt = dict  # {"prompt": str, **fields}
 RewardFn = Callable[..., list]
@@ -89,11 +89,17 @@ TASKS = {
 }
 
 
+# How each task reads a row of a --prompts file; a task not listed takes {"prompt", ...} rows.
+ROW_FORMATS = {"arith": from_row}
+
+
 # ---------------------------------------------------------------- prompts and reward choice
 
 
-def load_prompts_file(path: str | Path) -> list[Prompt]:
-    """Read a JSONL file of ``{"prompt": str, ...}`` objects; errors name the line."""
+def load_prompts_file(path: str | Path, task: str | None = None) -> list[Prompt]:
+    """Read a JSONL file of ``{"prompt": str, ...}`` objects, or of the rows ``task`` formats
+    itself (arith: ``{"question", "answer"}``); errors name the line."""
+    row_format = ROW_FORMATS.get(task)
     rows = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -106,6 +112,8 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
+        if isinstance(row, dict) and row_format is not None:
+            row = row_format(row, f"--prompts {path}: line {number}")
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(
                 f'--prompts {path}: line {number} must be an object with a string "prompt"'
@@ -143,7 +151,7 @@ def build_task(
         # Seeds are offset so held-out prompts are drawn independently of the training pool.
         held_out = make(eval_size, seed + 1_000_003, split="test")
         return make(4096, seed, split="train"), held_out, reward_fn
-    rows = load_prompts_file(prompts_file)
+    rows = load_prompts_file(prompts_file, task)
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
 
