@@ -14,6 +14,7 @@ from collections.abc import Sequence
 _COMMANDS = {
     "objective": ("gspo.cli", "objective_main", "compute the spec's GSPO objective from JSON"),
     "train": ("gspo.train.cli", "main", "fine-tune a causal LM with GSPO"),
+    "eval": ("gspo.train.evaluate", "main", "accuracy, pass@k and format rate on a task"),
 }
 
 

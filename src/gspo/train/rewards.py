@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gspo.train.arith import arith_prompts, arith_reward, from_row
+
 Prompt = dict  # {"prompt": str | list[{"role": str, "content": str}], **fields}
 RewardFn = Callable[..., list]
 
@@ -46,7 +48,8 @@ class RewardError(RuntimeError):
 # ---------------------------------------------------------------- built-in tasks
 
 
-def digitsum_prompts(n: int, seed: int) -> list[Prompt]:
+def digitsum_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    # ``split`` is ignored: with 27 targets, held-out prompts can only differ by the seed.
     rng = random.Random(seed)
     return [_digitsum(rng.choice(DIGITSUM_TARGETS)) for _ in range(n)]
 
@@ -71,8 +74,8 @@ def digitsum_reward(prompts: Sequence[str], completions: Sequence[str], target) 
     return out
 
 
-def copy_prompts(n: int, seed: int) -> list[Prompt]:
-    rng = random.Random(seed)
+def copy_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    rng = random.Random(seed)  # ``split`` ignored: 8^3 words, the seed alone separates them
     words = ["".join(rng.choices(string.ascii_lowercase[:8], k=3)) for _ in range(n)]
     return [{"prompt": f"copy {w}:", "answer": w} for w in words]
 
@@ -88,15 +91,22 @@ def copy_reward(prompts: Sequence[str], completions: Sequence[str], answer) -> l
 TASKS = {
     "digitsum": (digitsum_prompts, digitsum_reward),
     "copy": (copy_prompts, copy_reward),
+    "arith": (arith_prompts, arith_reward),  # school arithmetic for pretrained chat models
 }
+
+
+# How each task reads a row of a --prompts file; a task not listed takes {"prompt", ...} rows.
+ROW_FORMATS = {"arith": from_row}
 
 
 # ---------------------------------------------------------------- prompts and reward choice
 
 
-def load_prompts_file(path: str | Path) -> list[Prompt]:
-    """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects (a UTF-8 byte
-    order mark is allowed); errors name the line."""
+def load_prompts_file(path: str | Path, task: str | None = None) -> list[Prompt]:
+    """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects, or of the rows
+    ``task`` formats itself (arith: ``{"question", "answer"}``); a UTF-8 byte order mark is
+    allowed; errors name the line."""
+    row_format = ROW_FORMATS.get(task)
     rows = []
     try:
         # utf-8-sig: editors on Windows (and pandas' to_json) may write a byte order mark
@@ -110,6 +120,8 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
+        if isinstance(row, dict) and row_format is not None:
+            row = row_format(row, f"--prompts {path}: line {number}")
         if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
             raise ValueError(
                 f'--prompts {path}: line {number} must be an object with a "prompt" that is a '
@@ -195,8 +207,9 @@ def build_task(
         reward_fn = load_rewards(specs, reward_weights)
     if prompts_file is None:
         # Seeds are offset so held-out prompts are drawn independently of the training pool.
-        return make(4096, seed), make(eval_size, seed + 1_000_003), reward_fn
-    rows = load_prompts_file(prompts_file)
+        held_out = make(eval_size, seed + 1_000_003, split="test")
+        return make(4096, seed, split="train"), held_out, reward_fn
+    rows = load_prompts_file(prompts_file, task)
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
 
