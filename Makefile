@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench default-run clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/logprobs.py
+
+# README's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
+default-run: $(BIN)/.installed
+	$(BIN)/python scripts/default_run.py --write
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -89,3 +89,21 @@ def test_readme_shows_what_the_cli_prints(capsys):
     assert main(["objective", "--explain", str(EXAMPLES / "spec_example_3.json")]) == 0
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert capsys.readouterr().out.strip() in readme
+
+
+def test_the_spec_is_in_the_repo_and_everything_points_there(capsys):
+    """README linked ../shared/SPEC.md and `gspo objective --help` cited ../SPEC.md; neither
+    exists in a clone."""
+    import re
+
+    repo = EXAMPLES.parent
+    assert (repo / "docs" / "spec.md").read_text().startswith("#")
+    with pytest.raises(SystemExit):
+        main(["objective", "--help"])
+    assert "docs/spec.md" in capsys.readouterr().out
+    readme = (repo / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)\)", readme):
+        if not target.startswith("http"):
+            assert (repo / target).exists(), target
+    # commands README gives must run from a fresh clone (no bare `python bench/...`)
+    assert not re.search(r"(?<![/\w])python bench/", readme)

@@ -1,4 +1,4 @@
-"""The pure-Python reference against SPEC.md's worked examples and its rules."""
+"""The pure-Python reference against docs/spec.md's worked examples and its rules."""
 
 import math
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 
 from gspo.reference import explain_objective, group_advantages, sequence_objective, sequence_terms
 
-# (log_probs_new, log_probs_old, rewards, epsilon, L) from SPEC.md, float64.
+# (log_probs_new, log_probs_old, rewards, epsilon, L) from docs/spec.md, float64.
 SPEC_EXAMPLES = [
     ([[1.0, 0.5], [0.8, 1.2]], [[0.0, 0.0], [0.0, 0.0]], [0.9, 0.7], 0.2, -0.7591409142295236),
     ([[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]], [1.0, -1.0], 0.2, 0.0),

@@ -11,7 +11,7 @@ from gspo.chunked import CausalLMLogprobs
 from gspo.config import TrainConfig
 from gspo.train.rollout import Rollout
 from gspo.train.tiny import tiny_model
-from gspo.train.update import response_logprobs, update
+from gspo.train.update import enable_grad_checkpointing, response_logprobs, update
 
 P, T = 4, 5
 
@@ -134,7 +134,7 @@ def test_plan_splits_further_to_match_other_ranks():
 def test_grad_checkpointing_gives_the_same_gradients():
     """HF gradient checkpointing (non-reentrant) recomputes each decoder layer in the
     backward: same gradients to float64 rounding, and each layer's forward runs twice."""
-    from gspo.train.update import enable_grad_checkpointing, minibatch_loss
+    from gspo.train.update import minibatch_loss
 
     grads, calls = [], []
     for checkpointing in (False, True):
@@ -163,6 +163,39 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12, msg=name)
 
 
+def test_grad_checkpointing_without_dropout_computes_the_eval_mode_model():
+    """The trainer runs with dropout off (eval mode); transformers checkpoints only in train
+    mode, so checkpointing zeroes every dropout instead: a GPT-2 with dropout 0.3 then gives
+    its eval-mode log-probs, and still recomputes its blocks."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.3,
+        embd_pdrop=0.3,
+        attn_pdrop=0.3,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    want = CausalLMLogprobs(model)(ids, mask)
+    enable_grad_checkpointing(model, keep_dropout=False)
+    assert model.training
+    count = [0]
+    model.transformer.h[0].mlp.register_forward_pre_hook(
+        lambda *a: count.__setitem__(0, count[0] + 1)
+    )
+    got = CausalLMLogprobs(model)(ids, mask)
+    got.sum().backward()
+    assert count[0] == 2  # forward, and the recompute in the backward
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bf16
 
 
@@ -181,7 +214,9 @@ def bf16_vs_fp32_step(device="cpu"):
         with torch.no_grad():
             exact, _ = response_logprobs(CausalLMLogprobs(model), rollout, temperature=1.0)
             logp, _ = response_logprobs(engine, rollout, temperature=1.0)
-            zmax = model(rollout.input_ids, attention_mask=rollout.attention_mask).logits.abs().max()
+            zmax = (
+                model(rollout.input_ids, attention_mask=rollout.attention_mask).logits.abs().max()
+            )
         loss, _ = minibatch_loss(engine, rollout, logp_old=exact - 0.002, adv=adv, ref_logp=None,
                                  config=TrainConfig(), world_size=1)  # fmt: skip
         loss.backward()

@@ -18,6 +18,7 @@ from torch import Tensor
 from gspo.fused import k3_sum, seq_log_ratio
 from gspo.groups import NORMS
 from gspo.groups import advantages as group_advantages
+from gspo.groups import as_tensor as group_as_tensor
 from gspo.masking import Layout, packed_layout, padded_layout
 
 VARIANTS = ("sequence", "token", "grpo")
@@ -91,6 +92,9 @@ def gspo_loss(
         s = exp(((logp - logp_old) * mask).sum(-1) / mask.sum(-1))
         loss = -minimum(s * A, s.clamp(1 - eps_low, 1 + eps_high) * A).mean()
     """
+    # Python sequences of numbers are accepted (gspo.groups.as_tensor names a bad element).
+    rewards = group_as_tensor("rewards", rewards, getattr(logp, "device", None))
+    group_ids = group_as_tensor("group_ids", group_ids, getattr(logp, "device", None))
     dtype = _compute_dtype(logp)
     eps_high = eps_low if eps_high is None else eps_high
     _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio)

@@ -1,4 +1,4 @@
-"""The GSPO objective of SPEC.md in pure Python, step by step (no torch, float64).
+"""The GSPO objective of docs/spec.md in pure Python, step by step (no torch, float64).
 
 This is the one reference that every fast path (the PyTorch loss, the chunked
 log-prob path) is tested against. It favours being obviously right over speed.
@@ -15,7 +15,7 @@ Ragged = Sequence[Sequence[float]]
 
 @dataclass(frozen=True)
 class SequenceTerms:
-    """The per-sequence quantities of SPEC.md steps 1-4."""
+    """The per-sequence quantities of docs/spec.md steps 1-4."""
 
     advantage: float
     log_ratio: float  # mean over tokens of logp_new - logp_old
@@ -32,7 +32,7 @@ def sequence_objective(
     *,
     epsilon_high: float | None = None,
 ) -> float:
-    """The GSPO objective L of one group (SPEC.md), in float64.
+    """The GSPO objective L of one group (docs/spec.md), in float64.
 
     Args:
         log_probs_new: N ragged rows; row i holds the T_i >= 1 per-token
@@ -63,7 +63,7 @@ def sequence_terms(
     *,
     epsilon_high: float | None = None,
 ) -> list[SequenceTerms]:
-    """SPEC.md steps 1-4 for each sequence: advantage, ratio, clipped ratio, L_i."""
+    """docs/spec.md steps 1-4 for each sequence: advantage, ratio, clipped ratio, L_i."""
     _validate(log_probs_new, log_probs_old, rewards, epsilon)
     if epsilon_high is None:
         epsilon_high = epsilon
@@ -85,7 +85,7 @@ def sequence_terms(
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
-    """SPEC.md step 1: (r - mean) / population std, exactly 0 when all rewards are equal.
+    """docs/spec.md step 1: (r - mean) / population std, exactly 0 when all rewards are equal.
 
     Equality is tested on the rewards themselves, not on a computed sigma:
     ``sum([0.1] * 3) / 3`` is not 0.1 in floating point, so sigma of three equal
@@ -109,7 +109,7 @@ def explain_objective(
     rewards: Sequence[float],
     epsilon: float,
 ) -> str:
-    """A step-by-step table of SPEC.md's worked example form, ending with L."""
+    """A step-by-step table of docs/spec.md's worked example form, ending with L."""
     terms = sequence_terms(log_probs_new, log_probs_old, rewards, epsilon)
     header = ("i", "T_i", "reward", "A_i", "mean log-ratio", "rho_i", "clip(rho_i)", "L_i")
     rows = [

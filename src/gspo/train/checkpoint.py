@@ -149,13 +149,48 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# The HF config keys that decide the shapes of the weights (names differ by architecture).
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
+               "n_layer", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
+               "num_key_value_heads")  # fmt: skip
+
+
 def load_model_weights(model, path: Path) -> None:
-    """Copy the checkpoint's weights into ``model`` in place (strict)."""
+    """Copy the checkpoint's weights into ``model`` in place (strict); a checkpoint of
+    another model is refused with both models described."""
+    import json
+
+    saved = json.loads((path / "config.json").read_text())
+    built = model.config.to_dict()
+    differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} holds another model than this run's config builds: "
+            f"checkpoint {_describe(saved, differ)}, config {_describe(built, differ)}; "
+            "resume with the run's own --model (and --tiny-* sizes), or start a new --run-dir"
+        )
     state = read_safetensors(path)
     if getattr(model.config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not fit this run's model: {err}") from None
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")  # fmt: skip
+
+
+def _describe(config: dict, keys: list[str]) -> str:
+    return f"{config.get('model_type', '?')} (" + ", ".join(f"{k} {config[k]}" for k in keys) + ")"
+
+
+def check_resumable(path: Path) -> None:
+    """Refuse a checkpoint whose optimizer state is not in ``optimizer/`` (DCP): one written
+    before gspo saved it that way (a whole state in trainer.pt or shards in rank*.pt)."""
+    if not (Path(path) / "optimizer").is_dir():
+        raise ValueError(
+            f"--resume: checkpoint {path} has no optimizer/ directory (torch.distributed."
+            "checkpoint); it was written by an older gspo: resume it with that version"
+        )

@@ -30,6 +30,7 @@ import torch
 from gspo.config import TrainConfig, to_dict
 from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
+from gspo.train import data, rundir
 from gspo.train import distributed as dd
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
 from gspo.train.rollout import generate
@@ -79,7 +80,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict:
     _check_world(config, world)
-    run_dir = _run_dir(config, world)
+    run_dir = rundir.resolve(config, world)  # created only once every check has passed
     resume_from = ckpt.latest(run_dir) if config.resume else None
     if config.threads or config.model == "tiny":
         torch.set_num_threads(config.threads or 1)
@@ -94,13 +95,17 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     ref_model = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
     if resume_from is not None:
         ckpt.load_model_weights(model, resume_from)
-    model.to(world.device).train()
+    # Dropout off (eval mode) unless asked: its noise alone moves on-policy ratios off 1.
+    model.to(world.device).train(config.keep_dropout)
     if config.grad_checkpointing:
-        enable_grad_checkpointing(model)
+        enable_grad_checkpointing(model, keep_dropout=config.keep_dropout)
     pool, held_out, reward_fn = build_task(
         task=config.task, prompts_file=config.prompts, reward=config.reward,
-        eval_size=config.eval_prompts, seed=config.seed,
+        reward_weights=config.reward_weights, eval_size=config.eval_prompts, seed=config.seed,
     )  # fmt: skip
+    pool, held_out, dropped = data.fit_prompts(pool, held_out, tokenizer, model, config)
+    if world.main:
+        data.start_warnings(config, len(pool), dropped)
 
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
     from gspo.chunked import CausalLMLogprobs
@@ -130,6 +135,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
                 model, tokenizer, prompts, group_size=1 if greedy else config.group_size,
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                 top_p=config.top_p, greedy=greedy, synced=synced,
+                system_prompt=config.system_prompt,
             )  # fmt: skip
 
     def evaluate() -> float:
@@ -144,11 +150,15 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
               config, world, rng)  # fmt: skip
 
     # ---- the loop
+    rundir.create(run_dir, config, world)
     log = _MetricsLog(run_dir / "metrics.jsonl", world, truncate_after=start)
     bar = _progress(config, world, start)
     step = start
     if start == 0:
-        log.write({"step": 0, "eval_reward": evaluate()})
+        first = {"step": 0, "eval_reward": evaluate()}
+        if config.max_prompt_tokens is not None:
+            first["prompts_dropped"] = dropped  # over the limit, removed before training
+        log.write(first)
     with Stop() as stop:
         for step in range(start + 1, config.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
@@ -193,25 +203,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
 # ---------------------------------------------------------------- helpers, in call order
 
 
-def _run_dir(config: TrainConfig, world: dd.World) -> Path:
-    if config.resume:
-        run_dir = Path(config.resume)
-    elif config.run_dir:
-        run_dir = Path(config.run_dir)
-    else:
-        stamp = dd.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), world)
-        run_dir = Path("runs") / stamp
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    dd.barrier(world)
-    return run_dir
-
-
 def _check_world(config: TrainConfig, world: dd.World) -> None:
     if config.fsdp and not world.distributed:
+        again = f"--resume {config.resume} (N = the ranks that saved it)" if config.resume \
+            else "--fsdp"  # fmt: skip
         raise ValueError("--fsdp shards the model over several processes: launch with "
-                         "torchrun --nproc-per-node N -m gspo train --fsdp")  # fmt: skip
+                         f"torchrun --nproc-per-node N -m gspo train {again}")  # fmt: skip
     per_rank = config.prompts_per_step * config.group_size // world.size
     if config.prompts_per_step % world.size or per_rank % config.minibatches:
         raise ValueError(
@@ -226,6 +223,7 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
 
 def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     state = ckpt.load_trainer_state(path)
+    ckpt.check_resumable(path)
     mine = ckpt.load_rank_state(path, world.rank)
     dd.load_optimizer(engine, optimizer, path / "optimizer", world)
     scheduler.load_state_dict(state["scheduler"])
@@ -260,6 +258,8 @@ def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict
     local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     local["ratio_min"] = min(h["ratio_min"] for h in history)
     local["ratio_max"] = max(h["ratio_max"] for h in history)
+    # several reward functions: each one's mean on its own (rewards.Scores.parts)
+    local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
     merged = dd.all_mean(local, world)
     merged["ratio_min"] = dd.all_extreme(local["ratio_min"], world, largest=False)
     merged["ratio_max"] = dd.all_extreme(local["ratio_max"], world, largest=True)

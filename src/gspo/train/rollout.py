@@ -38,12 +38,25 @@ class Rollout:
         )
 
 
-def render_prompt(tokenizer, text: str) -> str:
-    """Wrap the prompt in the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text
+def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:
+    """The text the model sees: a text prompt is the user message of the tokenizer's chat
+    template when it has one (after ``system_prompt``, if given; none leaves the template's
+    own default), else the text itself. Chat messages ``[{"role", "content"}]`` go through the
+    template as they are (``system_prompt`` is put first if they bring no system message)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, str):
+        if not has_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        if not has_template:
+            raise ValueError("--prompts gives chat messages, but the tokenizer has no chat "
+                             "template to render them; give text prompts or a tokenizer with "
+                             "a chat_template")  # fmt: skip
+        messages = list(prompt)
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def response_mask_after_eos(response: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -68,6 +81,7 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     synced: bool = False,
+    system_prompt: str | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt; groups are contiguous rows.
 
@@ -76,7 +90,7 @@ def generate(
     """
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(group_size)]
-    texts = [render_prompt(tokenizer, p["prompt"]) for p in rows]
+    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in rows]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(device) for k, v in enc.items()}
     sampling = {"do_sample": False} if greedy else {

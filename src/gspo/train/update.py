@@ -63,11 +63,24 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     return kl.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-def enable_grad_checkpointing(model) -> None:
+def enable_grad_checkpointing(model, *, keep_dropout: bool = True) -> None:
     """Recompute each decoder layer's activations in the backward (transformers' own
-    checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs)."""
+    checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs).
+
+    transformers checkpoints a layer only in training mode, so the model is put in it;
+    unless ``keep_dropout``, every dropout probability is set to 0 first, so that the
+    model computes what it does in eval mode (the trainer's default: no dropout).
+    """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--grad-checkpointing: {type(model).__name__} does not support it")
+    if not keep_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            for name, value in vars(module).items():  # e.g. Qwen2Attention.attention_dropout
+                if "dropout" in name and isinstance(value, float):
+                    setattr(module, name, 0.0)
+    model.train()
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
