@@ -21,8 +21,8 @@ added peak memory is what to read):
     bf16                     -   40.79            1756         0.95           0.69
     all three             1024   40.65             464         0.94           0.18
 
-    python bench/step.py                      # the table above (about 20 min)
-    python bench/step.py --layers 2 --hidden 128 --batch 8    # a quick look
+    .venv/bin/python bench/step.py                      # the table above (about 20 min)
+    .venv/bin/python bench/step.py --layers 2 --hidden 128 --batch 8    # a quick look
 """
 
 from __future__ import annotations
