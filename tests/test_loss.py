@@ -362,7 +362,7 @@ def _nan_at(i, t):
         ),  # noqa: E501
         (_with(rewards=torch.tensor([0.0, math.inf, 1.0, 2.0])), ValueError, r"rewards\[1\]"),
         (_with(rewards=torch.zeros(B + 1)), ValueError, "rewards must have shape"),
-        (_with(eps_low=0.0), ValueError, "eps_low must be finite and > 0"),
+        (_with(eps_low=0.0), ValueError, "eps_low must be > 0"),
         (_with(eps_low=-0.2), ValueError, "eps_low"),
         (_with(eps_low=math.nan), ValueError, "eps_low"),
         (_with(eps_high=math.inf), ValueError, "eps_high"),
@@ -420,18 +420,6 @@ def test_bad_packed_input(lens, match):
         gspo_loss(x, x, **lens, advantages=torch.zeros(max(1, len(next(iter(lens.values()))))))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_keep_valid_zeroes_garbage_bits(dtype):
-    from gspo.fused import keep_valid_
-    from gspo.masking import mask_bits
-
-    x = torch.tensor([[math.nan, 1.5, -math.inf], [math.inf, -0.0, 2.0]], dtype=dtype)
-    mask = torch.tensor([[False, True, False], [False, True, True]])
-    got = keep_valid_(x.clone(), mask_bits(mask, dtype))
-    assert got.tolist() == [[0.0, 1.5, 0.0], [0.0, 0.0, 2.0]]
-    assert not torch.signbit(got[~mask]).any()  # +0.0, not -0.0
-
-
 def test_kl_metric_keeps_small_kl():
     # Near on-policy, per-token log-ratios of +-1e-3 give k3 ~ 5e-7 per token; a float32
     # exp(x) - 1 - x would lose it to rounding (exp(1e-3) has ulp ~1.2e-7).
@@ -446,8 +434,8 @@ def test_kl_metric_keeps_small_kl():
 
 
 def test_second_backward_with_retained_graph_is_right():
-    # The first backward writes the gradient over the forward's mask bits; a second
-    # backward through a retained graph must rebuild them, not reuse a gradient.
+    # A second backward through a retained graph gives the same gradient (an in-place
+    # backward that consumed a forward buffer once failed this).
     logp, logp_old, mask = ratios_away_from_clip(2, eps=0.2)
     x = logp.clone().requires_grad_(True)
     loss, _ = gspo_loss(x, logp_old, mask, rewards=torch.arange(6.0), group_size=3, eps_low=0.2)
