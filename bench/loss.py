@@ -278,8 +278,10 @@ def main() -> None:
                         help="B x T cases, e.g. 64x1024")  # fmt: skip
     parser.add_argument("--compile-sizes", nargs="*", default=["64x1024", "512x4096"],
                         help="sizes for the torch.compile measurement (none: skip it)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: every core)")  # fmt: skip
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
+    threads = args.threads
     torch.set_num_threads(threads)
     start = time.perf_counter()
     load = os.getloadavg()[0]
