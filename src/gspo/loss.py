@@ -93,7 +93,8 @@ def gspo_loss(
     Host syncs (``.item()``-like waits for the device): one for a padded batch
     with ``advantages``, the validity check of every input in a single boolean.
     A packed batch adds one (its lengths must cover N before they are used);
-    ``rewards`` add one (``gspo.groups`` checks them), ``group_ids`` one more.
+    ``rewards`` add one (``gspo.groups`` checks them), ``group_ids`` more
+    (``torch.unique`` and the group count).
     Errors are diagnosed after that one check fails, so valid calls pay nothing more.
 
     Equals, on valid tokens (the eager code it is tested against)::
@@ -167,9 +168,9 @@ class SequenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, logp_old, adv, mask, seq_lens, count, consts):
         dtype, bound, lo, hi, divisor, num_tokens = consts
-        layout = Layout(mask, seq_lens, count, num_tokens)
+        layout, tokens = Layout(mask, seq_lens, count, num_tokens), count.clamp(min=1)
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
-        seq_lr = layout.seq_mean(log_ratio)
+        seq_lr = layout.seq_sum(log_ratio) / tokens
         clamped = seq_lr.clamp(-bound, bound)
         ratio = clamped.exp()
         unclipped, clipped = ratio * adv, ratio.clamp(lo, hi) * adv
@@ -177,7 +178,7 @@ class SequenceLoss(torch.autograd.Function):
         # d loss / d seq_lr, divided by T_b for the per-token mean; 0 where cut
         cut = clipped < unclipped
         passes = ~cut & (clamped == seq_lr)
-        coef = torch.where(passes, unclipped / (count.clamp(min=1) * -divisor), 0.0)
+        coef = torch.where(passes, unclipped / (tokens * -divisor), 0.0)
         ctx.save_for_backward(coef, mask, seq_lens, count)
         ctx.num_tokens, ctx.logp_dtype = num_tokens, logp.dtype
         ctx.mark_non_differentiable(seq_lr, ratio, cut, log_ratio)
