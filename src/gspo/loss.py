@@ -121,10 +121,12 @@ def gspo_loss(
 
     bound, lo, hi = max_log_ratio, 1.0 - eps_low, 1.0 + eps_high
     if variant == "sequence":  # the hot path: steps 2-5, backward written out
-        loss, seq_lr, ratio, cut, log_ratio = SequenceLoss.apply(
+        out: dict[str, Tensor] = {}  # the forward's by-products (no gradient)
+        loss = SequenceLoss.apply(
             logp, logp_old, adv, layout.mask, layout.seq_lens, layout.count,
-            (dtype, bound, lo, hi, divisor, layout.num_tokens),
+            (dtype, bound, lo, hi, divisor, layout.num_tokens), out,
         )  # fmt: skip
+        seq_lr, ratio, cut, log_ratio = out["seq_lr"], out["ratio"], out["cut"], out["log_ratio"]
         _check_valid(seq_lr, adv, logp, logp_old, layout)
     else:  # per token, then a mean per sequence; autograd
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
@@ -170,12 +172,13 @@ class SequenceLoss(torch.autograd.Function):
     Tests check value and gradient against autograd through the same code and
     against the pure reference (float64 gradcheck included).
 
-    Returns (loss, seq_lr, s, cut, log_ratio); only the loss is differentiable.
-    ``cut`` [B] bool: the clip is active (the clipped branch is the minimum).
+    Returns the loss; fills ``out`` with seq_lr, ratio (s), cut and log_ratio,
+    which carry no gradient. ``cut`` [B] bool: the clip is active (the clipped
+    branch is the minimum).
     """
 
     @staticmethod
-    def forward(ctx, logp, logp_old, adv, mask, seq_lens, count, consts):
+    def forward(ctx, logp, logp_old, adv, mask, seq_lens, count, consts, out):
         dtype, bound, lo, hi, divisor, num_tokens = consts
         layout, tokens = Layout(mask, seq_lens, count, num_tokens), count.clamp(min=1)
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
@@ -190,16 +193,16 @@ class SequenceLoss(torch.autograd.Function):
         coef = torch.where(passes, unclipped / (tokens * -divisor), 0.0)
         ctx.save_for_backward(coef, mask, seq_lens, count)
         ctx.num_tokens, ctx.logp_dtype = num_tokens, logp.dtype
-        ctx.mark_non_differentiable(seq_lr, ratio, cut, log_ratio)
-        return loss, seq_lr, ratio, cut, log_ratio
+        out.update(seq_lr=seq_lr, ratio=ratio, cut=cut, log_ratio=log_ratio)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, grad_loss):
         coef, mask, seq_lens, count = ctx.saved_tensors
         layout = Layout(mask, seq_lens, count, ctx.num_tokens)
         grad = layout.select(layout.expand(coef * grad_loss))  # [B,T] or [N]
-        return grad.to(ctx.logp_dtype), None, None, None, None, None, None
+        return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
 def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound, dtype):
