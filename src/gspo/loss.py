@@ -24,7 +24,7 @@ VARIANTS = ("sequence", "token", "grpo")
 
 # Not compiled. torch.compile(gspo_loss) on CPU was measured by bench/loss.py
 # (torch 2.13, 2 shared cores, load ~8, 1 thread, forward + backward): first call
-# 7-19 s (compilation; again for each new dtype or variant, and once more when
+# 5-19 s (compilation; again for each new dtype or variant, and once more when
 # shapes change, to a dynamic-shape graph), then 0.40 ms against 0.42 ms eager at
 # 64 x 1024 and 5.8 ms against 6.0 ms at 512 x 4096 (best CPU time). A saving of
 # 0.02-0.2 ms a call repays the first call only after some 10^5 calls, more than
