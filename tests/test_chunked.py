@@ -10,6 +10,8 @@ bfloat16: see its test.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -186,6 +188,44 @@ def test_float64_gradcheck():
             h, w, labels, bias=bb, chunk_size=4, temperature=0.7, return_entropy=True
         )
         return logp, ent
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, b))
+
+
+@pytest.mark.parametrize("scale, softcap", [(0.0625, None), (1.0, 2.5), (3.0, 0.7)])
+def test_logit_scale_and_softcap_match_naive(scale, softcap):
+    """The model's own logit transform (Cohere's scale, Gemma's soft-cap) in the chunked path.
+    softcap 0.7 against logits of order 10 saturates tanh, so a missing 1 - tanh^2 factor in
+    the backward is an O(1) gradient error; a missing scale is a factor 16 at 0.0625."""
+    hidden, weight, b, labels = make(23, 8, 60, seed=12, ignore=[4], scale=1.5)
+    kw = dict(temperature=0.8, logit_scale=scale, softcap=softcap)
+    want = values_and_grads(naive_token_logprobs, hidden, weight, b, labels, entropy=True, **kw)
+    got = values_and_grads(
+        token_logprobs, hidden, weight, b, labels, entropy=True, chunk_size=5, **kw
+    )
+    for w, g in zip(want[0] + want[1], got[0] + got[1], strict=True):
+        assert_close_rel(g, w)
+    plain = values_and_grads(naive_token_logprobs, hidden, weight, b, labels, temperature=0.8)
+    assert (plain[0][0] - got[0][0]).abs().max() > 0.1  # the transform changes the answer
+
+
+def test_softcap_by_hand():
+    # one logit pair [4, 0], cap 2: capped [2 tanh 2, 0] = [1.92806, 0]
+    hidden, weight = torch.tensor([[4.0]]), torch.tensor([[1.0], [0.0]])
+    logp = naive_token_logprobs(hidden, weight, torch.tensor([1]), softcap=2.0)
+    capped = 2 * math.tanh(2.0)
+    torch.testing.assert_close(logp, torch.tensor([-math.log1p(math.exp(capped))]))
+    for bad in (dict(softcap=0.0), dict(logit_scale=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            token_logprobs(hidden, weight, torch.tensor([1]), **bad)
+
+
+def test_float64_gradcheck_with_softcap_and_scale():
+    hidden, weight, b, labels = make(6, 3, 7, dtype=torch.float64, seed=2, ignore=[1])
+
+    def fn(h, w, bb):
+        return token_logprobs(h, w, labels, bias=bb, chunk_size=4, temperature=0.7,
+                              return_entropy=True, logit_scale=1.3, softcap=1.1)  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, b))
 

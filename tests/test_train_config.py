@@ -97,6 +97,8 @@ def test_bad_file_syntax_names_the_file(tmp_path):
         ({"top_p": 1.5}, "top_p", r"\(0, 1\]"),
         ({"reward": "mod:fn"}, "reward", "--prompts"),
         ({"prompts": "p.jsonl", "reward": "modfn"}, "reward", "module:function"),
+        ({"max_tokens_per_microbatch": -1}, "max_tokens_per_microbatch", ">= 0"),
+        ({"dtype": "fp16"}, "dtype", r"one of \['fp32', 'bf16'\]"),
         ({"prompts": "p.jsonl"}, "prompts", "add --reward module:function"),
         (
             {"prompts": "p", "reward": ("a:f", "b:g"), "reward_weights": (1.0,)},

@@ -141,7 +141,7 @@ def test_non_finite_reward_names_the_sample(tmp_path, prompts_and_module, capsys
     assert [p.name for p in list_checkpoints(run)] == ["step-000000"]
 
 
-def test_resume_equals_straight_run(tmp_path):
+def test_resume_equals_straight_run_from_sharded_safetensors(tmp_path):
     common = [*TINY, "--steps", "6", "--checkpoint-every", "10", "--no-plot", "--seed", "3"]
     straight = tmp_path / "straight"
     train(parse_config([*common, "--run-dir", str(straight)])[0])
@@ -149,6 +149,13 @@ def test_resume_equals_straight_run(tmp_path):
     summary = train(parse_config([*common, "--run-dir", str(stopped)])[0], stop_after=3)
     assert summary["finished"] is False and summary["step"] == 3
     assert [p.name for p in list_checkpoints(stopped)] == ["step-000003"]
+    # resume reads sharded safetensors too (what save_pretrained writes for large models)
+    from transformers import AutoModelForCausalLM
+
+    saved = list_checkpoints(stopped)[0]
+    AutoModelForCausalLM.from_pretrained(saved).save_pretrained(saved, max_shard_size="20KB")
+    (saved / "model.safetensors").unlink()
+    assert len(list(saved.glob("model-*-of-*.safetensors"))) >= 3
     assert main(["--resume", str(stopped)]) == 0
     a, b = weights(straight), weights(stopped)
     for name in a:
@@ -191,8 +198,10 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path):
 @pytest.mark.parametrize(
     "extra, key",
     [(["--kl-coef", "0.1"], "kl_ref"), (["--loss", "grpo"], "loss"),
-     (["--loss", "gspo-token", "--task", "copy"], "loss")],
-    ids=["kl", "grpo", "gspo-token-copy"],
+     (["--loss", "gspo-token", "--task", "copy"], "loss"),
+     (["--dtype", "bf16", "--max-tokens-per-microbatch", "24", "--grad-checkpointing",
+       "--kl-coef", "0.1"], "kl_ref")],
+    ids=["kl", "grpo", "gspo-token-copy", "bf16-microbatches-checkpointing"],
 )  # fmt: skip
 def test_loss_variants_and_kl_run(tmp_path, extra, key):
     run = tmp_path / "run"

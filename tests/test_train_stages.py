@@ -196,13 +196,19 @@ def test_wrong_reward_count_is_reported():
 # ---------------------------------------------------------------- log-probs and update
 
 
-def test_response_logprobs_line_up_with_the_response_tokens():
+def test_response_logprobs_line_up_with_the_response_tokens(monkeypatch):
     torch.manual_seed(0)
     model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
     r = generate(model, tok, digitsum_prompts(2, 0), group_size=3, max_new_tokens=5)
-    from gspo.chunked import CausalLMLogprobs
+    import gspo.chunked as chunked
 
-    logp, ent = response_logprobs(CausalLMLogprobs(model), r, temperature=1.0, entropy=True)
+    projected, inner = [], chunked._chunk_logits
+    monkeypatch.setattr(chunked, "_chunk_logits",
+                        lambda h, *a: projected.append(h.shape[0]) or inner(h, *a))  # fmt: skip
+    logp, ent = response_logprobs(chunked.CausalLMLogprobs(model), r, temperature=1.0,
+                                  entropy=True)  # fmt: skip
+    # the LM head ran on response tokens only, never on the 7 prompt positions per row
+    assert sum(projected) == int(r.response_mask.sum()) < r.attention_mask[:, 1:].sum()
     # naive: full logits, position P-1+t predicts response token t
     logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask).logits
     lsm = torch.log_softmax(logits.float(), -1)[:, r.prompt_len - 1 : -1]
@@ -265,9 +271,10 @@ def test_chat_template_is_applied_when_present():
 
 
 def test_left_padding_does_not_change_response_logprobs():
-    """Prompts of different lengths are left-padded; generate() numbers positions from the
-    first real token, the log-prob forward from column 0. With rotary positions (Qwen2) only
-    relative positions matter, so each row must score exactly as it does unpadded."""
+    """Prompts of different lengths are left-padded; generate() and the log-prob forward
+    both number positions from the first real token (position_ids from the attention mask),
+    so each row must score exactly as it does unpadded. (Absolute positions: the GPT-2 test
+    in test_logprobs.py.)"""
     torch.manual_seed(0)
     from gspo.chunked import CausalLMLogprobs
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gspo.logprobs import IGNORE_INDEX, check_inputs, compute_dtype
+from gspo.logprobs import IGNORE_INDEX, check_inputs, check_logit_transform, compute_dtype
 
 # Tokens per chunk. A float32 [C,V] buffer at V = 151936 is 0.58 MiB per token.
 # Measured (bench/logprobs.py, N = 4096, H = 896, 2 busy cores): added peak
@@ -36,12 +36,16 @@ def token_logprobs(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Chunked, memory-bounded equal of ``gspo.logprobs.naive_token_logprobs``.
 
     Equals, in value and in gradient (hidden, weight, bias)::
 
-        logits = (hidden @ weight.T + bias).float() / temperature   # [N,V]
+        logits = (hidden @ weight.T + bias).float() * logit_scale    # [N,V]
+        logits = softcap * tanh(logits / softcap)   # only if softcap is not None
+        logits = logits / temperature
         logp_all = torch.log_softmax(logits, dim=-1)                 # [N,V]
         logp = logp_all.gather(-1, labels[:, None])[:, 0]            # [N]
         logp = torch.where(labels == ignore_index, 0, logp)
@@ -63,6 +67,9 @@ def token_logprobs(
             hidden rows at such positions are never read (they may hold NaN).
         return_entropy: also return the entropy of each position; its gradient
             flows too when the entropy is used in the loss.
+        logit_scale, softcap: the model's own logit transform (Cohere's
+            ``logit_scale``, Gemma 2/3's ``final_logit_softcapping``), applied
+            before the temperature as the model's forward applies it.
 
     Returns:
         ``logp`` [N], and ``entropy`` [N] when ``return_entropy``. float32 for
@@ -71,10 +78,12 @@ def token_logprobs(
     """
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     check_chunk_size(chunk_size)
+    check_logit_transform(logit_scale, softcap)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: must be a bool, got {type(return_entropy).__name__}")
+    spec = (float(temperature), float(logit_scale), None if softcap is None else float(softcap))
     return _TokenLogprobs.apply(
-        hidden, weight, bias, labels, float(temperature), chunk_size, ignore_index, return_entropy
+        hidden, weight, bias, labels, spec, chunk_size, ignore_index, return_entropy
     )
 
 
@@ -89,7 +98,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """Forward keeps per-token log-sum-exp (and entropy); backward recomputes logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, chunk_size, ignore_index, want_ent):
+    def forward(ctx, hidden, weight, bias, labels, spec, chunk_size, ignore_index, want_ent):
         dtype = compute_dtype(hidden.dtype)
         rows = (labels != ignore_index).nonzero()[:, 0]  # [M] the tokens that count
         labels = labels.long()
@@ -98,7 +107,7 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = hidden.new_empty(rows.shape[0], dtype=dtype)
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]
-            z = _chunk_logits(hidden[idx], weight, bias, temperature, dtype)
+            z = _chunk_logits(hidden[idx], weight, bias, spec, dtype)
             logp_c, lse_c, ent_c = _chunk_forward(z, labels[idx], want_ent)
             logp[idx] = logp_c
             lse[start : start + idx.shape[0]] = lse_c
@@ -106,7 +115,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 entropy[idx] = ent_c
             del z  # free the [C,V] buffer before the next chunk allocates its own
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.spec, ctx.chunk_size = spec, chunk_size
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing
         if want_ent:
             return logp, entropy
@@ -119,10 +128,10 @@ class _TokenLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return (None,) * 8
-        dtype, temp = lse.dtype, ctx.temperature
-        # d/dlogits = d/dz / temperature, folded into the per-token weights once.
-        g_logp = _rows_over_t(grad_logp, rows, temp, dtype)
-        g_ent = _rows_over_t(grad_entropy, rows, temp, dtype)
+        dtype, (temp, scale, softcap) = lse.dtype, ctx.spec
+        # d/dlogits = d/dz * scale / temperature, folded into the per-token weights once.
+        g_logp = _rows_over_t(grad_logp, rows, temp / scale, dtype)
+        g_ent = _rows_over_t(grad_entropy, rows, temp / scale, dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         # The weight gradient sums over every token: accumulate it in float32.
         grad_w = weight.new_zeros(weight.shape, dtype=dtype) if need_w else None
@@ -130,10 +139,14 @@ class _TokenLogprobs(torch.autograd.Function):
         for start in range(0, rows.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             idx = rows[start:end]
-            z = _chunk_logits(hidden[idx], weight, bias, temp, dtype)
+            z = _chunk_logits(hidden[idx], weight, bias, ctx.spec, dtype)
+            # soft-capping: d(cap * tanh(x / cap))/dx = 1 - tanh^2, tanh = z * temperature / cap
+            dcap = None if softcap is None else 1.0 - (z * (temp / softcap)).square_()
             dz = _chunk_grad(z, labels[idx], lse[start:end], entropy[idx], g_logp, g_ent, start)
+            if dcap is not None:
+                dz.mul_(dcap)
             _accumulate(dz, idx, hidden, weight, grad_h, grad_w, grad_b, dtype)
-            del z, dz
+            del z, dz, dcap
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -160,10 +173,18 @@ def _rows_over_t(grad: Tensor | None, rows: Tensor, temperature: float, dtype) -
     return grad[rows].to(dtype) / temperature
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias, temperature: float, dtype) -> Tensor:
-    """z = (h @ weight.T + bias) / temperature as a fresh [C,V] buffer in ``dtype``."""
+def _chunk_logits(h: Tensor, weight: Tensor, bias, spec, dtype) -> Tensor:
+    """z = transform(h @ weight.T + bias) / temperature as a fresh [C,V] buffer in ``dtype``.
+
+    ``spec`` is a temperature, or (temperature, logit_scale, softcap) with softcap None = off.
+    """
+    temperature, scale, softcap = spec if isinstance(spec, tuple) else (spec, 1.0, None)
     z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
     z = z.to(dtype)  # no copy for float32 inputs; bf16/fp16 are promoted here
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -441,6 +462,18 @@ class CausalLMLogprobs(torch.nn.Module):
     whose output is already final-normed for Qwen2/Llama) and feeds its hidden
     states with ``model.get_output_embeddings()`` to ``token_logprobs``.
 
+    - ``target_mask`` [B,L-1] (True = score this target) narrows the scoring further:
+      the trainer passes the response tokens, so the LM head never projects a prompt
+      position (its hidden rows are not even read). Default: ``attention_mask[:, 1:]``.
+    - ``position_ids`` are built from the attention mask as ``generate`` builds them
+      (cumsum - 1), so left padding does not shift absolute positions (GPT-2).
+    - The model's own logit transform is applied: Gemma 2/3's
+      ``final_logit_softcapping`` and Cohere's ``logit_scale`` (``logit_transform``);
+      a config with a transform this module does not know is refused.
+    - ``compute_dtype=torch.bfloat16`` runs the decoder under autocast and the LM head
+      on bf16 copies of the weights (the parameters stay fp32: master weights);
+      log-probs come out in float32 either way.
+
     It is an nn.Module whose forward does the whole computation, so that DDP or
     FSDP2's ``fully_shard`` can wrap it: the parameters are gathered for, and
     read inside, this forward. (If the output embedding is sharded as its own
@@ -448,7 +481,13 @@ class CausalLMLogprobs(torch.nn.Module):
     path never calls; shard it together with the root.)
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_chunk_size(chunk_size)
         prefix = getattr(model, "base_model_prefix", None)
@@ -456,8 +495,12 @@ class CausalLMLogprobs(torch.nn.Module):
             raise TypeError("model: expected a Hugging Face causal LM with a base_model_prefix")
         if model.get_output_embeddings() is None:
             raise TypeError("model: has no output embeddings (get_output_embeddings() is None)")
+        if compute_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype: {compute_dtype} is not None, float32, bf16 or fp16")
         self.model = model
         self.chunk_size = chunk_size
+        self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
+        self.logit_scale, self.softcap = logit_transform(model)
 
     def forward(
         self,
@@ -466,29 +509,75 @@ class CausalLMLogprobs(torch.nn.Module):
         *,
         temperature: float = 1.0,
         return_entropy: bool = False,
+        target_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: must have shape {tuple(input_ids.shape)}")
+        target_ok = attention_mask[:, 1:].to(torch.bool)
+        if target_mask is not None:
+            if not isinstance(target_mask, Tensor) or target_mask.shape != target_ok.shape:
+                raise ValueError(f"target_mask: must have shape {tuple(target_ok.shape)}")
+            target_ok = target_ok & target_mask.to(torch.bool)
+        # As generate() numbers them: the first real token is position 0 whatever the padding.
+        positions = attention_mask.long().cumsum(-1) - 1
+        positions = positions.masked_fill(attention_mask == 0, 1)
         base = getattr(self.model, self.model.base_model_prefix)
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        low = self.compute_dtype
+        with torch.autocast(input_ids.device.type, dtype=low or torch.float32, enabled=bool(low)):
+            out = base(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=positions, use_cache=False)  # fmt: skip
         hidden = out[0][:, :-1]  # [B,L-1,H]: position t predicts token t+1
         head = self.model.get_output_embeddings()
-        target_ok = attention_mask[:, 1:].to(torch.bool)
+        weight, bias = head.weight, getattr(head, "bias", None)
+        dtype = low or weight.dtype  # bf16 copies are differentiable: grads reach fp32 masters
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
         result = token_logprobs(
             hidden.reshape(-1, hidden.shape[-1]),
-            head.weight,
+            weight,
             labels.reshape(-1),
-            bias=getattr(head, "bias", None),
+            bias=bias,
             temperature=temperature,
             chunk_size=self.chunk_size,
             return_entropy=return_entropy,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
         )
         if return_entropy:
             return tuple(x.view(labels.shape) for x in result)
         return result.view(labels.shape)
+
+
+# Logit transforms some models apply after their LM head that this module does not
+# reproduce (Granite divides by logits_scaling, HyperCLOVAX multiplies by it; Falcon-H1's
+# lm_head_multiplier; Muse's output_multiplier): refused rather than silently wrong.
+UNSUPPORTED_LOGIT_TRANSFORMS = ("logits_scaling", "lm_head_multiplier", "output_multiplier")
+
+
+def logit_transform(model: torch.nn.Module) -> tuple[float, float | None]:
+    """(logit_scale, softcap) that ``model``'s own forward applies to its LM head output.
+
+    Read from the (text) config as transformers 5 names them: ``logit_scale`` (Cohere,
+    Cohere2: logits * scale) and ``final_logit_softcapping`` (Gemma 2, Gemma 3:
+    cap * tanh(logits / cap)). Raises ValueError naming a transform it cannot apply.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        return 1.0, None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in UNSUPPORTED_LOGIT_TRANSFORMS:
+        value = getattr(text, name, None)
+        if value is not None and value != 1:
+            raise ValueError(
+                f"model: its config sets {name} = {value}, a logit transform that "
+                "CausalLMLogprobs does not apply; its log-probs would not be the model's"
+            )
+    scale = getattr(text, "logit_scale", None)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
 
 
 def causal_lm_logprobs(

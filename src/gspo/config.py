@@ -317,6 +317,14 @@ class TrainConfig:
     warmup_steps: int = option(10, "training steps of linear warmup")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this")
+    # memory and precision of the step (gspo.train.microbatch, CausalLMLogprobs)
+    max_tokens_per_microbatch: int = option(
+        0, "padded tokens per forward(+backward), gradients accumulated; 0 = whole minibatch"
+    )
+    grad_checkpointing: bool = option(False, "recompute layer activations in the backward")
+    dtype: str = option(
+        "fp32", "compute dtype: bf16 = fp32 master weights, bf16 matmuls", choices=("fp32", "bf16")
+    )
     # the built-in tiny model
     tiny_layers: int = option(2, "layers of the built-in tiny model")
     tiny_hidden: int = option(128, "width of the built-in tiny model")
@@ -347,6 +355,10 @@ class TrainConfig:
             value = () if value is None else (value,) if isinstance(value, str | float | int) \
                 else tuple(value)  # fmt: skip
             object.__setattr__(self, name, value)
+        for f, _, _, choices, many in _fields(type(self)):  # what the CLI checks, for code too
+            value = getattr(self, f.name)
+            for item in (value if many else (value,)) if choices else ():
+                check(item in choices, f.name, item, f"use one of {list(choices)}")
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
                      "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "tiny_layers", "tiny_hidden"):  # fmt: skip
@@ -366,6 +378,8 @@ class TrainConfig:
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "use >= 0")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use >= 0")
+        check(self.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch",
+              self.max_tokens_per_microbatch, "use >= 0 (0 = no micro-batches)")  # fmt: skip
         check(self.tiny_hidden % 4 == 0, "tiny_hidden", self.tiny_hidden,
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
         check(not self.reward or self.prompts is not None, "reward", self.reward,

@@ -36,12 +36,16 @@ def naive_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     Exactly::
 
-        logits = (hidden @ weight.T + bias).float() / temperature   # [N,V]
+        logits = (hidden @ weight.T + bias).float() * logit_scale    # [N,V]
+        logits = softcap * tanh(logits / softcap)   # only if softcap is not None
+        logits = logits / temperature
         logp_all = torch.log_softmax(logits, dim=-1)                 # [N,V]
         logp = logp_all.gather(-1, labels[:, None])[:, 0]            # [N]
         logp = torch.where(labels == ignore_index, 0, logp)
@@ -56,16 +60,23 @@ def naive_token_logprobs(
         ignore_index: label value whose position gets logp 0 (and entropy 0)
             and no gradient.
         return_entropy: also return the entropy of each position's distribution.
+        logit_scale: logits are multiplied by it first (Cohere's ``logit_scale``).
+        softcap: then ``softcap * tanh(logits / softcap)`` (Gemma 2/3's
+            ``final_logit_softcapping``); None = off.
 
     Returns:
         ``logp`` [N] (float32, or float64 for float64 inputs), and ``entropy``
         [N] when ``return_entropy``.
     """
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    check_logit_transform(logit_scale, softcap)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logits = logits.to(compute_dtype(hidden.dtype)) / temperature
+    logits = logits.to(compute_dtype(hidden.dtype)) * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     ignored = labels == ignore_index
     # Gather with a valid stand-in id at ignored positions, then select 0 there
@@ -119,6 +130,16 @@ def check_inputs(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: must be an int, got {type(ignore_index).__name__}")
     _check_label_range(labels, weight.shape[0], ignore_index)
+
+
+def check_logit_transform(logit_scale: float, softcap: float | None) -> None:
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}: must be finite and > 0, got {value}")
 
 
 def check_temperature(temperature: float) -> None:

@@ -1,10 +1,12 @@
 """Atomic checkpoints: everything a resumed run needs to continue bit-for-bit.
 
 Layout of ``RUN_DIR/checkpoints/step-000050/``:
-    model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF)
-    trainer.pt     optimizer, scheduler, step, data position, the config
-    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank),
-                   and under FSDP2 its optimizer shards
+    model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF;
+                   resume also reads the sharded form, model-0000N-of-0000M + index)
+    optimizer/     AdamW state via torch.distributed.checkpoint, keyed by parameter name:
+                   every rank writes its shards; it loads on any number of ranks
+    trainer.pt     scheduler, step, data position, the config
+    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank)
 
 A checkpoint is written into a temporary directory next to its final place, every file is
 fsync'ed, then the directory is renamed into place (atomic on POSIX), so a crash mid-write
@@ -66,11 +68,9 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(
-    tmp: Path, rank: int, optimizer_shard: dict | None = None, *, rng: dict | None = None
-) -> None:
+def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {"rng": rng or rng_state(), "optimizer_shard": optimizer_shard}
+    state = {"rng": rng or rng_state()}
     torch.save(state, tmp / f"rank{rank}.pt")
 
 
@@ -120,11 +120,33 @@ def load_trainer_state(path: Path) -> dict:
 
 
 def load_rank_state(path: Path, rank: int) -> dict:
+    """This rank's RNG states. A rank the checkpoint did not have (resuming on more ranks
+    than saved) gets None: it keeps its fresh per-rank seed."""
     file = path / f"rank{rank}.pt"
     if not file.exists():
-        raise ValueError(f"--resume: {file} is missing; resume with the number of ranks that "
-                         "saved the checkpoint")  # fmt: skip
+        return None
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists (large models, or any ``max_shard_size``)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        single = path / "model.safetensors"
+        if not single.exists():
+            raise ValueError(f"{path}: neither model.safetensors nor its sharded index is there")
+        return load_file(single)
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
 
 
 # The HF config keys that decide the shapes of the weights (names differ by architecture).
@@ -138,8 +160,6 @@ def load_model_weights(model, path: Path) -> None:
     another model is refused with both models described."""
     import json
 
-    from safetensors.torch import load_file
-
     saved = json.loads((path / "config.json").read_text())
     built = model.config.to_dict()
     differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]
@@ -149,7 +169,7 @@ def load_model_weights(model, path: Path) -> None:
             f"checkpoint {_describe(saved, differ)}, config {_describe(built, differ)}; "
             "resume with the run's own --model (and --tiny-* sizes), or start a new --run-dir"
         )
-    state = load_file(path / "model.safetensors")
+    state = read_safetensors(path)
     if getattr(model.config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
     try:
@@ -166,21 +186,11 @@ def _describe(config: dict, keys: list[str]) -> str:
     return f"{config.get('model_type', '?')} (" + ", ".join(f"{k} {config[k]}" for k in keys) + ")"
 
 
-def check_resumable(path: Path, trainer_state: dict, world_size: int, fsdp: bool) -> None:
-    """Refuse, with the command that works, a resume whose optimizer state this launch
-    cannot load: FSDP2 saves one optimizer shard per rank (trainer.pt holds none), DDP and
-    single-process runs save the whole state."""
-    saved_ranks = len(list(path.glob("rank*.pt")))
-    sharded = trainer_state["optimizer"] is None
-    if sharded and not (fsdp and world_size == saved_ranks):
+def check_resumable(path: Path) -> None:
+    """Refuse a checkpoint whose optimizer state is not in ``optimizer/`` (DCP): one written
+    before gspo saved it that way (a whole state in trainer.pt or shards in rank*.pt)."""
+    if not (Path(path) / "optimizer").is_dir():
         raise ValueError(
-            f"--resume: checkpoint {path} holds the FSDP2 optimizer shards of {saved_ranks} "
-            f"ranks, which this {'FSDP2' if fsdp else 'non-FSDP'} launch on {world_size} "
-            f"process(es) cannot load; resume with torchrun --nproc-per-node {saved_ranks} "
-            f"-m gspo train --resume {path.parent.parent}"
-        )
-    if fsdp and not sharded:
-        raise ValueError(
-            f"--resume: checkpoint {path} was saved without --fsdp (one whole optimizer "
-            "state); resume it without --fsdp"
+            f"--resume: checkpoint {path} has no optimizer/ directory (torch.distributed."
+            "checkpoint); it was written by an older gspo: resume it with that version"
         )

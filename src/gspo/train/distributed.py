@@ -77,8 +77,14 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
     if not world.distributed and not fsdp:
         return logprobs
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16: FSDP2 gathers bf16 copies of the fp32 shards for compute and reduce-scatters
+        # the gradients in fp32 into the fp32 shards (master weights); no autocast needed.
+        low = getattr(logprobs, "compute_dtype", None)
+        policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+        if low is not None:
+            logprobs.compute_dtype = None  # the parameters are already bf16 inside forward
         layers = decoder_layers(logprobs)
         if not layers:
             from gspo.train.data import TrainWarning
@@ -87,8 +93,8 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
                           "model; sharding it as one unit, which gathers every weight at "
                           "once", TrainWarning, stacklevel=2)  # fmt: skip
         for layer in layers:
-            fully_shard(layer)
-        root = fully_shard(logprobs)
+            fully_shard(layer, mp_policy=policy)
+        root = fully_shard(logprobs, mp_policy=policy)
         # The log-prob module returns a view; we never modify it in place, so FSDP's warning
         # about in-place ops on views does not apply.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
@@ -211,49 +217,48 @@ def all_sum(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
-def optimizer_state(engine: torch.nn.Module, optimizer, world: World) -> dict | None:
-    """What this rank must save of the optimizer.
+def save_optimizer(engine: torch.nn.Module, optimizer, directory, world: World) -> None:
+    """Every rank writes its part of the optimizer state with ``torch.distributed.checkpoint``
+    (DCP), keyed by parameter name: under FSDP2 each rank its shards, under DDP rank 0 once
+    (DCP de-duplicates replicated tensors). Any number of ranks, with DDP, FSDP2 or one
+    process, can load it back (``load_optimizer``): DCP reshards on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    DDP: the full state, identical on every rank, saved by rank 0 (None elsewhere).
-    FSDP2: each rank's own shards (DTensor -> local tensor), saved by every rank; a resumed
-    FSDP run must therefore use the same number of ranks.
-    """
-    if not is_fsdp(engine):
-        return optimizer.state_dict() if world.main else None
-    from torch.distributed.tensor import DTensor
-
-    full = optimizer.state_dict()
-    # New dicts: state_dict() shares the per-parameter dicts with the live optimizer.
-    state = {
-        idx: {k: v.to_local().detach().cpu().clone() if isinstance(v, DTensor) else v
-              for k, v in entry.items()}
-        for idx, entry in full["state"].items()
-    }  # fmt: skip
-    return {"state": state, "param_groups": full["param_groups"]}
+    if is_fsdp(engine):
+        engine.reshard()  # name -> parameter must map to the sharded parameters
+    state = get_optimizer_state_dict(engine, optimizer)
+    with _single_process_quiet():
+        dcp.save({"optimizer": state}, checkpoint_id=str(directory),
+                 no_dist=not world.distributed)  # fmt: skip
 
 
-def load_optimizer_state(engine: torch.nn.Module, optimizer, state: dict) -> None:
-    if not is_fsdp(engine):
-        optimizer.load_state_dict(state)
-        return
+def load_optimizer(engine: torch.nn.Module, optimizer, directory, world: World) -> None:
+    """Read an optimizer state saved by ``save_optimizer`` on any number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    restored = {}
-    for idx, entry in state["state"].items():
-        p = params[idx]
-        restored[idx] = {k: _as_shard_of(v, p) for k, v in entry.items()}
-    optimizer.load_state_dict({"state": restored, "param_groups": state["param_groups"]})
+    if is_fsdp(engine):
+        engine.reshard()
+    # The state to load into: initialised by a zero-lr step with zero gradients (DCP's own
+    # helper), so every tensor has the shape and placement this world needs.
+    state = get_optimizer_state_dict(engine, optimizer)
+    with _single_process_quiet():
+        dcp.load({"optimizer": state}, checkpoint_id=str(directory),
+                 no_dist=not world.distributed)  # fmt: skip
+    set_optimizer_state_dict(engine, optimizer, state)
 
 
-def _as_shard_of(value, param):
-    """A saved local tensor shaped like ``param``'s shard becomes a DTensor shard again
-    (Adam's moments); scalars such as its step count stay as they are."""
-    from torch.distributed.tensor import DTensor
-
-    local = param.to_local() if isinstance(param, DTensor) else None
-    if local is None or not isinstance(value, torch.Tensor) or value.shape != local.shape:
-        return value
-    return DTensor.from_local(value.to(param.device), param.device_mesh, param.placements)
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes a single process' when there is no process group: that
+    is what no_dist=True asks for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 @contextlib.contextmanager

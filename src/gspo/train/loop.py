@@ -35,7 +35,7 @@ from gspo.train import distributed as dd
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
 from gspo.train.rollout import generate
 from gspo.train.tiny import load_model_and_tokenizer
-from gspo.train.update import lr_lambda, update
+from gspo.train.update import COMPUTE_DTYPES, enable_grad_checkpointing, lr_lambda, update
 
 
 class Stop:
@@ -97,6 +97,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
         ckpt.load_model_weights(model, resume_from)
     # Dropout off (eval mode) unless asked: its noise alone moves on-policy ratios off 1.
     model.to(world.device).train(config.keep_dropout)
+    if config.grad_checkpointing:
+        enable_grad_checkpointing(model, keep_dropout=config.keep_dropout)
     pool, held_out, reward_fn = build_task(
         task=config.task, prompts_file=config.prompts, reward=config.reward,
         reward_weights=config.reward_weights, eval_size=config.eval_prompts, seed=config.seed,
@@ -108,10 +110,11 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
     from gspo.chunked import CausalLMLogprobs
 
-    engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=config.fsdp)
+    low = COMPUTE_DTYPES[config.dtype]  # None (fp32) or bf16; parameters stay fp32
+    engine = dd.wrap(CausalLMLogprobs(model, compute_dtype=low), world, fsdp=config.fsdp)
     ref_logprobs = None
     if ref_model is not None:
-        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval())
+        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval(), compute_dtype=low)
     optimizer = torch.optim.AdamW(
         [p for p in engine.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
@@ -220,12 +223,12 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
 
 def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     state = ckpt.load_trainer_state(path)
-    ckpt.check_resumable(path, state, world.size, dd.is_fsdp(engine))
+    ckpt.check_resumable(path)
     mine = ckpt.load_rank_state(path, world.rank)
-    optim = mine["optimizer_shard"] if dd.is_fsdp(engine) else state["optimizer"]
-    dd.load_optimizer_state(engine, optimizer, optim)
+    dd.load_optimizer(engine, optimizer, path / "optimizer", world)
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.set_rng_state(mine["rng"])
+    if mine is not None:  # None: a rank the saving run did not have
+        ckpt.set_rng_state(mine["rng"])
     return int(state["step"]), int(state["data_position"])
 
 
@@ -308,17 +311,15 @@ def _progress(config: TrainConfig, world: dd.World, start: int):
 def _save(run_dir, step, position, model, tokenizer, engine, optimizer, scheduler, config, world,
           rng=None) -> None:  # fmt: skip
     state = dd.full_state_dict(model, world)  # collectives first, on every rank
-    optim = dd.optimizer_state(engine, optimizer, world)
     tmp = ckpt.staging_dir(run_dir, step)
     if world.main and tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
     dd.barrier(world)
-    sharded = dd.is_fsdp(engine)
-    ckpt.write_rank_state(tmp, world.rank, optim if sharded else None, rng=rng)
+    dd.save_optimizer(engine, optimizer, tmp / "optimizer", world)
+    ckpt.write_rank_state(tmp, world.rank, rng=rng)
     if world.main:
         trainer = {"step": step, "data_position": position,
-                   "optimizer": None if sharded else optim, "scheduler": scheduler.state_dict(),
-                   "config": to_dict(config)}  # fmt: skip
+                   "scheduler": scheduler.state_dict(), "config": to_dict(config)}  # fmt: skip
         ckpt.write_main_state(tmp, model_state=state, model=model, tokenizer=tokenizer,
                               trainer_state=trainer)  # fmt: skip
     dd.barrier(world)

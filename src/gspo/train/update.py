@@ -8,6 +8,10 @@ Per rollout batch (B sequences, groups of G contiguous rows):
    (+ ``kl_coef`` x k3 KL) -> backward -> clip grad norm -> AdamW step -> scheduler step.
    From the second slice on the policy has moved, so the ratio leaves 1 and clipping acts.
 
+Memory and precision: every forward in 2-3 can run in micro-batches of at most
+``max_tokens_per_microbatch`` padded tokens, gradients accumulating (gspo.train.microbatch);
+``dtype="bf16"`` computes in bf16 over fp32 parameters (CausalLMLogprobs' compute_dtype).
+
 Data parallel: every rank holds whole groups. The loss divides by the *global* number of
 sequences in the minibatch, and is multiplied by the world size because DDP and FSDP
 average gradients over ranks; the sum over ranks then equals one process on the whole batch
@@ -20,9 +24,13 @@ import math
 
 import torch
 
+from gspo.train import microbatch as mb
 from gspo.train.rollout import Rollout
 
 VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
+# --dtype: the compute dtype of the forward/backward; weights, gradients, optimizer state,
+# log-probs and the loss stay float32 (CausalLMLogprobs casts its inputs, not its parameters).
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def response_logprobs(
@@ -31,16 +39,20 @@ def response_logprobs(
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
-    so the response (tokens P .. L-1) is columns P-1 .. L-2.
+    so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
+    (``target_mask``): the LM head never projects a prompt position.
     """
+    start = rollout.prompt_len - 1
+    mask = rollout.response_mask
+    target = torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
     out = logprobs(
         rollout.input_ids,
         rollout.attention_mask,
         temperature=temperature,
         return_entropy=entropy,
+        target_mask=target,
     )
     logp, ent = out if entropy else (out, None)
-    start = rollout.prompt_len - 1
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
 
 
@@ -49,6 +61,31 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
     d = torch.where(mask, ref_logp - logp, torch.zeros_like(logp)).clamp(-20.0, 20.0)
     kl = torch.where(mask, torch.exp(d) - d - 1.0, torch.zeros_like(logp))
     return kl.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def enable_grad_checkpointing(model, *, keep_dropout: bool = True) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers' own
+    checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs).
+
+    transformers checkpoints a layer only in training mode, so the model is put in it;
+    unless ``keep_dropout``, every dropout probability is set to 0 first, so that the
+    model computes what it does in eval mode (the trainer's default: no dropout).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--grad-checkpointing: {type(model).__name__} does not support it")
+    if not keep_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            for name, value in vars(module).items():  # e.g. Qwen2Attention.attention_dropout
+                if "dropout" in name and isinstance(value, float):
+                    setattr(module, name, 0.0)
+    model.train()
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -72,13 +109,19 @@ def minibatch_loss(
     ref_logp: torch.Tensor | None,
     config,
     world_size: int,
+    num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss to backpropagate on this rank (already scaled for gradient averaging)."""
+    """The loss to backpropagate on this rank (already scaled for gradient averaging).
+
+    ``num_sequences``: the divisor, the global sequence count of the whole minibatch when
+    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``.
+    """
     from gspo.loss import gspo_loss
 
     mask = batch.response_mask
     logp, ent = response_logprobs(logprobs, batch, temperature=config.temperature, entropy=True)
-    num_sequences = len(batch) * world_size  # the global count: every rank has equal slices
+    # the global count: every rank has equal slices
+    num_sequences = num_sequences or len(batch) * world_size
     loss, metrics = gspo_loss(
         logp,
         logp_old,
@@ -111,12 +154,18 @@ def update(
     config,
     world_size: int = 1,
 ) -> list[dict[str, float]]:
-    """All minibatch steps for one rollout batch; returns one metrics dict per step."""
+    """All minibatch steps for one rollout batch; returns one metrics dict per step.
+
+    With ``config.max_tokens_per_microbatch`` each forward (old log-probs, and each
+    minibatch's forward + backward) runs on micro-batches of at most that many padded
+    tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
+    """
+    budget = config.max_tokens_per_microbatch
     with torch.no_grad():
-        logp_old, _ = response_logprobs(logprobs, rollout, temperature=config.temperature)
+        logp_old = old_logprobs(logprobs, rollout, config, budget, world_size)
         ref_logp = None
         if ref_logprobs is not None:
-            ref_logp, _ = response_logprobs(ref_logprobs, rollout, temperature=config.temperature)
+            ref_logp = old_logprobs(ref_logprobs, rollout, config, budget, world_size)
     size = len(rollout) // config.minibatches
     # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
     # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
@@ -125,7 +174,8 @@ def update(
     history = []
     for k in range(config.minibatches):
         part = slice(k * size, (k + 1) * size)
-        loss, metrics = minibatch_loss(
+        optimizer.zero_grad(set_to_none=True)
+        metrics = accumulate_gradients(
             logprobs,
             rollout.select(part),
             logp_old=logp_old[part],
@@ -133,12 +183,53 @@ def update(
             ref_logp=None if ref_logp is None else ref_logp[part],
             config=config,
             world_size=world_size,
+            budget=budget,
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         metrics["grad_norm"] = grad_norm.detach()
         history.append({k: float(v) for k, v in metrics.items()})
     return history
+
+
+def old_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
+    """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
+    if not budget:
+        return response_logprobs(logprobs, rollout, temperature=config.temperature)[0]
+    pieces = []
+    for part in mb.plan_everywhere(rollout, budget, world_size):
+        piece, width = mb.trim(rollout.select(part))
+        logp, _ = response_logprobs(logprobs, piece, temperature=config.temperature)
+        pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
+    return torch.cat(pieces)
+
+
+def accumulate_gradients(
+    logprobs, batch: Rollout, *, logp_old, adv, ref_logp, config, world_size: int, budget
+) -> dict[str, torch.Tensor]:
+    """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics."""
+    parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
+    num_sequences = len(batch) * world_size
+    pieces = []
+    for j, part in enumerate(parts):
+        piece, width = mb.trim(batch.select(part)) if budget else (batch.select(part), None)
+        cols = slice(0, width)
+        with mb.no_sync(logprobs, last=j == len(parts) - 1):
+            loss, metrics = minibatch_loss(
+                logprobs,
+                piece,
+                logp_old=logp_old[part, cols],
+                adv=adv[part],
+                ref_logp=None if ref_logp is None else ref_logp[part, cols],
+                config=config,
+                world_size=world_size,
+                num_sequences=num_sequences,
+            )
+            loss.backward()
+        pieces.append((metrics, len(piece), int(piece.response_mask.sum())))
+    metrics = mb.merge_metrics(pieces, sequence_level=config.loss == "gspo")
+    if len(pieces) > 1:  # these three are not means of their pieces: take them whole
+        metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
+                       zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
+    return metrics
