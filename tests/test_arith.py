@@ -86,9 +86,27 @@ def test_spell_round_trips_exactly(value):
 
 def test_reward_is_exact_rational_equality():
     completions = ["Answer: -14/18", "Answer: -0.777", "Answer: -7/9.", "-7/9", "Answer: 7/9"]
-    assert arith_reward(["q"] * 5, completions, answer=["-7/9"] * 5) == [1, 0, 1, 0, 0]
+    # Right (any equal spelling) 1; a readable but wrong answer earns only the format credit
+    # (0.1); no "Answer:" earns nothing even when the number is right.
+    assert arith_reward(["q"] * 5, completions, answer=["-7/9"] * 5) == [1, 0.1, 1, 0, 0.1]
     # Extra prompt fields (category, level) reach the reward as keywords and are ignored.
     assert arith_reward(["q"], ["Answer: 0.3"], answer=["0.3"], category=["add"]) == [1.0]
+
+
+def test_levels_pick_the_questions_difficulty():
+    from gspo.train.rewards import build_task
+
+    rows = arith_prompts(200, seed=0, levels=(1,))
+    assert {r["level"] for r in rows} == {1}
+    pool, held, _ = build_task(task="arith", prompts_file=None, reward=None, eval_size=20,
+                               seed=0, levels=(1, 2))  # fmt: skip
+    assert {r["level"] for r in pool} == {1, 2} and {r["level"] for r in held} <= {1, 2}
+    from gspo.config import TrainConfig
+
+    with pytest.raises(ValueError, match="only --task arith has levels"):
+        TrainConfig(task="digitsum", task_levels=(1,))
+    with pytest.raises(ValueError, match="levels are 1, 2 and 3"):
+        TrainConfig(task="arith", task_levels=(4,))
 
 
 def test_expressions_read_as_python_evaluates_them():

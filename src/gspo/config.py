@@ -259,6 +259,9 @@ class TrainConfig:
         "JSONL file of {'prompt': text or chat messages, fields for the reward} (needs --reward)",
         metavar="FILE",
     )
+    task_levels: tuple[int, ...] = option(
+        (), "difficulty levels of --task arith's questions (1, 2, 3); none = all", metavar="INT"
+    )
     reward: tuple[str, ...] = option(
         (),
         "user reward(s) for --prompts, imported from the current directory or the Python path; "
@@ -384,6 +387,10 @@ class TrainConfig:
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
         check(not self.reward or self.prompts is not None, "reward", self.reward,
               "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
+        check(not self.task_levels or self.task == "arith", "task_levels", self.task_levels,
+              "only --task arith has levels")  # fmt: skip
+        check(all(level in (1, 2, 3) for level in self.task_levels), "task_levels",
+              self.task_levels, "arith's levels are 1, 2 and 3")  # fmt: skip
         # arith reads {"question", "answer"} rows itself; other built-in rewards cannot score
         # a user's prompts.
         check(self.prompts is None or bool(self.reward) or self.task == "arith", "prompts",

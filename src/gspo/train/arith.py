@@ -239,12 +239,23 @@ def arith_prompts(
 # ---------------------------------------------------------------- reward
 
 
+# Credit for a readable "Answer: <number>" that is wrong. Measured on SmolLM2-135M-Instruct:
+# with the strict 0/1 reward every one of the first 96 sampled completions scored 0 (every
+# group tied, every advantage 0: no gradient at all), because the base model almost never
+# writes the format; the credit gives the first steps a signal toward it.
+FORMAT_CREDIT = 0.1
+
+
 def arith_reward(prompts, completions, answer, **_fields) -> list[float]:
-    """1.0 when the number after the last ``Answer:`` equals ``answer`` exactly, else 0.0."""
+    """1.0 when the number after the last ``Answer:`` equals ``answer`` exactly,
+    ``FORMAT_CREDIT`` when there is such a number but it is wrong, else 0.0."""
     out = []
     for text, goal in zip(completions, answer, strict=True):
         got = final_answer(text)
-        out.append(float(got is not None and got == parse_number(str(goal))))
+        if got is None:
+            out.append(0.0)
+        else:
+            out.append(1.0 if got == parse_number(str(goal)) else FORMAT_CREDIT)
     return out
 
 

@@ -37,12 +37,18 @@ class EvalConfig:
     prompts: str | None = option(
         None, "JSONL of {'question', 'answer'} (arith) or {'prompt', ...} rows", metavar="FILE"
     )
+    task_levels: tuple[int, ...] = option(
+        (), "difficulty levels of the built-in arith questions (1, 2, 3); none = all",
+        metavar="INT")  # fmt: skip
     questions: int = option(100, "built-in held-out questions to ask (ignored with --prompts)")
     n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
     temperature: float = option(1.0, "sampling temperature of the n samples")
     max_new_tokens: int = option(256, "longest completion, in tokens")
     batch_size: int = option(32, "sequences generated together")
     seed: int = option(0, "seed of the built-in questions and of sampling")
+    system_prompt: str | None = option(
+        None, "system message before each question (none = the chat template's default); "
+        "use the training run's value", metavar="TEXT")  # fmt: skip
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -72,7 +78,8 @@ def load_questions(config: EvalConfig) -> list[dict]:
 
     if config.prompts is None:
         make, _ = TASKS[config.task]
-        return make(config.questions, config.seed + 1_000_003, split="test")
+        levels = {"levels": config.task_levels} if config.task_levels else {}
+        return make(config.questions, config.seed + 1_000_003, split="test", **levels)
     return load_prompts_file(config.prompts, config.task)
 
 
@@ -90,7 +97,8 @@ def _generate(model, tokenizer, prompts, *, group_size, config, greedy):
         chunk = prompts[start : start + per_batch]
         rollout = generate(model, tokenizer, chunk, group_size=group_size, greedy=greedy,
                            max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature)  # fmt: skip
+                           temperature=config.temperature,
+                           system_prompt=config.system_prompt)  # fmt: skip
         texts += rollout.completions
         bar.update(len(chunk))
     bar.close()

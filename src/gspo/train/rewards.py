@@ -21,6 +21,7 @@ element ``perm_e[i mod n]`` of the pool, with ``perm_e`` a permutation seeded by
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -199,9 +200,13 @@ def build_task(
     eval_size: int,
     seed: int,
     reward_weights: Sequence[float] = (),
+    levels: Sequence[int] = (),
 ) -> tuple[list[Prompt], list[Prompt], RewardFn | Rewards]:
-    """(training pool, fixed held-out prompts, reward function(s))."""
+    """(training pool, fixed held-out prompts, reward function(s)); ``levels`` picks the
+    difficulty of tasks that have levels (arith)."""
     make, reward_fn = TASKS[task]
+    if levels:
+        make = functools.partial(make, levels=tuple(levels))
     specs = [reward] if isinstance(reward, str) else list(reward or ())
     if specs:
         reward_fn = load_rewards(specs, reward_weights)
