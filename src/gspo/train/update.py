@@ -16,10 +16,12 @@ average gradients over ranks; the sum over ranks then equals one process on the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from gspo.train import correction
 from gspo.train.rollout import Rollout
 
 VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
@@ -96,6 +98,7 @@ def minibatch_loss(
     ent_mean = torch.where(mask, ent, torch.zeros_like(ent)).sum() / mask.sum().clamp(min=1)
     metrics["entropy"] = ent_mean.detach()
     metrics["loss"] = loss.detach()
+    metrics["logp"] = logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
     # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
     return loss * world_size, metrics
 
@@ -113,7 +116,7 @@ def update(
 ) -> list[dict[str, float]]:
     """All minibatch steps for one rollout batch; returns one metrics dict per step."""
     with torch.no_grad():
-        logp_old, _ = response_logprobs(logprobs, rollout, temperature=config.temperature)
+        logp_old, mismatch, adv = old_logprobs(logprobs, rollout, adv, config)
         ref_logp = None
         if ref_logprobs is not None:
             ref_logp, _ = response_logprobs(ref_logprobs, rollout, temperature=config.temperature)
@@ -140,5 +143,40 @@ def update(
         optimizer.step()
         scheduler.step()
         metrics["grad_norm"] = grad_norm.detach()
-        history.append({k: float(v) for k, v in metrics.items()})
+        if mismatch is None:  # --old-logprobs sampler: the first slice is still on-policy
+            mask = rollout.response_mask[part]
+            mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
+        del metrics["logp"]
+        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch})
     return history
+
+
+def old_logprobs(logprobs, rollout: Rollout, adv: torch.Tensor, config):
+    """``logp_old`` [B, T] (the trainer's forward in eval mode, or the sampler's own), the
+    sampler-vs-trainer mismatch metrics (None: measure them on the first minibatch), and
+    the advantages weighted by ``--rollout-correction``."""
+    sampler = rollout.sampler_logp
+    if config.old_logprobs == "sampler":
+        if sampler is None:
+            raise ValueError("--old-logprobs sampler: this engine returned no log-probs")
+        return sampler, None, adv
+    with eval_mode(logprobs):  # dropout off: the sampler ran without it
+        logp_old, _ = response_logprobs(logprobs, rollout, temperature=config.temperature)
+    if sampler is None:
+        return logp_old, {}, adv
+    mask = rollout.response_mask
+    w, frac = correction.weights(config.rollout_correction, logp_old, sampler, mask,
+                                 low=config.correction_low, high=config.correction_high,
+                                 cap=config.correction_cap)  # fmt: skip
+    found = {**correction.mismatch(logp_old, sampler, mask), "correction_frac": frac}
+    return logp_old, found, correction.weigh(adv, w)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
