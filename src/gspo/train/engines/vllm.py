@@ -51,6 +51,7 @@ class VLLMEngine:
 
         self.tokenizer, self.config = tokenizer, config
         self.eos = eos_ids(model, tokenizer)
+        self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
         model.save_pretrained(self.dir, safe_serialization=True)  # the current weights
         tokenizer.save_pretrained(self.dir)
@@ -114,9 +115,16 @@ class VLLMEngine:
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the policy's weights into the engine in place, then drop its prefix cache."""
-        weights = ((name, t.detach()) for name, t in named)
+        def weights():
+            for name, tensor in named:
+                # Tied weights come once from the trainer (as save_pretrained writes them);
+                # vLLM's in-place reload needs every name (measured: without lm_head.weight
+                # a tied model's logits stay stale), so repeat the tensor under its aliases.
+                for alias in (name, *self.aliases.get(name, ())):
+                    yield alias, tensor.detach()
+
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
         )
         self.llm.reset_prefix_cache()
 
@@ -128,6 +136,19 @@ class VLLMEngine:
                 engine_core.shutdown()
             self.llm = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def tied_aliases(model) -> dict[str, list[str]]:
+    """{first name: [other names]} for tensors that appear under several state_dict names
+    (tied embeddings and LM head)."""
+    first, aliases = {}, {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        key = (value.data_ptr(), value.shape)
+        if key in first:
+            aliases.setdefault(first[key], []).append(name)
+        else:
+            first[key] = name
+    return aliases
 
 
 def _max_len(model, config) -> int:
