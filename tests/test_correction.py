@@ -163,3 +163,15 @@ def test_config_errors_name_the_field_and_the_fix(change, message):
 
 def test_token_tis_runs_with_a_token_level_loss():
     TrainConfig(rollout_correction="token-tis", loss="gspo-token")
+
+
+def test_k3_of_rounding_level_differences_is_not_rounded_to_zero():
+    """Engines that agree to float32 rounding differ by ~1e-7 per token: k3 ~ d^2/2 ~ 1e-14,
+    which exp(d) - 1 - d in float32 gives as exactly 0 (or noise of 1e-7)."""
+    old = torch.tensor([[-1.0, -2.0]])
+    sampler = torch.tensor([[-1.0 - 2.4e-7, -2.0 + 4.8e-7]])  # a few float32 ulps apart
+    d = (old.double() - sampler.double())[0]  # the exact float32 differences
+    expected = float((torch.expm1(d) - d).mean())
+    assert 1e-15 < expected < 1e-12
+    got = correction.mismatch(old, sampler, torch.ones(1, 2, dtype=torch.bool))["mismatch_k3"]
+    assert got == pytest.approx(expected, rel=1e-6)
