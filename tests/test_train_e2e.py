@@ -191,8 +191,10 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path):
 @pytest.mark.parametrize(
     "extra, key",
     [(["--kl-coef", "0.1"], "kl_ref"), (["--loss", "grpo"], "loss"),
-     (["--loss", "gspo-token", "--task", "copy"], "loss")],
-    ids=["kl", "grpo", "gspo-token-copy"],
+     (["--loss", "gspo-token", "--task", "copy"], "loss"),
+     (["--old-logprobs", "sampler"], "mismatch_k3"),
+     (["--rollout-correction", "token-tis", "--loss", "grpo"], "correction_frac")],
+    ids=["kl", "grpo", "gspo-token-copy", "sampler-old-logprobs", "token-tis"],
 )  # fmt: skip
 def test_loss_variants_and_kl_run(tmp_path, extra, key):
     run = tmp_path / "run"

@@ -4,12 +4,14 @@ Launch:
     gspo train                                   # built-in: tiny Qwen2 learns digit sums (CPU)
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
+    gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 
 One step:
-    prompts (this rank's share) -> G samples each (generate) -> rewards -> group advantages
-    -> old log-probs once -> ``minibatches`` optimizer steps (gspo_loss, optional k3 KL)
+    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards -> group
+    advantages -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
+    (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
     -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
 """

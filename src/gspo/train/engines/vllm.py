@@ -57,6 +57,9 @@ class VLLMEngine:
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
         memory = config.vllm_memory
+        if cuda and memory is not None and memory > 1:
+            raise ValueError(f"--vllm-memory {memory}: on CUDA it is the fraction of GPU "
+                             "memory vLLM may take, in (0, 1]; e.g. --vllm-memory 0.4")  # fmt: skip
         sizing = ({"gpu_memory_utilization": memory or 0.3} if cuda else
                   {"kv_cache_memory_bytes": int((memory or 1.0) * 2**30)})  # fmt: skip
         # vLLM re-seeds the global RNGs and caps torch's threads (and makes
