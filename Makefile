@@ -28,6 +28,7 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/logprobs.py
+	$(BIN)/python bench/rollout.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
