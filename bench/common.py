@@ -146,6 +146,7 @@ def print_table(
     name: str,
     columns: Sequence[tuple[str, str, str]] | None = None,
     extra: dict | None = None,
+    json_line: bool = True,
 ) -> None:
     """An aligned text table, then ONE JSON line holding every row with all its figures.
 
@@ -154,6 +155,8 @@ def print_table(
     "-", except the first column the row has no key for, which shows ``row["note"]``
     (e.g. "does not fit (~28 GiB)"). ``extra`` is
     added to the JSON line (machine facts such as the copy bandwidth).
+    ``json_line=False`` prints the table only, for a script that prints several
+    tables and then one ``print_json`` line.
     """
     if columns is None:
         columns = [(key, key, "") for key in rows[0]] if rows else []
@@ -166,6 +169,12 @@ def print_table(
         print("  ".join(c.rjust(w) if i else c.ljust(w) for c, w in zip(r, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if json_line:
+        print_json(name, rows, extra)
+
+
+def print_json(name: str, rows: list[dict], extra: dict | None = None) -> None:
+    """The one JSON line of a benchmark: its rows and ``extra`` facts."""
     print(json.dumps({"benchmark": name, "rows": rows, **(extra or {})}, default=str))
 
 

@@ -35,8 +35,17 @@ against naive's quicker repeat, 74 s). Fused (gradients formed in the forward,
 3 matmuls instead of 4) is ~25% faster again when each sequence fits a chunk,
 at the memory of a chunk as long as a sequence; it stays opt-in.
 
-    python bench/logprobs.py --liger-python /tmp/ligervenv/bin/python   # the table above
-    python bench/logprobs.py --n 1024 --chunk-size 128 256 512 1024   # chunk-size sweep
+    .venv/bin/python bench/logprobs.py --liger-python /work/peers-venv/bin/python  # the table above
+    .venv/bin/python bench/logprobs.py --n 256 --methods chunked fused --chunk-size 64 128
+
+Chunk-size sweep (issue 11 item 3: pick each path's default chunk from it; about
+40 min of both cores at full size, so run it on a quiet machine):
+
+    .venv/bin/python bench/logprobs.py --n 4096 16384 --methods chunked fused \
+        --chunk-size 128 256 512 1024 2048
+
+``--chunk-size`` applies to every chunked method (chunked, fused, liger); the
+table ends with the fastest chunk per (N, method) and its added memory.
 """
 
 from __future__ import annotations
@@ -64,12 +73,20 @@ def build(n: int, seed: int = 0) -> dict:
     hidden = torch.randn(n, H, generator=g).requires_grad_()
     weight = (torch.randn(V, H, generator=g) * 0.02).requires_grad_()
     labels = torch.randint(0, V, (n,), generator=g)
-    seq_lens = torch.full((n // SEQ_LEN,), SEQ_LEN)
-    seq_lens[-1] += n - int(seq_lens.sum())
+    seq_lens = torch.tensor(_seq_lens(n))
     rewards = torch.rand(seq_lens.shape[0], generator=g)
     logp_old = -torch.rand(n, generator=g) * 12 - 5  # near log(1/V) ~ -11.9
     loss_kw = dict(seq_lens=seq_lens, rewards=rewards, group_size=_group(seq_lens.shape[0]))
     return dict(hidden=hidden, weight=weight, labels=labels, logp_old=logp_old, loss_kw=loss_kw)
+
+
+def _seq_lens(n: int) -> list[int]:
+    """Sequences of SEQ_LEN tokens, the last one shorter if SEQ_LEN does not divide n.
+
+    n < SEQ_LEN gives one sequence of n tokens (``--n 256`` once crashed here).
+    """
+    full, rest = divmod(n, SEQ_LEN)
+    return [SEQ_LEN] * full + ([rest] if rest else [])
 
 
 def _group(num_seqs: int) -> int:
@@ -110,24 +127,26 @@ def step(inputs: dict, method: str, chunk_size: int) -> float:
 def _liger_step(inputs: dict, chunk_size: int) -> float:
     """Liger-Kernel's fused linear GRPO loss with sequence-level (GSPO) ratios, eager.
 
-    Padded [B,T] view of the same packed sequences (all SEQ_LEN long); its
-    chunk_size counts sequences, so chunk_size // SEQ_LEN of them per chunk.
+    Padded [B,T] view of the same packed sequences' first ``b * t`` tokens (t =
+    the first sequence's length, b = how many whole sequences of t fit); its
+    chunk_size counts sequences, so chunk_size // t of them per chunk.
     """
     import torch
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     hidden, weight, labels = inputs["hidden"], inputs["weight"], inputs["labels"]
     hidden.grad = weight.grad = None
-    b = hidden.shape[0] // SEQ_LEN
+    t = int(inputs["loss_kw"]["seq_lens"][0])
+    b = hidden.shape[0] // t
     loss_fn = LigerFusedLinearGRPOLoss(
-        beta=0.0, compiled=False, use_ref_model=False, chunk_size=max(1, chunk_size // SEQ_LEN),
+        beta=0.0, compiled=False, use_ref_model=False, chunk_size=max(1, chunk_size // t),
         epsilon_low=3e-4, epsilon_high=3e-4, loss_type="grpo",
         importance_sampling_level="sequence",
     )  # fmt: skip
     out = loss_fn(
-        hidden[: b * SEQ_LEN].view(b, SEQ_LEN, H), weight, labels[: b * SEQ_LEN].view(b, SEQ_LEN),
-        torch.ones(b, SEQ_LEN), inputs["loss_kw"]["rewards"] - 0.5,
-        old_per_token_logps=inputs["logp_old"][: b * SEQ_LEN].view(b, SEQ_LEN),
+        hidden[: b * t].view(b, t, H), weight, labels[: b * t].view(b, t),
+        torch.ones(b, t), inputs["loss_kw"]["rewards"][:b] - 0.5,
+        old_per_token_logps=inputs["logp_old"][: b * t].view(b, t),
     )  # fmt: skip
     loss = out[0] if isinstance(out, tuple) else out
     loss.backward()
@@ -141,11 +160,10 @@ def child(case: dict) -> dict:
     inputs = build(case["n"])
     # Warm-up on the first WARMUP_TOKENS tokens of the same inputs (same weight,
     # so no second 545 MB copy inflates the process's high-water mark).
-    small = dict(inputs, hidden=inputs["hidden"][:WARMUP_TOKENS].detach().requires_grad_())
-    small.update(
-        labels=inputs["labels"][:WARMUP_TOKENS], logp_old=inputs["logp_old"][:WARMUP_TOKENS]
-    )
-    small["loss_kw"] = dict(inputs["loss_kw"], seq_lens=torch.tensor([WARMUP_TOKENS]))
+    warm = min(WARMUP_TOKENS, case["n"])
+    small = dict(inputs, hidden=inputs["hidden"][:warm].detach().requires_grad_())
+    small.update(labels=inputs["labels"][:warm], logp_old=inputs["logp_old"][:warm])
+    small["loss_kw"] = dict(inputs["loss_kw"], seq_lens=torch.tensor([warm]))
     small["loss_kw"].update(rewards=inputs["loss_kw"]["rewards"][:1], group_size=1)
     method, chunk = case["method"], case["chunk_size"]
     return common.measure(
@@ -174,12 +192,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--methods", nargs="+", default=["naive", "chunked", "fused"])
-    p.add_argument("--chunk-size", type=int, nargs="+", default=[None])
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        nargs="+",
+        help="chunk sizes to sweep, for chunked, fused and liger alike "
+        "(default: chunked's DEFAULT_CHUNK_SIZE, fused/liger's --fused-chunk-size)",
+    )
     p.add_argument(
         "--fused-chunk-size",
         type=int,
         default=SEQ_LEN,
-        help="chunk of the fused and Liger paths (SEQ_LEN: one sequence per block)",
+        help="default chunk of the fused and Liger paths (SEQ_LEN: one sequence per block)",
     )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
@@ -189,16 +213,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from gspo.chunked import DEFAULT_CHUNK_SIZE
 
-    chunks = [c or DEFAULT_CHUNK_SIZE for c in args.chunk_size]
     start = time.perf_counter()
     methods = args.methods + (["liger"] if args.liger_python else [])
+    per_method = {
+        "naive": [None],
+        "chunked": args.chunk_size or [DEFAULT_CHUNK_SIZE],
+        "fused": args.chunk_size or [args.fused_chunk_size],
+        "liger": args.chunk_size or [args.fused_chunk_size],
+    }
     rows, per_token = [], None
     for n in sorted(args.n):
         for method in methods:
             python = args.liger_python if method == "liger" else None
-            per_method = {"naive": [None], "fused": [args.fused_chunk_size]}
-            per_method["liger"] = per_method["fused"]
-            for chunk in per_method.get(method, chunks):
+            for chunk in per_method[method]:
                 rows.append(run_case(n, method, chunk, args.repeats, per_token, python))
                 if method == "naive" and "peak_added_mib" in rows[-1]:
                     per_token = rows[-1]["peak_added_mib"] / n
@@ -214,8 +241,27 @@ def main(argv=None) -> None:
         ("loadavg_1min", "load avg", ".1f"),
     ]
     print(f"hidden -> GSPO loss, H={H}, V={V}, float32, 2 threads, median of {args.repeats}")
-    common.print_table(rows, name="logprobs", columns=columns)
+    common.print_table(rows, name="logprobs", columns=columns, json_line=False)
+    best = fastest_chunks(rows)
+    for (n, method), row in best.items():
+        print(f"fastest at N={n}, {method}: C={row['chunk_size']} "
+              f"({row['median_s']:.1f} s, +{row['peak_added_mib']:.0f} MiB)")  # fmt: skip
     print(f"total runtime {time.perf_counter() - start:.0f} s")
+    common.print_json("logprobs", rows, {"fastest": [r for r in best.values()]})
+
+
+def fastest_chunks(rows: list[dict]) -> dict:
+    """(n, method) -> its fastest measured row, for methods run at more than one chunk."""
+    best: dict = {}
+    for r in rows:
+        if r["method"] == "naive" or "median_s" not in r:
+            continue
+        key = (r["n"], r["method"])
+        if key not in best or r["median_s"] < best[key]["median_s"]:
+            best[key] = r
+    swept = {(r["n"], r["method"]) for r in rows if sum(
+        1 for q in rows if (q["n"], q["method"]) == (r["n"], r["method"])) > 1}  # fmt: skip
+    return {k: v for k, v in best.items() if k in swept}
 
 
 def run_case(n, method, chunk, repeats, per_token, python=None) -> dict:

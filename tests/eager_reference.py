@@ -1,4 +1,4 @@
-"""A straightforward eager PyTorch GSPO loss, written from SPEC.md the way peers write it.
+"""A straightforward eager PyTorch GSPO loss, written from docs/spec.md the way peers write it.
 
 It multiplies by the mask (so it needs clean padding) and does no validation.
 Tests check that gspo_loss equals it on clean input; bench/loss.py times it as

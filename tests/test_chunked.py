@@ -339,3 +339,16 @@ def test_fused_blocks_are_whole_sequences_within_chunk():
     assert blocks == [(0, 5), (5, 14), (14, 24), (24, 40)]
     assert list(_blocks(bounds, valid, 1000)) == [(0, 40)]
     assert list(_blocks(bounds, valid, 1)) == [(0, 5), (5, 14), (14, 17), (17, 24), (24, 40)]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gspo_loss_from_hidden_takes_mask_by_position(fused):
+    # Like gspo_loss(logp, logp_old, mask, ...): the padded mask is the fifth positional.
+    hidden, weight, b, labels = make(12, 16, 120, seed=9)
+    hidden3, labels2 = hidden.view(3, 4, 16), labels.view(3, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    logp_old = -torch.rand(3, 4)
+    kw = dict(advantages=torch.tensor([1.0, -0.5, 0.3]), eps_low=0.2, fused=fused)
+    by_position, _ = gspo_loss_from_hidden(hidden3, weight, labels2, logp_old, mask, **kw)
+    by_keyword, _ = gspo_loss_from_hidden(hidden3, weight, labels2, logp_old, mask=mask, **kw)
+    assert by_position.item() == by_keyword.item() and by_position.item() != 0.0

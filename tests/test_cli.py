@@ -89,3 +89,38 @@ def test_readme_shows_what_the_cli_prints(capsys):
     assert main(["objective", "--explain", str(EXAMPLES / "spec_example_3.json")]) == 0
     readme = (EXAMPLES.parent / "README.md").read_text()
     assert capsys.readouterr().out.strip() in readme
+
+
+def test_the_spec_is_in_the_repo_and_everything_points_there(capsys):
+    """README linked ../shared/SPEC.md and `gspo objective --help` cited ../SPEC.md; neither
+    exists in a clone."""
+    import re
+
+    repo = EXAMPLES.parent
+    assert (repo / "docs" / "spec.md").read_text().startswith("#")
+    with pytest.raises(SystemExit):
+        main(["objective", "--help"])
+    assert "docs/spec.md" in capsys.readouterr().out
+    readme = (repo / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)\)", readme):
+        if not target.startswith("http"):
+            assert (repo / target).exists(), target
+    # commands README gives must run from a fresh clone (no bare `python bench/...`)
+    assert not re.search(r"(?<![/\w])python bench/", readme)
+
+
+def test_huge_log_ratio_prints_a_number_not_inf(tmp_path, capsys):
+    # A log-ratio of 1000 once printed -inf with exit 0; now the shared clamp applies
+    # and --explain says so. epsilon 1.5 is refused, as gspo_loss refuses it.
+    payload = {"log_probs_new": [[1000.0], [0.0]], "log_probs_old": [[0.0], [0.0]],
+               "rewards": [0.0, 1.0], "epsilon": 0.2}  # fmt: skip
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(payload))
+    assert main(["objective", str(path)]) == 0
+    value = float(capsys.readouterr().out)
+    assert value == pytest.approx((1.0 - 4.851651954097903e8) / 2)
+    assert main(["objective", "--explain", str(path)]) == 0
+    assert "clamped to +20" in capsys.readouterr().out
+    path.write_text(json.dumps(payload | {"epsilon": 1.5}))
+    assert main(["objective", str(path)]) == 2
+    assert "epsilon must be < 1" in capsys.readouterr().err

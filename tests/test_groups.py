@@ -86,7 +86,8 @@ def test_matches_reference(groups):
         (dict(rewards=torch.tensor([1.0, math.inf]), group_size=2), ValueError, "finite"),
         (dict(rewards=torch.ones(2, 2), group_size=2), ValueError, "shape"),
         (dict(rewards=torch.ones(0), group_size=1), ValueError, "B >= 1"),
-        (dict(rewards=[1.0, 2.0], group_size=2), TypeError, "torch.Tensor"),
+        (dict(rewards="12", group_size=2), TypeError, "sequence of numbers, got a string"),
+        (dict(rewards={1.0, 2.0}, group_size=2), TypeError, "sequence of numbers, got set"),
         (dict(rewards=torch.ones(2), group_size=2, norm="zscore"), ValueError, "norm"),
     ],
 )
@@ -102,3 +103,26 @@ def test_tiny_and_huge_spreads_do_not_underflow(scale):
     r = torch.tensor([0.0, scale], dtype=torch.float64)
     assert advantages(r, group_size=2).tolist() == [-1.0, 1.0]
     assert group_advantages([0.0, scale]) == [-1.0, 1.0]
+
+
+def test_python_lists_are_accepted():
+    """rewards and group_ids as lists of numbers (the bug: TypeError for anything but a
+    tensor); a non-number is a TypeError that names the element."""
+    from gspo import gspo_loss
+
+    rewards, ids = [1.0, 0.0, 0.5, 0.5], [7, 7, 3, 3]
+    expected = advantages(torch.tensor(rewards), group_ids=torch.tensor(ids))
+    assert torch.equal(advantages(rewards, group_ids=ids), expected)
+    assert torch.equal(advantages((1, 0, 2, 2), group_size=2), torch.tensor([1.0, -1.0, 0, 0]))
+    logp = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    a = gspo_loss(logp, logp.detach() + 0.01, mask, rewards=rewards, group_ids=ids)[0]
+    b = gspo_loss(logp, logp.detach() + 0.01, mask, rewards=torch.tensor(rewards),
+                  group_ids=torch.tensor(ids))[0]  # fmt: skip
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"rewards\[1\] is 'x' \(str\), not a number"):
+        advantages([1.0, "x"], group_size=2)
+    with pytest.raises(TypeError, match=r"group_ids\[0\] is None \(NoneType\), not a number"):
+        gspo_loss(logp, logp.detach(), mask, rewards=rewards, group_ids=[None, 1, 1, 1])
+    with pytest.raises(ValueError, match="group_ids must be an integer"):
+        advantages(rewards, group_ids=[0.5, 0.5, 1.0, 1.0])

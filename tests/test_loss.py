@@ -362,7 +362,10 @@ def _nan_at(i, t):
         ),  # noqa: E501
         (_with(rewards=torch.tensor([0.0, math.inf, 1.0, 2.0])), ValueError, r"rewards\[1\]"),
         (_with(rewards=torch.zeros(B + 1)), ValueError, "rewards must have shape"),
-        (_with(eps_low=0.0), ValueError, "eps_low must be finite and > 0"),
+        (_with(eps_low=0.0), ValueError, "eps_low must be > 0"),
+        (_with(eps_low=1.5), ValueError, "eps_low must be < 1"),
+        (_with(eps_low=1.0), ValueError, "eps_low must be < 1"),
+        (_with(max_log_ratio=0.0), ValueError, "max_log_ratio must be > 0"),
         (_with(eps_low=-0.2), ValueError, "eps_low"),
         (_with(eps_low=math.nan), ValueError, "eps_low"),
         (_with(eps_high=math.inf), ValueError, "eps_high"),
@@ -420,18 +423,6 @@ def test_bad_packed_input(lens, match):
         gspo_loss(x, x, **lens, advantages=torch.zeros(max(1, len(next(iter(lens.values()))))))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_keep_valid_zeroes_garbage_bits(dtype):
-    from gspo.fused import keep_valid_
-    from gspo.masking import mask_bits
-
-    x = torch.tensor([[math.nan, 1.5, -math.inf], [math.inf, -0.0, 2.0]], dtype=dtype)
-    mask = torch.tensor([[False, True, False], [False, True, True]])
-    got = keep_valid_(x.clone(), mask_bits(mask, dtype))
-    assert got.tolist() == [[0.0, 1.5, 0.0], [0.0, 0.0, 2.0]]
-    assert not torch.signbit(got[~mask]).any()  # +0.0, not -0.0
-
-
 def test_kl_metric_keeps_small_kl():
     # Near on-policy, per-token log-ratios of +-1e-3 give k3 ~ 5e-7 per token; a float32
     # exp(x) - 1 - x would lose it to rounding (exp(1e-3) has ulp ~1.2e-7).
@@ -446,8 +437,8 @@ def test_kl_metric_keeps_small_kl():
 
 
 def test_second_backward_with_retained_graph_is_right():
-    # The first backward writes the gradient over the forward's mask bits; a second
-    # backward through a retained graph must rebuild them, not reuse a gradient.
+    # A second backward through a retained graph gives the same gradient (an in-place
+    # backward that consumed a forward buffer once failed this).
     logp, logp_old, mask = ratios_away_from_clip(2, eps=0.2)
     x = logp.clone().requires_grad_(True)
     loss, _ = gspo_loss(x, logp_old, mask, rewards=torch.arange(6.0), group_size=3, eps_low=0.2)
@@ -455,3 +446,127 @@ def test_second_backward_with_retained_graph_is_right():
     (g2,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
     assert g1.abs().sum() > 0
+
+
+def naive_sequence_loss(logp, logp_old, layout_kw, adv, eps_low, eps_high, bound=20.0):
+    """The docstring's spec code, run through autograd: the oracle for SequenceLoss's backward."""
+    dtype = torch.float64
+    lr = logp.to(dtype) - logp_old.to(dtype)
+    if "mask" in layout_kw:
+        mask = layout_kw["mask"]
+        seq_lr = torch.where(mask, lr, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
+    else:
+        seq_lr = torch.segment_reduce(lr, "sum", lengths=layout_kw["seq_lens"])
+        seq_lr = seq_lr / layout_kw["seq_lens"]
+    s = seq_lr.clamp(-bound, bound).exp()
+    return -torch.minimum(s * adv, s.clamp(1 - eps_low, 1 + eps_high) * adv).sum() / len(adv)
+
+
+@given(batch=batches, eps=eps_pairs, shift=st.sampled_from([0.0, 0.3, 25.0]), packed=st.booleans())
+def test_sequence_backward_equals_autograd_of_the_spec_code(batch, eps, shift, packed):
+    # The hand-written backward against autograd through the code it replaces, with
+    # sequences clipped below and above, and shifts past the clamp (25 > 20).
+    new, old, _ = make_batch(**batch)
+    g = torch.Generator().manual_seed(batch["seed"])
+    offsets = shift * (2 * torch.rand(len(new), generator=g, dtype=torch.float64) - 1)
+    old = [[x - float(o) for x in row] for row, o in zip(old, offsets, strict=True)]
+    adv = torch.randn(len(new), generator=g, dtype=torch.float64)
+    if packed:
+        logp, lens = pack(new)
+        logp_old, _ = pack(old)
+        layout_kw = {"seq_lens": lens}
+    else:
+        logp, mask = pad(new, fill=math.nan)
+        logp_old, _ = pad(old, fill=math.inf)
+        layout_kw = {"mask": mask}
+    got_x, want_x = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    got, _ = gspo_loss(got_x, logp_old, **layout_kw, advantages=adv, eps_low=eps[0],
+                       eps_high=eps[1])  # fmt: skip
+    clean_x = torch.nan_to_num(want_x, nan=0.0) if not packed else want_x
+    want = naive_sequence_loss(clean_x, torch.nan_to_num(logp_old, posinf=0.0), layout_kw, adv,
+                               *eps)  # fmt: skip
+    got.backward()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(got_x.grad, torch.nan_to_num(want_x.grad), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_padded_equals_packed(dtype):
+    # Upcast happens before the subtraction in both layouts, so they agree to float32
+    # rounding. A subtraction in bf16 (fused.py once did that for padded input) rounds
+    # logp - logp_old to 8 bits wherever the two are not within a factor of 2 of each
+    # other (Sterbenz), hence the wide spread (1.0) between them here.
+    new, old, rewards = make_batch(11, 8, 8, 300, 1.0)
+    r = torch.tensor(rewards)
+    padded, mask = pad(new, dtype=dtype)
+    padded_old, _ = pad(old, dtype=dtype)
+    packed, lens = padded[mask], mask.sum(-1)
+    kw = dict(rewards=r, group_size=8, eps_low=0.2)
+    x_pad, x_pack = padded.clone().requires_grad_(True), packed.clone().requires_grad_(True)
+    loss_pad, _ = gspo_loss(x_pad, padded_old, mask, **kw)
+    loss_pack, _ = gspo_loss(x_pack, padded_old[mask], seq_lens=lens, **kw)
+    assert loss_pad.dtype == loss_pack.dtype == torch.float32
+    assert loss_pad.item() == pytest.approx(loss_pack.item(), rel=1e-6, abs=1e-7)
+    loss_pad.backward()
+    loss_pack.backward()
+    assert x_pad.grad.dtype == dtype
+    torch.testing.assert_close(x_pad.grad[mask], x_pack.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "new_dtype, old_dtype, compute",
+    [(torch.float32, torch.float64, torch.float64), (torch.float64, torch.float32, torch.float64),
+     (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float16, torch.float32)],
+)  # fmt: skip
+def test_mixed_dtypes_compute_in_the_wider_one(new_dtype, old_dtype, compute):
+    # README: mixed float dtypes are accepted (a bf16 policy against float32 sampler
+    # log-probs is common); both are upcast to float64 if either is, else float32.
+    # The result equals the same values upcast by hand: nothing is rounded to the narrower.
+    new, old, rewards = make_batch(12, 4, 4, 40, 0.1)
+    logp, mask = pad(new, dtype=new_dtype)
+    logp_old, _ = pad(old, dtype=old_dtype)
+    kw = dict(rewards=torch.tensor(rewards), group_size=4, eps_low=0.2)
+    got, _ = gspo_loss(logp, logp_old, mask, **kw)
+    want, _ = gspo_loss(logp.to(compute), logp_old.to(compute), mask, **kw)
+    assert got.dtype == compute
+    assert got.item() == want.item()
+
+
+def test_mismatched_dtype_that_is_not_float_is_refused():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="logp_old must be a floating-point tensor"):
+        gspo_loss(x, x.long(), torch.ones(2, 3, dtype=torch.bool), advantages=torch.zeros(2))
+
+
+def test_same_clamp_rule_as_the_reference():
+    # A mean log-ratio of 1000 overflows exp in both float32 and float64; both the
+    # loss and the reference (and so `gspo objective`) hold it at e^20 (MAX_LOG_RATIO).
+    new, old, rewards = [[1000.0], [0.0]], [[0.0], [0.0]], [0.0, 1.0]
+    ref = sequence_objective(new, old, rewards, 0.2)
+    assert ref == pytest.approx((-math.exp(20) + 1.0) / 2, rel=1e-12)  # A = [-1, 1]
+    for dtype in (torch.float32, torch.float64):
+        loss, _ = gspo_loss(torch.tensor(new, dtype=dtype), torch.tensor(old, dtype=dtype),
+                            torch.ones(2, 1, dtype=torch.bool), rewards=torch.tensor(rewards),
+                            group_size=2, eps_low=0.2)  # fmt: skip
+        assert loss.item() == pytest.approx(-ref, rel=1e-6)
+
+
+def test_eps_high_may_exceed_one():
+    # Only the lower bound 1 - eps_low must stay a positive ratio; 1 + 1.5 is one.
+    logp = torch.tensor([[0.5]], dtype=torch.float64)
+    loss, _ = gspo_loss(logp, torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool),
+                        advantages=torch.ones(1), eps_low=0.2, eps_high=1.5)  # fmt: skip
+    assert loss.item() == pytest.approx(-math.exp(0.5))  # e^0.5 < 2.5: unclipped
+
+
+def test_kl_metric_is_optional():
+    logp, logp_old, mask = ratios_away_from_clip(3, eps=0.2)
+    kw = dict(advantages=torch.arange(6.0), eps_low=0.2)
+    loss_on, on = gspo_loss(logp, logp_old, mask, **kw)
+    loss_off, off = gspo_loss(logp, logp_old, mask, kl_metric=False, **kw)
+    assert "approx_kl" in on and "approx_kl" not in off and on["approx_kl"].item() > 0
+    assert loss_on.item() == loss_off.item()
+    assert {k: v.item() for k, v in off.items()} == {
+        k: v.item() for k, v in on.items() if k != "approx_kl"
+    }

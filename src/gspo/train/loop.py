@@ -33,8 +33,8 @@ import torch
 from gspo.config import TrainConfig, to_dict
 from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
+from gspo.train import data, engines, rundir
 from gspo.train import distributed as dd
-from gspo.train import engines
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
 from gspo.train.tiny import load_model_and_tokenizer
 from gspo.train.update import lr_lambda, update
@@ -83,7 +83,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
     _check_world(config, world)
-    run_dir = _run_dir(config, world)
+    run_dir = rundir.resolve(config, world)  # created only once every check has passed
     resume_from = ckpt.latest(run_dir) if config.resume else None
     if config.threads or config.model == "tiny":
         torch.set_num_threads(config.threads or 1)
@@ -98,11 +98,15 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     ref_model = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
     if resume_from is not None:
         ckpt.load_model_weights(model, resume_from)
-    model.to(world.device).train()
+    # Dropout off (eval mode) unless asked: its noise alone moves on-policy ratios off 1.
+    model.to(world.device).train(config.keep_dropout)
     pool, held_out, reward_fn = build_task(
         task=config.task, prompts_file=config.prompts, reward=config.reward,
-        eval_size=config.eval_prompts, seed=config.seed,
+        reward_weights=config.reward_weights, eval_size=config.eval_prompts, seed=config.seed,
     )  # fmt: skip
+    pool, held_out, dropped = data.fit_prompts(pool, held_out, tokenizer, model, config)
+    if world.main:
+        data.start_warnings(config, len(pool), dropped)
 
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
     from gspo.chunked import CausalLMLogprobs
@@ -143,11 +147,15 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
               config, world, rng)  # fmt: skip
 
     # ---- the loop
+    rundir.create(run_dir, config, world)
     log = _MetricsLog(run_dir / "metrics.jsonl", world, truncate_after=start)
     bar = _progress(config, world, start)
     step = start
     if start == 0:
-        log.write({"step": 0, "eval_reward": evaluate()})
+        first = {"step": 0, "eval_reward": evaluate()}
+        if config.max_prompt_tokens is not None:
+            first["prompts_dropped"] = dropped  # over the limit, removed before training
+        log.write(first)
     with Stop() as stop:
         for step in range(start + 1, config.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
@@ -193,25 +201,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
 # ---------------------------------------------------------------- helpers, in call order
 
 
-def _run_dir(config: TrainConfig, world: dd.World) -> Path:
-    if config.resume:
-        run_dir = Path(config.resume)
-    elif config.run_dir:
-        run_dir = Path(config.run_dir)
-    else:
-        stamp = dd.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), world)
-        run_dir = Path("runs") / stamp
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    dd.barrier(world)
-    return run_dir
-
-
 def _check_world(config: TrainConfig, world: dd.World) -> None:
     if config.fsdp and not world.distributed:
+        again = f"--resume {config.resume} (N = the ranks that saved it)" if config.resume \
+            else "--fsdp"  # fmt: skip
         raise ValueError("--fsdp shards the model over several processes: launch with "
-                         "torchrun --nproc-per-node N -m gspo train --fsdp")  # fmt: skip
+                         f"torchrun --nproc-per-node N -m gspo train {again}")  # fmt: skip
     per_rank = config.prompts_per_step * config.group_size // world.size
     if config.prompts_per_step % world.size or per_rank % config.minibatches:
         raise ValueError(
@@ -226,6 +221,7 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
 
 def _restore(path: Path, engine, optimizer, scheduler, world: dd.World) -> int:
     state = ckpt.load_trainer_state(path)
+    ckpt.check_resumable(path, state, world.size, dd.is_fsdp(engine))
     mine = ckpt.load_rank_state(path, world.rank)
     optim = mine["optimizer_shard"] if dd.is_fsdp(engine) else state["optimizer"]
     dd.load_optimizer_state(engine, optimizer, optim)
@@ -264,6 +260,8 @@ def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict
     extremes = {k: k.endswith(("_max", "_max_abs")) for k in local if k.endswith(_EXTREMES)}
     for key, largest in extremes.items():
         local[key] = (max if largest else min)(h[key] for h in history)
+    # several reward functions: each one's mean on its own (rewards.Scores.parts)
+    local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
     merged = dd.all_mean(local, world)
     for key, largest in extremes.items():
         merged[key] = dd.all_extreme(local[key], world, largest=largest)

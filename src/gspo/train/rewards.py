@@ -1,7 +1,10 @@
 """Tasks (where prompts come from), rewards (how completions are scored) and the data order.
 
-A prompt is a dict ``{"prompt": str, **fields}``; the fields go to the reward function as
-lists, one value per completion:  ``reward(prompts, completions, **fields) -> list[float]``.
+A prompt is a dict ``{"prompt": str | list[message], **fields}``; the fields go to the reward
+function as lists, one value per completion:  ``reward(prompts, completions, **fields) ->
+list[float]``. ``prompt`` is a text, or chat messages ``[{"role": ..., "content": ...}]`` (TRL's
+conversational format) that the tokenizer's chat template renders. Several reward functions
+are summed with weights (``Rewards``); each one's values are kept for the metrics.
 
 Built-in tasks are verifiable and learnable from a random start:
 
@@ -21,12 +24,17 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import random
 import string
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-Prompt = dict  # {"prompt": str, **fields}
+from gspo.train.arith import arith_prompts, arith_reward, from_row
+
+Prompt = dict  # {"prompt": str | list[{"role": str, "content": str}], **fields}
 RewardFn = Callable[..., list]
 
 DIGITSUM_TARGETS = range(1, 28)  # up to three nines fit in the default 6 new tokens
@@ -40,7 +48,8 @@ class RewardError(RuntimeError):
 # ---------------------------------------------------------------- built-in tasks
 
 
-def digitsum_prompts(n: int, seed: int) -> list[Prompt]:
+def digitsum_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    # ``split`` is ignored: with 27 targets, held-out prompts can only differ by the seed.
     rng = random.Random(seed)
     return [_digitsum(rng.choice(DIGITSUM_TARGETS)) for _ in range(n)]
 
@@ -65,8 +74,8 @@ def digitsum_reward(prompts: Sequence[str], completions: Sequence[str], target) 
     return out
 
 
-def copy_prompts(n: int, seed: int) -> list[Prompt]:
-    rng = random.Random(seed)
+def copy_prompts(n: int, seed: int, *, split: str = "train") -> list[Prompt]:
+    rng = random.Random(seed)  # ``split`` ignored: 8^3 words, the seed alone separates them
     words = ["".join(rng.choices(string.ascii_lowercase[:8], k=3)) for _ in range(n)]
     return [{"prompt": f"copy {w}:", "answer": w} for w in words]
 
@@ -82,18 +91,27 @@ def copy_reward(prompts: Sequence[str], completions: Sequence[str], answer) -> l
 TASKS = {
     "digitsum": (digitsum_prompts, digitsum_reward),
     "copy": (copy_prompts, copy_reward),
+    "arith": (arith_prompts, arith_reward),  # school arithmetic for pretrained chat models
 }
+
+
+# How each task reads a row of a --prompts file; a task not listed takes {"prompt", ...} rows.
+ROW_FORMATS = {"arith": from_row}
 
 
 # ---------------------------------------------------------------- prompts and reward choice
 
 
-def load_prompts_file(path: str | Path) -> list[Prompt]:
-    """Read a JSONL file of ``{"prompt": str, ...}`` objects; errors name the line."""
+def load_prompts_file(path: str | Path, task: str | None = None) -> list[Prompt]:
+    """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects, or of the rows
+    ``task`` formats itself (arith: ``{"question", "answer"}``); a UTF-8 byte order mark is
+    allowed; errors name the line."""
+    row_format = ROW_FORMATS.get(task)
     rows = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
+        # utf-8-sig: editors on Windows (and pandas' to_json) may write a byte order mark
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"--prompts {str(path)!r} cannot be read ({err}); fix the path") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -102,9 +120,12 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        if isinstance(row, dict) and row_format is not None:
+            row = row_format(row, f"--prompts {path}: line {number}")
+        if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
             raise ValueError(
-                f'--prompts {path}: line {number} must be an object with a string "prompt"'
+                f'--prompts {path}: line {number} must be an object with a "prompt" that is a '
+                'string or a list of chat messages [{"role": "user", "content": "..."}]'
             )
         rows.append(row)
     if len(rows) < 2:
@@ -112,15 +133,35 @@ def load_prompts_file(path: str | Path) -> list[Prompt]:
     return rows
 
 
+def _is_prompt(value) -> bool:
+    if isinstance(value, str):
+        return True
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )  # fmt: skip
+
+
 def import_reward(spec: str) -> RewardFn:
-    """Import ``module:function``; the error says what was not found."""
+    """Import ``module:function`` from the current directory or the Python path (as
+    ``python -m`` would: the console script alone does not put the directory on the path);
+    the error says what was not found."""
     module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
-            f"--reward {spec!r}: cannot import module {module_name!r} ({err}); "
-            "make it importable (PYTHONPATH) or fix the name"
+            f"--reward {spec!r}: cannot import module {module_name!r} ({err}) from {cwd} or the "
+            "Python path; run from the directory that holds it, add it to PYTHONPATH, or fix "
+            "the name"
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -128,17 +169,47 @@ def import_reward(spec: str) -> RewardFn:
     return fn
 
 
+@dataclass(frozen=True)
+class Rewards:
+    """Several reward functions: the reward is ``sum_k weights[k] * fns[k](...)``; ``names``
+    (the function names, or the full ``module:function`` where two share a name) key each
+    one's own values in the metrics."""
+
+    fns: tuple[RewardFn, ...]
+    weights: tuple[float, ...]
+    names: tuple[str, ...]
+
+
+def load_rewards(specs: Sequence[str], weights: Sequence[float]) -> RewardFn | Rewards:
+    """One imported function as it is; several as ``Rewards`` (weights default to 1)."""
+    fns = tuple(import_reward(spec) for spec in specs)
+    weights = tuple(float(w) for w in weights) or (1.0,) * len(fns)
+    if len(fns) == 1 and weights == (1.0,):
+        return fns[0]
+    short = [spec.partition(":")[2] for spec in specs]
+    names = tuple(s if short.count(s) == 1 else spec for s, spec in zip(short, specs, strict=True))
+    return Rewards(fns, weights, names)
+
+
 def build_task(
-    *, task: str, prompts_file: str | None, reward: str | None, eval_size: int, seed: int
-) -> tuple[list[Prompt], list[Prompt], RewardFn]:
-    """(training pool, fixed held-out prompts, reward function)."""
+    *,
+    task: str,
+    prompts_file: str | None,
+    reward: str | Sequence[str] | None,
+    eval_size: int,
+    seed: int,
+    reward_weights: Sequence[float] = (),
+) -> tuple[list[Prompt], list[Prompt], RewardFn | Rewards]:
+    """(training pool, fixed held-out prompts, reward function(s))."""
     make, reward_fn = TASKS[task]
-    if reward is not None:
-        reward_fn = import_reward(reward)
+    specs = [reward] if isinstance(reward, str) else list(reward or ())
+    if specs:
+        reward_fn = load_rewards(specs, reward_weights)
     if prompts_file is None:
         # Seeds are offset so held-out prompts are drawn independently of the training pool.
-        return make(4096, seed), make(eval_size, seed + 1_000_003), reward_fn
-    rows = load_prompts_file(prompts_file)
+        held_out = make(eval_size, seed + 1_000_003, split="test")
+        return make(4096, seed, split="train"), held_out, reward_fn
+    rows = load_prompts_file(prompts_file, task)
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
 
@@ -171,7 +242,32 @@ def _first_failing(reward_fn, texts, completions, fields) -> int | None:
     return None
 
 
+class Scores(list):
+    """The reward of each completion (a list of floats), with ``parts``: each reward
+    function's own values by name when there are several (else empty)."""
+
+    def __init__(self, values, parts: dict[str, list[float]] | None = None) -> None:
+        super().__init__(values)
+        self.parts = parts or {}
+
+
 def score(
+    reward_fn: RewardFn | Rewards, prompts: Sequence[Prompt], completions: Sequence[str]
+) -> Scores:
+    """Score every completion; several reward functions are each checked alone and summed
+    with their weights."""
+    if not isinstance(reward_fn, Rewards):
+        return Scores(_score_one(reward_fn, prompts, completions))
+    parts = {name: _score_one(fn, prompts, completions)
+             for name, fn in zip(reward_fn.names, reward_fn.fns, strict=True)}  # fmt: skip
+    total = [
+        math.fsum(w * v for w, v in zip(reward_fn.weights, values, strict=True))
+        for values in zip(*parts.values(), strict=True)
+    ]
+    return Scores(total, parts)
+
+
+def _score_one(
     reward_fn: RewardFn, prompts: Sequence[Prompt], completions: Sequence[str]
 ) -> list[float]:
     """Call the reward once for the batch and check its answer; raise RewardError naming the

@@ -46,20 +46,35 @@ class Rollout:
         )
 
 
-def render_prompt(tokenizer, text: str) -> str:
-    """Wrap the prompt in the tokenizer's chat template when it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text
+def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:
+    """The text the model sees: a text prompt is the user message of the tokenizer's chat
+    template when it has one (after ``system_prompt``, if given; none leaves the template's
+    own default), else the text itself. Chat messages ``[{"role", "content"}]`` go through the
+    template as they are (``system_prompt`` is put first if they bring no system message)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(prompt, str):
+        if not has_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        if not has_template:
+            raise ValueError("--prompts gives chat messages, but the tokenizer has no chat "
+                             "template to render them; give text prompts or a tokenizer with "
+                             "a chat_template")  # fmt: skip
+        messages = list(prompt)
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, prompts: Sequence[Prompt], system_prompt: str | None = None
+) -> list[list[int]]:
     """Token ids of each prompt, as the model saw such text in training: the chat template
     when there is one (it writes its own special tokens), else the tokenizer's own special
     tokens (a BOS for Llama-style tokenizers; nothing for the built-in one)."""
     templated = bool(getattr(tokenizer, "chat_template", None))
-    texts = [render_prompt(tokenizer, p["prompt"]) for p in prompts]
+    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in prompts]
     return tokenizer(texts, add_special_tokens=not templated)["input_ids"]
 
 

@@ -98,16 +98,20 @@ def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: 
 
 
 def load_model_and_tokenizer(name: str, *, layers: int, hidden: int, seed: int):
-    """'tiny' builds the built-in pair; anything else is a local Hugging Face directory."""
+    """'tiny' builds the built-in pair; a GGUF file or 'smollm2' is dequantized once into a
+    cached directory (gguf.py); anything else is a local Hugging Face directory."""
     if name == "tiny":
         return tiny_model(layers=layers, hidden=hidden, seed=seed), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name)
+    from gspo.train import gguf
+
+    path = Path(gguf.resolve(name))
     if not path.is_dir():
         raise ValueError(
-            f"--model / model = {name!r} is not a directory; give 'tiny' or a local directory "
-            "written by save_pretrained (this trainer never downloads weights)"
+            f"--model / model = {name!r} is not a directory; give 'tiny', 'smollm2', a .gguf "
+            "file or a local directory written by save_pretrained (this trainer never "
+            "downloads weights)"
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)

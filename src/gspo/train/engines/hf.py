@@ -33,7 +33,8 @@ class HFEngine:
         with self.gathered():
             return generate(self.model, self.tokenizer, prompts, group_size=group_size,
                             max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                            top_p=c.top_p, greedy=greedy, synced=self.synced)  # fmt: skip
+                            top_p=c.top_p, greedy=greedy, synced=self.synced,
+                            system_prompt=c.system_prompt)  # fmt: skip
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         pass  # generate() runs the policy module: it is always current
@@ -73,6 +74,7 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     synced: bool = False,
+    system_prompt: str | None = None,
 ) -> Rollout:
     """Sample ``group_size`` completions per prompt; groups are contiguous rows.
 
@@ -81,7 +83,7 @@ def generate(
     """
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(group_size)]
-    ids = encode_prompts(tokenizer, rows)
+    ids = encode_prompts(tokenizer, rows, system_prompt)
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     enc = {k: v.to(device) for k, v in enc.items()}
     gen_config = fresh_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,

@@ -91,7 +91,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         c = self.config
-        ids = encode_prompts(self.tokenizer, prompts)
+        ids = encode_prompts(self.tokenizer, prompts, c.system_prompt)
         params = SamplingParams(
             n=group_size,
             temperature=0.0 if greedy else c.temperature,

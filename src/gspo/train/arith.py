@@ -1,0 +1,253 @@
+"""The ``arith`` task: school arithmetic as people phrase it, scored by its exact final answer.
+
+Questions mix integers, decimals and fractions, negative numbers included, in five
+categories (``add``, ``sub``, ``mul``, ``div``, ``expr``) and three levels:
+
+* level 1: small non-negative integers ("What is 3 plus 4?");
+* level 2: signed two-digit integers or one-place decimals ("Subtract 39 from -6.",
+  "Calculate 28 divided by -36.");
+* level 3: signed integers, two-place decimals or fractions, and deeper expressions
+  ("(2 - 1 - (5 + -1)) + 1").
+
+One kind of number per question; expressions use signed one-digit integers.
+
+Every prompt ends with one fixed instruction asking for a last line ``Answer: <number>``.
+The reward parses the number after the *last* ``Answer:`` and compares it with the true
+value as an exact rational (``fractions.Fraction``): ``-7/9``, ``-14/18`` and ``-0.7777...``
+rounded are different claims, and only the first two are right. Nothing is compared as a
+float, so ``0.1 + 0.2`` is ``0.3`` exactly.
+
+A prompt is ``{"prompt": str, "question": str, "answer": str, "category": str,
+"level": int}``; ``answer`` is the canonical spelling of the value (integer, terminating
+decimal, or lowest-terms fraction). Rows of ``{"question", "answer"}`` from a user's file go
+through :func:`as_prompt` and are scored by the same reward.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from collections.abc import Sequence
+from fractions import Fraction
+
+INSTRUCTION = (
+    "Solve the problem. End your reply with a final line of the form 'Answer: <number>', "
+    "where the number is an integer, a decimal or a fraction such as -7/9."
+)
+CATEGORIES = ("add", "sub", "mul", "div", "expr")
+LEVELS = (1, 2, 3)
+
+_PHRASES = {
+    "add": ("What is {a} plus {b}?", "Add {a} and {b}.", "Calculate {a} + {b}.",
+            "What is the sum of {a} and {b}?"),
+    "sub": ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Calculate {a} - {b}.",
+            "Take {b} away from {a}."),
+    "mul": ("What is {a} times {b}?", "Multiply {a} by {b}.", "Calculate {a} * {b}.",
+            "What is the product of {a} and {b}?"),
+    "div": ("What is {a} divided by {b}?", "Divide {a} by {b}.",
+            "Calculate {a} divided by {b}.", "Calculate {a} / {b}."),
+    "expr": ("What is {e}?", "Evaluate {e}.", "Calculate {e}.", "{e}"),
+}  # fmt: skip
+_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
+
+
+# ---------------------------------------------------------------- numbers as text
+
+
+def spell(value: Fraction) -> str:
+    """Canonical text of an exact value: ``7``, ``-0.25``, ``-7/9`` (lowest terms).
+
+    A decimal is used exactly when it terminates (the denominator has no prime factor but
+    2 and 5); otherwise a fraction, since any rounding would make the answer inexact.
+    """
+    value = Fraction(value)
+    if value.denominator == 1:
+        return str(value.numerator)
+    den, twos, fives = value.denominator, 0, 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    scaled = abs(value) * 10**places  # an integer by construction
+    digits = str(int(scaled)).rjust(places + 1, "0")
+    sign = "-" if value < 0 else ""
+    return f"{sign}{digits[:-places]}.{digits[-places:]}"
+
+
+# A number as a person or a model writes it: sign (ASCII or Unicode minus), digits with
+# optional thousands groups, optional decimals, optional "/ denominator"; or LaTeX \frac.
+_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+"
+_NUMBER = re.compile(rf"\s*=?\s*(?P<num>{_NUM})(?:\s*/\s*(?P<den>{_NUM}))?")
+_FRAC = re.compile(
+    r"\s*=?\s*(?P<sign>[+-]?)\s*\\d?frac\{\s*(?P<num>[+-]?\d+)\s*\}\{\s*(?P<den>[+-]?\d+)\s*\}"
+)
+_ANSWER = re.compile(r"answer\s*\**\s*[:：]", re.IGNORECASE)
+# Markup that models wrap answers in; removed before the number is read.
+_MARKUP = re.compile(r"\*\*|__|`|\$|\\\(|\\\)|\\\[|\\\]|\\boxed\{|\\text\{[^}]*\}")
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of the number that ``text`` starts with, else None.
+
+    The number must stand alone: ``"5."`` or ``"5 apples"`` read as 5, but ``"3 1/2"``
+    (a mixed number) and ``"5/0"`` read as None rather than as a wrong value.
+    """
+    text = text.replace("\u2212", "-")  # Unicode minus
+    text = _MARKUP.sub("", text)
+    match = _FRAC.match(text)
+    if match:
+        num, den = int(match["num"]), int(match["den"])
+        if den == 0:
+            return None
+        value = Fraction(num, den)
+        return -value if match["sign"] == "-" else value
+    match = _NUMBER.match(text)
+    if not match:
+        return None
+    rest = text[match.end() :].lstrip()
+    if rest[:1].isdigit() or rest[:1] == "/":
+        return None
+    num = Fraction(match["num"].replace(",", ""))
+    if match["den"] is None:
+        return num
+    den = Fraction(match["den"].replace(",", ""))
+    return None if den == 0 else num / den
+
+
+def final_answer(completion: str) -> Fraction | None:
+    """The number after the last ``Answer:`` (any case, markdown bold allowed), else None."""
+    ends = [match.end() for match in _ANSWER.finditer(completion)]
+    return parse_number(completion[ends[-1] :]) if ends else None
+
+
+# ---------------------------------------------------------------- questions
+
+
+# The kinds of number each level draws from; one kind per question, as in a school
+# exercise ("8.64 plus -5/6" mixes two and is not one).
+_KINDS = {1: ("small",), 2: ("int", "dec1"), 3: ("int", "dec2", "frac")}
+
+
+def _operand(rng: random.Random, kind: str) -> Fraction:
+    if kind == "small":
+        return Fraction(rng.randint(0, 9))
+    if kind == "int":
+        return Fraction(rng.randint(-99, 99))
+    if kind == "dec1":
+        return Fraction(rng.randint(-99, 99), 10)
+    if kind == "dec2":
+        return Fraction(rng.randint(-999, 999), 100)
+    return Fraction(rng.randint(-9, 9), rng.randint(2, 9))
+
+
+def _binary(rng: random.Random, category: str, level: int) -> tuple[str, Fraction]:
+    kind = rng.choice(_KINDS[level])
+    a, b = _operand(rng, kind), _operand(rng, kind)
+    if category == "div":
+        while b == 0:
+            b = _operand(rng, kind)
+        if level == 1:
+            a = a * b  # exact whole quotients while the numbers are small
+        value = a / b
+    else:
+        value = _OPS[category](a, b)
+    phrase = rng.choice(_PHRASES[category])
+    return phrase.format(a=spell(a), b=spell(b)), value
+
+
+def _expression(rng: random.Random, depth: int, level: int) -> tuple[str, Fraction]:
+    """A random +,-,* tree of small integers; every inner node is parenthesised, so the
+    text reads unambiguously whatever precedence the reader assumes."""
+    if depth == 0 or rng.random() < 0.3:
+        n = rng.randint(-9 if level > 1 else 0, 9)
+        return str(n), Fraction(n)
+    op = rng.choice(("add", "sub", "mul") if level > 1 else ("add", "sub"))
+    left, lv = _expression(rng, depth - 1, level)
+    right, rv = _expression(rng, depth - 1, level)
+    left = left if _is_atom(left) else f"({left})"
+    right = right if _is_atom(right) else f"({right})"
+    return f"{left} {_SYMBOL[op]} {right}", _OPS[op](lv, rv)
+
+
+def _is_atom(text: str) -> bool:
+    return re.fullmatch(r"-?\d+", text) is not None
+
+
+def question(rng: random.Random, category: str, level: int) -> tuple[str, Fraction]:
+    """One question of a category and level, and its exact value."""
+    if category != "expr":
+        return _binary(rng, category, level)
+    text, value = _expression(rng, depth=level + 1, level=level)
+    while _is_atom(text):  # a bare number is not a question
+        text, value = _expression(rng, depth=level + 1, level=level)
+    return rng.choice(_PHRASES["expr"]).format(e=text), value
+
+
+def as_prompt(question_text: str, answer: str | Fraction, **fields) -> dict:
+    """A task prompt for a question: the instruction appended, the answer kept as text."""
+    if isinstance(answer, Fraction):
+        answer = spell(answer)
+    elif parse_number(str(answer)) is None:
+        raise ValueError(f"answer {answer!r} of question {question_text!r} is not a number")
+    return {"prompt": f"{question_text}\n{INSTRUCTION}", "question": question_text,
+            "answer": str(answer), **fields}  # fmt: skip
+
+
+def split_of(question_text: str) -> str:
+    """``"test"`` for about 1 question in 10, by a stable hash of its text, else ``"train"``.
+
+    Level 1 has only a few hundred distinct questions, so a training pool and a held-out set
+    drawn with different seeds would share many; splitting by the text keeps them disjoint
+    whatever the seeds and sizes.
+    """
+    return "test" if zlib.crc32(question_text.encode()) % 10 == 0 else "train"
+
+
+def from_row(row: dict, where: str) -> dict:
+    """A user's ``{"question", "answer", ...}`` row as a task prompt (other keys kept, e.g.
+    ``category``); a row that already has ``prompt`` is taken as it is."""
+    if "prompt" in row and "question" not in row:
+        return row
+    if "question" not in row or "answer" not in row:
+        raise ValueError(f"{where} needs 'question' and 'answer' (or 'prompt') for task arith")
+    fields = {k: v for k, v in row.items() if k not in ("question", "answer", "prompt")}
+    return as_prompt(str(row["question"]), str(row["answer"]), **fields)
+
+
+def arith_prompts(
+    n: int, seed: int, *, split: str = "train", levels: Sequence[int] = LEVELS
+) -> list[dict]:
+    """``n`` questions of one split, categories and levels drawn uniformly, reproducible from
+    ``seed``; a question may repeat within a split (level 1 is small)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        category, level = rng.choice(CATEGORIES), rng.choice(tuple(levels))
+        text, value = question(rng, category, level)
+        if split_of(text) == split:
+            out.append(as_prompt(text, value, category=category, level=level))
+    return out
+
+
+# ---------------------------------------------------------------- reward
+
+
+def arith_reward(prompts, completions, answer, **_fields) -> list[float]:
+    """1.0 when the number after the last ``Answer:`` equals ``answer`` exactly, else 0.0."""
+    out = []
+    for text, goal in zip(completions, answer, strict=True):
+        got = final_answer(text)
+        out.append(float(got is not None and got == parse_number(str(goal))))
+    return out
+
+
+def has_format(completion: str) -> bool:
+    """Whether the completion ends its reasoning with a readable ``Answer: <number>``."""
+    return final_answer(completion) is not None

@@ -1,0 +1,199 @@
+"""`gspo eval`: how well a model does a task, the same way before and after training.
+
+    gspo eval --model smollm2 --task arith -n 8            # the base model
+    gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output
+    gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
+
+For each question: one greedy completion and ``n`` sampled ones (temperature 1). Reported,
+overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbiased
+estimator of Chen et al. 2021), and the format rate (greedy completions whose answer the
+task can read). A completion is *correct* when its reward is 1, the maximum of the
+built-in tasks. Output: a table, then one JSON line; every completion goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gspo.config import add_arguments, check, from_args, option
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Everything `gspo eval` reads."""
+
+    model: str = option("smollm2", "'tiny', 'smollm2', a .gguf file or an HF dir (a run's model/)",
+                        metavar="PATH")  # fmt: skip
+    task: str = option("arith", "task whose questions and reward are used",
+                       choices=("arith", "digitsum", "copy"))  # fmt: skip
+    prompts: str | None = option(
+        None, "JSONL of {'question', 'answer'} (arith) or {'prompt', ...} rows", metavar="FILE"
+    )
+    questions: int = option(100, "built-in held-out questions to ask (ignored with --prompts)")
+    n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
+    temperature: float = option(1.0, "sampling temperature of the n samples")
+    max_new_tokens: int = option(256, "longest completion, in tokens")
+    batch_size: int = option(32, "sequences generated together")
+    seed: int = option(0, "seed of the built-in questions and of sampling")
+    out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
+                      metavar="FILE")  # fmt: skip
+    device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+
+    def __post_init__(self) -> None:
+        check(self.questions >= 1, "questions", self.questions, "ask at least 1 question")
+        check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
+        check(self.temperature > 0, "temperature", self.temperature, "use a positive value")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: the chance that k
+    samples drawn without replacement contain a correct one, ``1 - C(n-c, k) / C(n, k)``,
+    as a product so that large n never forms huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def load_questions(config: EvalConfig) -> list[dict]:
+    """The built-in held-out questions, or a file's rows formatted by the task."""
+    from gspo.train.rewards import TASKS, load_prompts_file
+
+    if config.prompts is None:
+        make, _ = TASKS[config.task]
+        return make(config.questions, config.seed + 1_000_003, split="test")
+    return load_prompts_file(config.prompts, config.task)
+
+
+def _generate(model, tokenizer, prompts, *, group_size, config, greedy):
+    """Completions for every prompt (``group_size`` each, groups contiguous), batched."""
+    from tqdm import tqdm
+
+    from gspo.train.rollout import generate
+
+    per_batch = max(1, config.batch_size // group_size)
+    texts = []
+    bar = tqdm(total=len(prompts), desc="greedy" if greedy else f"{group_size} samples",
+               unit="q", file=sys.stderr, leave=False)  # fmt: skip
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start : start + per_batch]
+        rollout = generate(model, tokenizer, chunk, group_size=group_size, greedy=greedy,
+                           max_new_tokens=config.max_new_tokens,
+                           temperature=config.temperature)  # fmt: skip
+        texts += rollout.completions
+        bar.update(len(chunk))
+    bar.close()
+    return texts
+
+
+def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig) -> tuple[dict, list]:
+    """(summary, records): score greedy and sampled completions of every question."""
+    from gspo.train.arith import has_format
+    from gspo.train.rewards import TASKS, score
+
+    _, reward_fn = TASKS[config.task]
+    greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True)
+    greedy_rewards = score(reward_fn, questions, greedy)
+    sampled, sampled_rewards = [], []
+    if config.n:
+        sampled = _generate(model, tokenizer, questions, group_size=config.n, config=config,
+                            greedy=False)  # fmt: skip
+        repeated = [q for q in questions for _ in range(config.n)]
+        sampled_rewards = score(reward_fn, repeated, sampled)
+    records = []
+    for i, question in enumerate(questions):
+        samples = sampled[i * config.n : (i + 1) * config.n]
+        rewards = sampled_rewards[i * config.n : (i + 1) * config.n]
+        records.append({
+            "question": question.get("question", question["prompt"]),
+            "answer": question.get("answer"),
+            "category": str(question.get("category", "all")),
+            "greedy": greedy[i], "greedy_reward": greedy_rewards[i],
+            "greedy_correct": greedy_rewards[i] == 1.0,
+            "greedy_format": has_format(greedy[i]) if config.task == "arith" else None,
+            "samples": samples, "sample_rewards": rewards,
+            "samples_correct": sum(r == 1.0 for r in rewards),
+        })  # fmt: skip
+    return summarize(records, config.n), records
+
+
+def summarize(records: Sequence[dict], n: int) -> dict:
+    """Overall and per-category metrics from the per-question records."""
+    groups = defaultdict(list)
+    for record in records:
+        groups[record["category"]].append(record)
+    summary = _metrics(records, n)
+    if len(groups) > 1:
+        summary["by_category"] = {cat: _metrics(rows, n) for cat, rows in sorted(groups.items())}
+    return summary
+
+
+def _metrics(rows: Sequence[dict], n: int) -> dict:
+    out = {"questions": len(rows),
+           "greedy_accuracy": sum(r["greedy_correct"] for r in rows) / len(rows)}  # fmt: skip
+    formats = [r["greedy_format"] for r in rows if r["greedy_format"] is not None]
+    out["format_rate"] = sum(formats) / len(formats) if formats else None
+    if n:
+        out["pass@1"] = sum(pass_at_k(n, r["samples_correct"], 1) for r in rows) / len(rows)
+        out[f"pass@{n}"] = sum(pass_at_k(n, r["samples_correct"], n) for r in rows) / len(rows)
+    return out
+
+
+def table(summary: dict, n: int) -> str:
+    """The summary as an aligned text table, one row per category and one for all."""
+    columns = ["greedy_accuracy", "format_rate"] + (["pass@1", f"pass@{n}"] if n else [])
+    rows = [("all", summary)] + list(summary.get("by_category", {}).items())
+    lines = [f"{'category':<10} {'questions':>9} " + " ".join(f"{c:>15}" for c in columns)]
+    for name, m in rows:
+        cells = ["-" if m.get(c) is None else f"{m[c]:.3f}" for c in columns]
+        lines.append(f"{name:<10} {m['questions']:>9} " + " ".join(f"{c:>15}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gspo eval", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, EvalConfig)
+    parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = from_args(EvalConfig, parser.parse_args(argv))
+        summary = run(config)
+    except ValueError as err:
+        print(f"gspo eval: error: {err}", file=sys.stderr)
+        return 2
+    print(table(summary, config.n))
+    print(json.dumps(summary))
+    return 0
+
+
+def run(config: EvalConfig) -> dict:
+    """Load the model, answer the questions, write the completions; returns the summary."""
+    import torch
+
+    from gspo.train.distributed import pick_device
+    from gspo.train.tiny import load_model_and_tokenizer
+
+    questions = load_questions(config)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model, layers=2, hidden=128, seed=0)
+    model.to(pick_device(config.device)).eval()
+    start = time.perf_counter()
+    summary, records = evaluate(model, tokenizer, questions, config)
+    seconds = round(time.perf_counter() - start, 1)
+    summary = {"model": config.model, "task": config.task, **summary, "seconds": seconds,
+               "completions": config.out}  # fmt: skip
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return summary

@@ -1,0 +1,89 @@
+"""`gspo eval`: pass@k, the metrics from known completions, and a real run on the tiny model."""
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gspo.cli import main as gspo_main
+from gspo.train import evaluate as ev
+
+
+@given(st.integers(1, 9).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_is_the_chance_k_draws_hold_a_correct_one(nck):
+    # Brute force: every k-subset of n samples of which the first c are correct.
+    n, c, k = nck
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+    assert ev.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_hand_values_and_errors():
+    assert ev.pass_at_k(8, 1, 1) == pytest.approx(1 / 8)
+    assert ev.pass_at_k(8, 1, 8) == 1.0
+    assert ev.pass_at_k(8, 0, 8) == 0.0
+    assert ev.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # C(2,2)/C(4,2) = 1/6 miss
+    with pytest.raises(ValueError, match="n=4 c=5"):
+        ev.pass_at_k(4, 5, 1)
+
+
+def test_metrics_from_known_completions(monkeypatch):
+    questions = [
+        {"prompt": "p0", "question": "What is 1 plus 1?", "answer": "2", "category": "add"},
+        {"prompt": "p1", "question": "What is 1 minus 3?", "answer": "-2", "category": "sub"},
+    ]
+    answers = {  # (greedy?, question) -> completions
+        (True, "p0"): ["1 + 1 = 2.\nAnswer: 2"],
+        (True, "p1"): ["It is 2"],  # wrong and unformatted
+        (False, "p0"): ["Answer: 2", "Answer: 3", "Answer: 2", "two"],
+        (False, "p1"): ["Answer: -2", "Answer: 2", "Answer: 2", "Answer: 2"],
+    }
+
+    def fake_generate(model, tokenizer, prompts, *, group_size, config, greedy):
+        return [text for p in prompts for text in answers[(greedy, p["prompt"])]]
+
+    monkeypatch.setattr(ev, "_generate", fake_generate)
+    config = ev.EvalConfig(n=4)
+    summary, records = ev.evaluate(None, None, questions, config)
+    assert summary["greedy_accuracy"] == 0.5
+    assert summary["format_rate"] == 0.5
+    # pass@1 = mean correct fraction = (2/4 + 1/4) / 2; pass@4 = 1 for both (each has one).
+    assert summary["pass@1"] == pytest.approx(0.375)
+    assert summary["pass@4"] == 1.0
+    assert summary["by_category"]["sub"] == {"questions": 1, "greedy_accuracy": 0.0,
+                                             "format_rate": 0.0, "pass@1": 0.25, "pass@4": 1.0}  # fmt: skip
+    assert [r["samples_correct"] for r in records] == [2, 1]
+    assert "sub" in ev.table(summary, 4)
+
+
+def test_gspo_eval_runs_on_a_model_dir_with_user_questions(tmp_path, capsys):
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model(layers=1, hidden=32).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    questions = tmp_path / "q.jsonl"
+    rows = [{"question": "1+1", "answer": "2", "category": "a"},
+            {"question": "2*3", "answer": "6", "category": "b"}]  # fmt: skip
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "completions.jsonl"
+    argv = ["eval", "--model", str(model_dir), "--prompts", str(questions), "-n", "3",
+            "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    assert gspo_main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["questions"] == 2 and set(summary["by_category"]) == {"a", "b"}
+    assert {"greedy_accuracy", "format_rate", "pass@1", "pass@3"} <= set(summary)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in records] == ["1+1", "2*3"]
+    assert all(len(r["samples"]) == 3 for r in records)
+
+
+def test_gspo_eval_bad_input_exits_2(tmp_path, capsys):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question": "1+1"}\n{"question": "2+2", "answer": "4"}\n')
+    assert gspo_main(["eval", "--model", "tiny", "--prompts", str(bad)]) == 2
+    assert "line 1 needs 'question' and 'answer'" in capsys.readouterr().err
+    assert gspo_main(["eval", "-n", "-1"]) == 2
