@@ -11,6 +11,7 @@ and including the first EOS; anything generated after EOS is padding and is mask
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,20 @@ class Rollout:
             completions=self.completions[index],
             sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
         )
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Dropout off inside; afterwards every submodule's own mode back (module.train(flag)
+    would set them all alike, e.g. turn on the dropout of a model that trains in eval mode
+    inside a wrapper left in train mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:

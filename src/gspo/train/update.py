@@ -16,13 +16,12 @@ average gradients over ranks; the sum over ranks then equals one process on the 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 
 from gspo.train import correction
-from gspo.train.rollout import Rollout
+from gspo.train.rollout import Rollout, eval_mode
 
 VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
 
@@ -170,13 +169,3 @@ def old_logprobs(logprobs, rollout: Rollout, adv: torch.Tensor, config):
                                  cap=config.correction_cap)  # fmt: skip
     found = {**correction.mismatch(logp_old, sampler, mask), "correction_frac": frac}
     return logp_old, found, correction.weigh(adv, w)
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gspo.train.rewards import Prompt
-from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
+from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids, eval_mode
 
 
 class HFEngine:
@@ -91,12 +91,10 @@ def generate(
     # generate() fills whatever our config leaves unset from model.generation_config (a
     # saved repetition_penalty=1.3 would otherwise come back); swap in the fresh one.
     saved, model.generation_config = model.generation_config, gen_config
-    was_training = model.training
-    model.eval()  # dropout off: the sampler is the policy the log-probs describe
     try:
-        out = model.generate(**enc, generation_config=gen_config, synced_gpus=synced)
+        with eval_mode(model):  # dropout off: the sampler is the policy the log-probs describe
+            out = model.generate(**enc, generation_config=gen_config, synced_gpus=synced)
     finally:
-        model.train(was_training)
         model.generation_config = saved
     P = enc["input_ids"].shape[1]
     response = out.sequences[:, P:]
