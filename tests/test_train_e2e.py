@@ -200,8 +200,13 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path):
     [(["--kl-coef", "0.1"], "kl_ref"), (["--loss", "grpo"], "loss"),
      (["--loss", "gspo-token", "--task", "copy"], "loss"),
      (["--dtype", "bf16", "--max-tokens-per-microbatch", "24", "--grad-checkpointing",
-       "--kl-coef", "0.1"], "kl_ref")],
-    ids=["kl", "grpo", "gspo-token-copy", "bf16-microbatches-checkpointing"],
+       "--kl-coef", "0.1"], "kl_ref"),
+     (["--old-logprobs", "sampler"], "mismatch_k3"),
+     (["--rollout-correction", "token-tis", "--loss", "grpo"], "correction_frac"),
+     (["--rollout-correction", "token-tis", "--loss", "grpo",
+       "--max-tokens-per-microbatch", "24"], "correction_frac")],
+    ids=["kl", "grpo", "gspo-token-copy", "bf16-microbatches-checkpointing",
+         "sampler-old-logprobs", "token-tis", "token-tis-microbatches"],
 )  # fmt: skip
 def test_loss_variants_and_kl_run(tmp_path, extra, key):
     run = tmp_path / "run"

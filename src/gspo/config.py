@@ -313,6 +313,25 @@ class TrainConfig:
         "keep the model's dropout on while training (off by default: dropout noise alone moves "
         "the ratio of on-policy samples off 1, and the clip then cuts their gradients)",
     )
+    # the rollout engine and sampler-vs-trainer mismatch (gspo.train.engines, .correction)
+    rollout: str = option(
+        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM, see README)",
+        choices=("hf", "vllm"),
+    )
+    vllm_memory: float | None = option(
+        None, "vLLM memory: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU (none = 1)"
+    )
+    old_logprobs: str = option(
+        "trainer", "old-policy log-probs: trainer (one forward pass) or sampler (the engine's)",
+        choices=("trainer", "sampler"),
+    )
+    rollout_correction: str = option(
+        "none", "weigh samples by trainer/sampler ratios (see README)",
+        choices=("none", "seq-mask", "seq-tis", "token-tis"),
+    )
+    correction_low: float = option(0.99, "seq-mask: drop sequences whose mean ratio is below")
+    correction_high: float = option(1.01, "seq-mask: drop sequences whose mean ratio is above")
+    correction_cap: float = option(2.0, "seq-tis / token-tis: truncate importance weights at this")
     # optimisation
     minibatches: int = option(4, "optimizer steps per rollout batch (each on a slice)")
     lr: float = option(1e-3, "peak AdamW learning rate")
@@ -405,3 +424,19 @@ class TrainConfig:
               self.reward_weights, "weights must be finite")  # fmt: skip
         check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
               self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
+        self._check_rollout()
+
+    def _check_rollout(self) -> None:
+        memory = self.vllm_memory
+        check(memory is None or memory > 0, "vllm_memory", memory, "use > 0, or none")
+        check(0 < self.correction_low < 1, "correction_low", self.correction_low, "use (0, 1)")
+        check(self.correction_high > 1, "correction_high", self.correction_high, "use > 1")
+        check(self.correction_cap >= 1, "correction_cap", self.correction_cap, "use >= 1")
+        check(self.rollout_correction != "token-tis" or self.loss != "gspo",
+              "rollout_correction", self.rollout_correction,
+              "per-token weights need a per-token loss: add --loss gspo-token or --loss grpo "
+              "(GSPO's ratio is one per sequence; use seq-tis or seq-mask with it)")  # fmt: skip
+        check(self.rollout_correction == "none" or self.old_logprobs == "trainer",
+              "rollout_correction", self.rollout_correction,
+              "a correction weighs the trainer's old log-probs against the sampler's: it needs "
+              "--old-logprobs trainer")  # fmt: skip

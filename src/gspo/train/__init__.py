@@ -6,7 +6,9 @@ data.py         start-up checks: prompts fit the model (--max-prompt-tokens), wa
 rundir.py       the run directory: never reused without --resume, created when training starts
 tiny.py         the built-in random Qwen2 and character tokenizer (no downloads)
 rewards.py      tasks, reward functions and their checks, the data order
-rollout.py      prompts -> G sampled completions with generate(), EOS masks
+rollout.py      what every engine's samples become: prompt encoding, EOS masks, the Rollout
+engines/        samplers behind one protocol: hf.py (generate), vllm.py (vLLM in process)
+correction.py   sampler-vs-trainer mismatch metrics and rollout corrections
 update.py       old log-probs once, then minibatch GSPO steps (+ k3 KL)
 checkpoint.py   atomic checkpoints and resume
 distributed.py  DDP / FSDP2 under torchrun, rank sharding, metric reductions

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from gspo.train.rewards import Prompt
-from gspo.train.rollout import render_prompt
+from gspo.train.rollout import encode_prompts
 
 
 class TrainWarning(UserWarning):
@@ -32,11 +32,10 @@ def position_limit(model) -> int | None:
 
 
 def prompt_lengths(tokenizer, prompts: Sequence[Prompt], system_prompt: str | None) -> list[int]:
-    """Tokens of each prompt as generate() feeds it (rendered, no special tokens added)."""
+    """Tokens of each prompt as the rollout engines feed it (rollout.encode_prompts)."""
     if not prompts:
         return []
-    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in prompts]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [len(ids) for ids in encode_prompts(tokenizer, prompts, system_prompt)]
 
 
 def fit_prompts(

@@ -187,14 +187,24 @@ def broadcast_object(obj, world: World):
 
 
 def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Tensor] | None:
-    """The HF model's full (unsharded) weights on rank 0, None elsewhere.
+    """The HF model's full (unsharded) weights on rank 0, None elsewhere."""
+    state = {}
+    for name, value in full_params(model):
+        if world.main:
+            state[name] = value.cpu().clone()
+    return state if world.main else None
+
+
+def full_params(model: torch.nn.Module):
+    """Yield (name, full tensor) for each of the HF model's weights, one at a time.
 
     Under FSDP2 the parameters are DTensor shards; ``full_tensor()`` all-gathers one at a time
-    (a collective, so every rank runs this loop in the same order).
+    (a collective, so every rank runs this loop in the same order), so at most one unsharded
+    tensor beyond the shards exists at once.
     """
     from torch.distributed.tensor import DTensor
 
-    state, seen = {}, set()
+    seen = set()
     for name, value in model.state_dict().items():
         # Tied weights (embeddings = LM head) appear under two names; keep the first, as
         # save_pretrained does, so the file has the layout from_pretrained expects.
@@ -204,9 +214,7 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, torch.Ten
         seen.add(local.data_ptr())
         if isinstance(value, DTensor):
             value = value.full_tensor()
-        if world.main:
-            state[name] = value.detach().cpu().clone()
-    return state if world.main else None
+        yield name, value.detach()
 
 
 def all_sum(values: list[float], world: World) -> list[float]:

@@ -4,18 +4,21 @@ Launch:
     gspo train                                   # built-in: tiny Qwen2 learns digit sums (CPU)
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
+    gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 
 One step:
-    prompts (this rank's share) -> G samples each (generate) -> rewards -> group advantages
-    -> old log-probs once -> ``minibatches`` optimizer steps (gspo_loss, optional k3 KL)
+    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards -> group
+    advantages -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
+    (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
     -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -30,10 +33,9 @@ import torch
 from gspo.config import TrainConfig, to_dict
 from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, rundir
+from gspo.train import data, engines, rundir
 from gspo.train import distributed as dd
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
-from gspo.train.rollout import generate
 from gspo.train.tiny import load_model_and_tokenizer
 from gspo.train.update import COMPUTE_DTYPES, enable_grad_checkpointing, lr_lambda, update
 
@@ -73,12 +75,13 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break our own bar
     try:
-        return _train(config, world, stop_after)
+        with contextlib.ExitStack() as cleanup:  # closes the rollout engine on any exit
+            return _train(config, world, stop_after, cleanup)
     finally:
         dd.shutdown(world)
 
 
-def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict:
+def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
     _check_world(config, world)
     run_dir = rundir.resolve(config, world)  # created only once every check has passed
     resume_from = ckpt.latest(run_dir) if config.resume else None
@@ -128,16 +131,13 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
     start, position = 0, 0  # steps done; prompts consumed from the data stream
     if resume_from is not None:
         start, position = _restore(resume_from, engine, optimizer, scheduler, world)
-    synced = world.distributed and dd.is_fsdp(engine)
+    # the sampler (--rollout): built once, from the current (resumed) weights
+    sampler = engines.build(config, model, tokenizer, world, engine)
+    cleanup.callback(sampler.close)
 
     def sample(prompts, *, greedy):
-        with dd.gathered(engine):
-            return generate(
-                model, tokenizer, prompts, group_size=1 if greedy else config.group_size,
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p, greedy=greedy, synced=synced,
-                system_prompt=config.system_prompt,
-            )  # fmt: skip
+        return sampler.sample(prompts, group_size=1 if greedy else config.group_size,
+                              greedy=greedy)  # fmt: skip
 
     def evaluate() -> float:
         mine = held_out[world.rank :: world.size]
@@ -176,6 +176,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None) -> dict
             # old log-probs once, then the minibatch optimizer steps
             history = update(engine, ref_logprobs, optimizer, scheduler, rollout, adv,
                              config=config, world_size=world.size)  # fmt: skip
+            sampler.load_weights(dd.full_params(model))  # the next step samples the new policy
             record = _step_metrics(step, rewards, rollout, history, t0, scheduler, world)
             if step % config.eval_every == 0 or step == config.steps:
                 record["eval_reward"] = evaluate()
@@ -249,6 +250,9 @@ def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
     return rewards
 
 
+_EXTREMES = ("ratio_min", "ratio_max", "_max_abs")  # min/max over minibatches and ranks
+
+
 def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict:
     n = float(len(rewards))
     lengths = rollout.response_mask.sum(dim=1).float()
@@ -257,13 +261,14 @@ def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict
     )
     mean = s / count
     local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
-    local["ratio_min"] = min(h["ratio_min"] for h in history)
-    local["ratio_max"] = max(h["ratio_max"] for h in history)
+    extremes = {k: k.endswith(("_max", "_max_abs")) for k in local if k.endswith(_EXTREMES)}
+    for key, largest in extremes.items():
+        local[key] = (max if largest else min)(h[key] for h in history)
     # several reward functions: each one's mean on its own (rewards.Scores.parts)
     local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
     merged = dd.all_mean(local, world)
-    merged["ratio_min"] = dd.all_extreme(local["ratio_min"], world, largest=False)
-    merged["ratio_max"] = dd.all_extreme(local["ratio_max"], world, largest=True)
+    for key, largest in extremes.items():
+        merged[key] = dd.all_extreme(local[key], world, largest=largest)
     elapsed = time.perf_counter() - t0
     return {
         "step": step,

@@ -1,4 +1,8 @@
-"""Rollouts: prompts -> G sampled completions each (Hugging Face ``generate``) -> tensors.
+"""Rollouts: what every engine's samples become before rewards and the update.
+
+An engine (``gspo.train.engines``) returns, per sequence, the prompt's token ids, the sampled
+token ids and the sampler's log-prob of each sampled token; ``assemble`` lays them out as
+tensors the same way for every engine, and decodes the completions for the reward.
 
 Shapes (one letter key): B = prompts x G sequences, P prompt tokens (left-padded),
 T response tokens, L = P + T. ``response_mask`` [B, T] is True for the response tokens up to
@@ -7,6 +11,7 @@ and including the first EOS; anything generated after EOS is padding and is mask
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +28,9 @@ class Rollout:
     response_mask: torch.Tensor  # [B, T] bool, True = a token the policy chose
     prompt_len: int  # P
     completions: list[str]  # [B] decoded responses, specials removed
+    # [B, T] float32: the sampler's log-prob of each sampled token, under the distribution it
+    # sampled from (after temperature and top-p); 0 where response_mask is False.
+    sampler_logp: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -35,7 +43,22 @@ class Rollout:
             response_mask=self.response_mask[index],
             prompt_len=self.prompt_len,
             completions=self.completions[index],
+            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
         )
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Dropout off inside; afterwards every submodule's own mode back (module.train(flag)
+    would set them all alike, e.g. turn on the dropout of a model that trains in eval mode
+    inside a wrapper left in train mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:
@@ -59,71 +82,84 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def response_mask_after_eos(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+def encode_prompts(
+    tokenizer, prompts: Sequence[Prompt], system_prompt: str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt, as the model saw such text in training: the chat template
+    when there is one (it writes its own special tokens), else the tokenizer's own special
+    tokens (a BOS for Llama-style tokenizers; nothing for the built-in one)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in prompts]
+    return tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's (its config and
+    generation config may list several, e.g. <|im_end|> and <|endoftext|>)."""
+    found = [tokenizer.eos_token_id]
+    for source in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        found += value if isinstance(value, list) else [value]
+    return sorted({int(i) for i in found if i is not None})
+
+
+def response_mask_after_eos(response: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
     """[B, T] bool: True up to and including the first EOS of each row (all True if none).
 
     A cumulative count of EOS tokens *before* position t is 0 exactly for the tokens we keep.
     """
-    is_eos = response == eos_id
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    is_eos = torch.isin(response, ids.to(response.device)).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
     return eos_before == 0
 
 
-@torch.no_grad()
-def generate(
-    model,
+def assemble(
     tokenizer,
     prompts: Sequence[Prompt],
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    logps: Sequence[Sequence[float]] | None,
     *,
-    group_size: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    synced: bool = False,
-    system_prompt: str | None = None,
+    eos: Sequence[int],
+    device: torch.device | str = "cpu",
 ) -> Rollout:
-    """Sample ``group_size`` completions per prompt; groups are contiguous rows.
-
-    ``synced`` keeps every rank stepping until all are done (needed when the forward itself
-    communicates, as under FSDP); this is ``generate(synced_gpus=True)``.
-    """
-    device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(group_size)]
-    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in rows]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(device) for k, v in enc.items()}
-    sampling = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
-    }  # fmt: skip
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        **enc,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        synced_gpus=synced,
-        **sampling,
-    )
-    model.train(was_training)
-    prompt_len = enc["input_ids"].shape[1]
-    response = out[:, prompt_len:]
-    response_mask = response_mask_after_eos(response, tokenizer.eos_token_id)
-    # Slots after EOS may hold anything generate padded with; make them pad explicitly.
-    response = torch.where(
-        response_mask, response, torch.full_like(response, tokenizer.pad_token_id)
-    )
-    keep_eos = response_mask & (response != tokenizer.eos_token_id)
-    completions = [
-        tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
-        for r, m in zip(response.cpu(), keep_eos.cpu(), strict=True)
-    ]
+    """Lay out B sequences as a Rollout: prompts left-padded to P, responses right-padded to
+    T = the longest response, everything after a row's first EOS masked and set to pad."""
+    pad = tokenizer.pad_token_id
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    T = max(1, max(len(r) for r in responses))
+    prompt = torch.full((B, P), pad, dtype=torch.long)
+    prompt_attn = torch.zeros((B, P), dtype=torch.long)
+    response = torch.full((B, T), pad, dtype=torch.long)
+    sampled = torch.zeros((B, T), dtype=torch.bool)
+    logp = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompt_ids, responses, strict=True)):
+        prompt[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        prompt_attn[i, P - len(p) :] = 1
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        sampled[i, : len(r)] = True
+        if logps is not None:
+            logp[i, : len(r)] = torch.tensor(logps[i], dtype=torch.float32)
+    mask = response_mask_after_eos(response, eos) & sampled
+    response = torch.where(mask, response, torch.full_like(response, pad))
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    keep = mask & ~torch.isin(response, torch.tensor(list(eos)))
+    completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
+                   for r, m in zip(response, keep, strict=True)]  # fmt: skip
     return Rollout(
-        prompts=list(rows),
-        input_ids=torch.cat([enc["input_ids"], response], dim=1),
-        attention_mask=torch.cat([enc["attention_mask"], response_mask.long()], dim=1),
-        response_mask=response_mask,
-        prompt_len=prompt_len,
+        prompts=list(prompts),
+        input_ids=torch.cat([prompt, response], dim=1).to(device),
+        attention_mask=torch.cat([prompt_attn, mask.long()], dim=1).to(device),
+        response_mask=mask.to(device),
+        prompt_len=P,
         completions=completions,
+        sampler_logp=None if logps is None else logp.to(device),
     )
+
+
+def generate(model, tokenizer, prompts: Sequence[Prompt], *, group_size: int, **options):
+    """Hugging Face ``generate`` rollouts from ``model`` itself (``engines.hf.generate``)."""
+    from gspo.train.engines.hf import generate as hf_generate
+
+    return hf_generate(model, tokenizer, prompts, group_size=group_size, **options)

@@ -24,8 +24,9 @@ import math
 
 import torch
 
+from gspo.train import correction
 from gspo.train import microbatch as mb
-from gspo.train.rollout import Rollout
+from gspo.train.rollout import Rollout, eval_mode
 
 VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
 # --dtype: the compute dtype of the forward/backward; weights, gradients, optimizer state,
@@ -139,6 +140,7 @@ def minibatch_loss(
     ent_mean = torch.where(mask, ent, torch.zeros_like(ent)).sum() / mask.sum().clamp(min=1)
     metrics["entropy"] = ent_mean.detach()
     metrics["loss"] = loss.detach()
+    metrics["logp"] = logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
     # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
     return loss * world_size, metrics
 
@@ -162,10 +164,10 @@ def update(
     """
     budget = config.max_tokens_per_microbatch
     with torch.no_grad():
-        logp_old = old_logprobs(logprobs, rollout, config, budget, world_size)
+        logp_old, mismatch, adv = old_logprobs(logprobs, rollout, adv, config, budget, world_size)
         ref_logp = None
         if ref_logprobs is not None:
-            ref_logp = old_logprobs(ref_logprobs, rollout, config, budget, world_size)
+            ref_logp = trainer_logprobs(ref_logprobs, rollout, config, budget, world_size)
     size = len(rollout) // config.minibatches
     # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
     # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
@@ -189,11 +191,15 @@ def update(
         optimizer.step()
         scheduler.step()
         metrics["grad_norm"] = grad_norm.detach()
-        history.append({k: float(v) for k, v in metrics.items()})
+        if mismatch is None:  # --old-logprobs sampler: the first slice is still on-policy
+            mask = rollout.response_mask[part]
+            mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
+        del metrics["logp"]
+        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch})
     return history
 
 
-def old_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
+def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
     if not budget:
         return response_logprobs(logprobs, rollout, temperature=config.temperature)[0]
@@ -211,7 +217,7 @@ def accumulate_gradients(
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics."""
     parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
     num_sequences = len(batch) * world_size
-    pieces = []
+    pieces, logps = [], []
     for j, part in enumerate(parts):
         piece, width = mb.trim(batch.select(part)) if budget else (batch.select(part), None)
         cols = slice(0, width)
@@ -220,16 +226,37 @@ def accumulate_gradients(
                 logprobs,
                 piece,
                 logp_old=logp_old[part, cols],
-                adv=adv[part],
+                adv=adv[part] if adv.dim() == 1 else adv[part, cols],  # [b] or [b, T] (token-tis)
                 ref_logp=None if ref_logp is None else ref_logp[part, cols],
                 config=config,
                 world_size=world_size,
                 num_sequences=num_sequences,
             )
             loss.backward()
+        logps.append(mb.padded(metrics.pop("logp"), batch.response_mask.shape[1]))
         pieces.append((metrics, len(piece), int(piece.response_mask.sum())))
     metrics = mb.merge_metrics(pieces, sequence_level=config.loss == "gspo")
+    metrics["logp"] = torch.cat(logps)  # [b, T] for the sampler mismatch (update())
     if len(pieces) > 1:  # these three are not means of their pieces: take them whole
         metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
                        zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
     return metrics
+def old_logprobs(logprobs, rollout: Rollout, adv: torch.Tensor, config, budget, world_size: int):
+    """``logp_old`` [B, T] (the trainer's forward in eval mode, or the sampler's own), the
+    sampler-vs-trainer mismatch metrics (None: measure them on the first minibatch), and
+    the advantages weighted by ``--rollout-correction``."""
+    sampler = rollout.sampler_logp
+    if config.old_logprobs == "sampler":
+        if sampler is None:
+            raise ValueError("--old-logprobs sampler: this engine returned no log-probs")
+        return sampler, None, adv
+    with eval_mode(logprobs):  # dropout off: the sampler ran without it
+        logp_old = trainer_logprobs(logprobs, rollout, config, budget, world_size)
+    if sampler is None:
+        return logp_old, {}, adv
+    mask = rollout.response_mask
+    w, frac = correction.weights(config.rollout_correction, logp_old, sampler, mask,
+                                 low=config.correction_low, high=config.correction_high,
+                                 cap=config.correction_cap)  # fmt: skip
+    found = {**correction.mismatch(logp_old, sampler, mask), "correction_frac": frac}
+    return logp_old, found, correction.weigh(adv, w)

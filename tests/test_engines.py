@@ -1,0 +1,196 @@
+"""Rollout engines: both sample from exactly the distribution the trainer's log-probs
+describe, and vLLM follows the policy after an update.
+
+The trap: a tiny model whose saved generation_config.json sets repetition_penalty=1.3,
+top_k=5 and no_repeat_ngram_size=2, lists two EOS ids, and whose attention dropout is 0.5
+while the policy is in train mode. An engine that inherits any of it, or samples / scores
+with dropout on, gives log-probs that differ from the trainer's by far more than the
+float32 tolerance (measured: >= 1e-2; the tolerance is ~1e-5).
+
+One vLLM engine serves the whole module (it takes ~10 s to start on 2 cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from gspo.chunked import CausalLMLogprobs
+from gspo.config import TrainConfig
+from gspo.train import checkpoint as ckpt
+from gspo.train import distributed as dd
+from gspo.train import engines
+from gspo.train.engines.hf import HFEngine
+from gspo.train.rewards import digitsum_prompts
+from gspo.train.rollout import assemble, encode_prompts, eos_ids
+from gspo.train.tiny import load_model_and_tokenizer, tiny_model, tiny_tokenizer
+from gspo.train.update import lr_lambda, old_logprobs, response_logprobs, update
+
+# tiny_hidden 128: 4 heads of 32; vLLM's CPU attention has no kernel for head size 8 or 16.
+CONFIG = TrainConfig(temperature=0.7, max_new_tokens=8, prompts_per_step=4, group_size=4,
+                     minibatches=1, tiny_hidden=128)  # fmt: skip
+PROMPTS = digitsum_prompts(4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trap(tmp_path_factory):
+    """(model, tokenizer) loaded from a directory whose generation config must be ignored."""
+    path = tmp_path_factory.mktemp("trap")
+    model, tok = tiny_model(layers=2, hidden=128, seed=0), tiny_tokenizer()
+    colon = tok.convert_tokens_to_ids(":")  # the untrained model's favourite token
+    model.config.attention_dropout = 0.5
+    model.generation_config.update(do_sample=True, repetition_penalty=1.3, top_k=5,
+                                   no_repeat_ngram_size=2, eos_token_id=[2, colon])  # fmt: skip
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    model, tok = load_model_and_tokenizer(str(path), layers=0, hidden=0, seed=0)
+    gc = model.generation_config
+    assert (gc.repetition_penalty, gc.top_k, gc.no_repeat_ngram_size) == (1.3, 5, 2)
+    assert eos_ids(model, tok) == [2, colon]
+    return model.train(), tok  # train mode: dropout would be on if nothing turned it off
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(trap):
+    model, tok = trap
+    random.seed(1)
+    torch.manual_seed(1)
+    rng, threads = ckpt.rng_state(), torch.get_num_threads()
+    engine = engines.build(dataclasses_replace(rollout="vllm"), model, tok, dd.World(), None)
+    # vLLM re-seeds the global RNGs and pins torch's threads when it starts; in process
+    # those are the trainer's, so the engine must hand them back untouched.
+    assert torch.equal(torch.get_rng_state(), rng["torch"]) and random.getstate() == rng["python"]
+    assert torch.get_num_threads() == threads
+    yield engine
+    engine.close()
+
+
+def dataclasses_replace(**change) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(CONFIG, **change)
+
+
+def trainer_logp(model, rollout):
+    """The trainer's old log-probs, as update() computes them (eval mode inside)."""
+    with torch.no_grad():
+        logp, _, _ = old_logprobs(CausalLMLogprobs(model), rollout, torch.zeros(len(rollout)),
+                                  CONFIG)  # fmt: skip
+    return logp
+
+
+def tolerance(model, rollout) -> float:
+    """16x the float32 rounding of the trainer's own log-probs on this batch (float32 vs
+    float64 forward), floored at 1e-6. Two float32 engines differ by their kernels' rounding
+    (KV cache vs full sequence, vLLM's attention vs SDPA), which is of that order; a
+    repetition penalty, top-k, dropout or stale weights move log-probs by >= 1e-2."""
+    m64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        lp32, _ = response_logprobs(CausalLMLogprobs(model.eval()), rollout, temperature=0.7)
+        lp64, _ = response_logprobs(CausalLMLogprobs(m64), rollout, temperature=0.7)
+    model.train()
+    scale = (lp32.double() - lp64)[rollout.response_mask].abs().max().item()
+    return max(16 * scale, 1e-6)
+
+
+def max_diff(a, b, mask) -> float:
+    return (a - b)[mask].abs().max().item()
+
+
+def test_hf_sampler_logprobs_are_the_trainers_old_logprobs(trap):
+    model, tok = trap
+    torch.manual_seed(0)
+    r = HFEngine(model, tok, config=CONFIG).sample(PROMPTS, group_size=4, greedy=False)
+    assert model.training  # handed back in the mode it came in
+    tol = tolerance(model, r)
+    assert max_diff(trainer_logp(model, r), r.sampler_logp, r.response_mask) <= tol
+    assert tol < 1e-4  # the bound is float32 rounding, not slack
+
+
+def test_vllm_sampler_logprobs_are_the_trainers_old_logprobs(trap, vllm_engine):
+    model, _ = trap
+    r = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
+    assert len(r) == 16 and r.sampler_logp.shape == r.response_mask.shape
+    assert torch.all(r.sampler_logp[~r.response_mask] == 0)
+    assert torch.all(r.sampler_logp[r.response_mask] < 0)
+    tol = tolerance(model, r)
+    assert max_diff(trainer_logp(model, r), r.sampler_logp, r.response_mask) <= tol
+
+
+def test_both_engines_stop_at_every_eos_and_agree_greedily(trap, vllm_engine):
+    """The same prompt ids, the same greedy tokens, the same masks: ':' is the model's second
+    EOS id, so a response that starts with ':' is that one token (kept, masked in)."""
+    model, tok = trap
+    a = HFEngine(model, tok, config=CONFIG).sample(PROMPTS, group_size=1, greedy=True)
+    b = vllm_engine.sample(PROMPTS, group_size=1, greedy=True)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+    assert a.completions == b.completions
+    colon = tok.convert_tokens_to_ids(":")
+    first = b.input_ids[:, b.prompt_len]
+    stopped = first == colon
+    assert stopped.any(), "the test needs a response that hits the second EOS id"
+    assert torch.all(b.response_mask[stopped].sum(dim=1) == 1)
+
+
+def test_vllm_follows_the_policy_after_an_update(trap, vllm_engine):
+    """After an optimizer step and load_weights, the engine's log-probs are the updated
+    model's. Without the sync they are not (the stale-weight bug this test catches)."""
+    model, tok = trap
+    policy = copy.deepcopy(model)
+    r = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
+    config = dataclasses_replace(lr=1e-2, warmup_steps=0)
+    lp = CausalLMLogprobs(policy)
+    opt = torch.optim.AdamW(policy.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, 1, 1.0))
+    adv = torch.linspace(-1, 1, len(r))
+    update(lp, None, opt, sched, r, adv, config=config)
+    try:
+        stale = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
+        tol = tolerance(policy, stale)
+        assert max_diff(trainer_logp(policy, stale), stale.sampler_logp,
+                        stale.response_mask) > 100 * tol  # fmt: skip
+        vllm_engine.load_weights(dd.full_params(policy))
+        fresh = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
+        tol = tolerance(policy, fresh)
+        assert max_diff(trainer_logp(policy, fresh), fresh.sampler_logp,
+                        fresh.response_mask) <= tol  # fmt: skip
+    finally:
+        vllm_engine.load_weights(dd.full_params(model))  # the module's engine: back to `trap`
+
+
+def test_vllm_under_torchrun_is_a_clear_error(trap):
+    model, tok = trap
+    world = dd.World(rank=0, size=2)
+    with pytest.raises(ValueError, match=r"--rollout vllm runs one vLLM engine .*--rollout hf"):
+        engines.build(dataclasses_replace(rollout="vllm"), model, tok, world, None)
+
+
+def test_prompts_keep_bos_unless_a_chat_template_writes_it():
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    assert encode_prompts(tok, [{"prompt": "ab"}]) == [tok("ab")["input_ids"]]
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    assert encode_prompts(tok, [{"prompt": "ab"}]) == [[tok.bos_token_id, a, b]]
+    tok.chat_template = "{% for m in messages %}<s>{{ m.content }}{% endfor %}"
+    # the template writes its own <s>; a second one from the tokenizer would be a bug
+    assert encode_prompts(tok, [{"prompt": "ab"}]) == [[tok.bos_token_id, a, b]]
+
+
+def test_assemble_masks_after_any_eos_and_pads():
+    tok = tiny_tokenizer()
+    r = assemble(tok, [{"prompt": "x"}] * 3, [[5], [6, 7], [8]],
+                 [[9, 4, 9], [9, 9], [2]], [[-1.0, -2.0, -3.0], [-1.0, -1.5], [-0.5]],
+                 eos=[2, 4])  # fmt: skip
+    assert r.prompt_len == 2 and r.input_ids[0, :2].tolist() == [tok.pad_token_id, 5]
+    assert r.response_mask.tolist() == [[True, True, False], [True, True, False],
+                                         [True, False, False]]  # fmt: skip
+    assert r.sampler_logp.tolist() == [[-1.0, -2.0, 0.0], [-1.0, -1.5, 0.0], [-0.5, 0.0, 0.0]]
+    assert r.input_ids[0, 4].item() == tok.pad_token_id  # after EOS: pad
+    assert r.completions[0] == tok.decode([9])
