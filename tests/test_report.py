@@ -67,3 +67,24 @@ def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
     assert "WANDB_MODE" not in __import__("os").environ  # chosen per run, not leaked
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_a_training_run_writes_samples_tensorboard_and_timings(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gspo.train import TrainConfig, train
+
+    config = TrainConfig(steps=3, eval_every=2, run_dir=str(tmp_path / "run"), progress=False,
+                         plot=False, report_to=("tensorboard",), samples_per_step=1)  # fmt: skip
+    train(config)
+    run = tmp_path / "run"
+    samples = _rows(run / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 2, 3]
+    assert len(samples[0]["completions"]) == config.group_size
+    rows = _rows(run / "metrics.jsonl")
+    for key in ("time_rollout", "time_old_logprobs", "time_update", "time_weight_sync"):
+        assert all(row[key] >= 0 for row in rows[1:]), key
+    assert rows[1]["time_old_logprobs"] <= rows[1]["time_update"]
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in events.Scalars("reward_mean")] == [1, 2, 3]

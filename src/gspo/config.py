@@ -370,6 +370,12 @@ class TrainConfig:
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun (else DDP)")
     progress: bool = option(True, "show a tqdm progress bar")
     plot: bool = option(True, "draw reward.png at the end")
+    report_to: tuple[str, ...] = option(
+        (), "also log every step's metrics to tensorboard (RUN_DIR/tb) and/or wandb (offline "
+        "without WANDB_API_KEY)", choices=("tensorboard", "wandb"), metavar="SINK")  # fmt: skip
+    samples_per_step: int = option(
+        2, "groups written to RUN_DIR/samples.jsonl each step (prompt, completions, rewards, "
+        "advantages); one is printed at every held-out evaluation")  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
@@ -406,6 +412,7 @@ class TrainConfig:
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
         check(not self.reward or self.prompts is not None, "reward", self.reward,
               "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
+        check(self.samples_per_step >= 0, "samples_per_step", self.samples_per_step, "use >= 0")
         check(not self.task_levels or self.task == "arith", "task_levels", self.task_levels,
               "only --task arith has levels")  # fmt: skip
         check(all(level in (1, 2, 3) for level in self.task_levels), "task_levels",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import random
 import shutil
 import signal
@@ -35,6 +34,7 @@ from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
 from gspo.train import data, engines, rundir
 from gspo.train import distributed as dd
+from gspo.train.report import Report, format_group, sample_groups
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
 from gspo.train.tiny import load_model_and_tokenizer
 from gspo.train.update import COMPUTE_DTYPES, enable_grad_checkpointing, lr_lambda, update
@@ -152,20 +152,22 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
 
     # ---- the loop
     rundir.create(run_dir, config, world)
-    log = _MetricsLog(run_dir / "metrics.jsonl", world, truncate_after=start)
+    log = Report(run_dir, main=world.main, truncate_after=start, report_to=config.report_to,
+                 config=to_dict(config), samples_per_step=config.samples_per_step)  # fmt: skip
     bar = _progress(config, world, start)
     step = start
     if start == 0:
         first = {"step": 0, "eval_reward": evaluate()}
         if config.max_prompt_tokens is not None:
             first["prompts_dropped"] = dropped  # over the limit, removed before training
-        log.write(first)
+        log.metrics(first)
     with Stop() as stop:
         for step in range(start + 1, config.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
             # prompts -> rollouts: this rank's contiguous share of the step's prompts
             prompts = prompts_at(pool, config.seed, position, config.prompts_per_step)
             rollout = sample(dd.shard(prompts, world), greedy=False)
+            times = {"time_rollout": time.perf_counter() - t0}
             # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
             # on a reward error, save the state this step started from (RNG included)
             on_error = functools.partial(save, step - 1, position, rng_before)
@@ -174,13 +176,24 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
             adv = advantages(reward_t, group_size=config.group_size, norm=config.adv_norm)
             # old log-probs once, then the minibatch optimizer steps
+            t1 = time.perf_counter()
             history = update(engine, ref_logprobs, optimizer, scheduler, rollout, adv,
                              config=config, world_size=world.size)  # fmt: skip
+            t2 = time.perf_counter()
             sampler.load_weights(dd.full_params(model))  # the next step samples the new policy
+            times["time_weight_sync"] = time.perf_counter() - t2
+            times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = _step_metrics(step, rewards, rollout, history, t0, scheduler, world)
+            record.update(times)
+            groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
+                                   group_size=config.group_size,
+                                   count=config.samples_per_step)  # fmt: skip
+            log.samples(step, groups)
             if step % config.eval_every == 0 or step == config.steps:
                 record["eval_reward"] = evaluate()
-            log.write(record)
+                for group in groups[:1] if world.main and config.progress else ():
+                    bar.write(f"step {step}:\n{format_group(group)}")
+            log.metrics(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
                             clip=f"{record['clip_frac']:.3f}",
@@ -191,6 +204,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             if interrupted:
                 break
     bar.close()
+    log.close()
     finished = step == config.steps
     if finished:
         _save_final(run_dir, model, tokenizer, engine, world)
@@ -281,30 +295,6 @@ def _step_metrics(step, rewards, rollout, history, t0, scheduler, world) -> dict
         "step_time": elapsed,
         "tokens_per_s": tokens / elapsed,
     }
-
-
-class _MetricsLog:
-    """metrics.jsonl on rank 0; on resume, lines past the checkpoint are dropped so the
-    file reads as if the run had never stopped."""
-
-    def __init__(self, path: Path, world: dd.World, *, truncate_after: int) -> None:
-        self.path, self.main, self.last_eval = path, world.main, float("nan")
-        if not self.main:
-            return
-        kept = []
-        if truncate_after > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if row["step"] <= truncate_after:
-                    kept.append(line)
-                    self.last_eval = row.get("eval_reward", self.last_eval)
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict) -> None:
-        self.last_eval = record.get("eval_reward", self.last_eval)
-        if self.main:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
 
 
 def _progress(config: TrainConfig, world: dd.World, start: int):

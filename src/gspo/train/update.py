@@ -21,6 +21,7 @@ average gradients over ranks; the sum over ranks then equals one process on the 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -163,11 +164,13 @@ def update(
     tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
     """
     budget = config.max_tokens_per_microbatch
+    start = time.perf_counter()
     with torch.no_grad():
         logp_old, mismatch, adv = old_logprobs(logprobs, rollout, adv, config, budget, world_size)
         ref_logp = None
         if ref_logprobs is not None:
             ref_logp = trainer_logprobs(ref_logprobs, rollout, config, budget, world_size)
+    seconds_old = time.perf_counter() - start  # old (and reference) log-probs
     size = len(rollout) // config.minibatches
     # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
     # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
@@ -195,7 +198,8 @@ def update(
             mask = rollout.response_mask[part]
             mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
         del metrics["logp"]
-        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch})
+        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch,
+                        "time_old_logprobs": seconds_old})  # fmt: skip
     return history
 
 
