@@ -117,7 +117,8 @@ class CountingLogprobs(torch.nn.Module):
         super().__init__()
         self.logp, self.calls = logp, 0
 
-    def forward(self, input_ids, attention_mask, *, temperature, return_entropy=False):
+    def forward(self, input_ids, attention_mask, *, temperature, return_entropy=False,
+                target_mask=None):
         self.calls += 1
         assert not self.training  # old log-probs run with dropout off
         return self.logp

@@ -245,7 +245,9 @@ def accumulate_gradients(
         metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
                        zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
     return metrics
-def old_logprobs(logprobs, rollout: Rollout, adv: torch.Tensor, config, budget, world_size: int):
+def old_logprobs(
+    logprobs, rollout: Rollout, adv: torch.Tensor, config, budget=None, world_size: int = 1
+):
     """``logp_old`` [B, T] (the trainer's forward in eval mode, or the sampler's own), the
     sampler-vs-trainer mismatch metrics (None: measure them on the first minibatch), and
     the advantages weighted by ``--rollout-correction``."""
