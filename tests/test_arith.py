@@ -16,6 +16,7 @@ from gspo.train.arith import (
     as_prompt,
     final_answer,
     has_format,
+    last_number,
     parse_number,
     question,
     spell,
@@ -185,3 +186,21 @@ def test_arith_takes_a_users_question_file_without_a_reward(tmp_path):
     assert pool[0]["prompt"] == f"What is 1 plus 1?\n{INSTRUCTION}"
     assert held[-1]["category"] == "div"
     assert reward_fn(["p"], ["Answer: 1.5"], answer=[held[-1]["answer"]]) == [1.0]
+
+
+# (completion, its last number): what `gspo eval`'s last-number accuracy reads, format aside.
+LAST_NUMBERS = [
+    ("7 - 1 = 6", F(6)),
+    ("3 - (5 + 4) = 7 - 11 = -1", F(-1)),  # a spaced minus is an operator, "-1" a number
+    ("5 * 5 = 25\nThe answer is 25.", F(25)),
+    ("The answer is 7/9.", F(7, 9)),  # the fraction stays whole, not 9
+    ("It is 1,234.5 exactly", F(2469, 2)),
+    ("Answer: **-3**", F(-3)),
+    ("\u22124 apples", F(-4)),
+    ("no digits here", None),
+]
+
+
+@pytest.mark.parametrize(("completion", "expected"), LAST_NUMBERS)
+def test_last_number_table(completion, expected):
+    assert last_number(completion) == expected

@@ -41,7 +41,7 @@ def test_metrics_from_known_completions(monkeypatch):
         (False, "p1"): ["Answer: -2", "Answer: 2", "Answer: 2", "Answer: 2"],
     }
 
-    def fake_generate(model, tokenizer, prompts, *, group_size, config, greedy):
+    def fake_generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler=None):
         return [text for p in prompts for text in answers[(greedy, p["prompt"])]]
 
     monkeypatch.setattr(ev, "_generate", fake_generate)
@@ -49,11 +49,13 @@ def test_metrics_from_known_completions(monkeypatch):
     summary, records = ev.evaluate(None, None, questions, config)
     assert summary["greedy_accuracy"] == 0.5
     assert summary["format_rate"] == 0.5
+    assert summary["last_number_accuracy"] == 0.5  # "It is 2" ends on 2, not -2
     # pass@1 = mean correct fraction = (2/4 + 1/4) / 2; pass@4 = 1 for both (each has one).
     assert summary["pass@1"] == pytest.approx(0.375)
     assert summary["pass@4"] == 1.0
     assert summary["by_category"]["sub"] == {"questions": 1, "greedy_accuracy": 0.0,
-                                             "format_rate": 0.0, "pass@1": 0.25, "pass@4": 1.0}  # fmt: skip
+                                             "format_rate": 0.0, "last_number_accuracy": 0.0,
+                                             "pass@1": 0.25, "pass@4": 1.0}  # fmt: skip
     assert [r["samples_correct"] for r in records] == [2, 1]
     assert "sub" in ev.table(summary, 4)
 
@@ -62,7 +64,9 @@ def test_gspo_eval_runs_on_a_model_dir_with_user_questions(tmp_path, capsys):
     from gspo.train.tiny import tiny_model, tiny_tokenizer
 
     model_dir = tmp_path / "model"
-    tiny_model(layers=1, hidden=32).save_pretrained(model_dir)
+    model = tiny_model(layers=1, hidden=32)
+    model.config.max_position_embeddings = 512  # arith's instruction: ~150 characters
+    model.save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     questions = tmp_path / "q.jsonl"
     rows = [{"question": "1+1", "answer": "2", "category": "a"},
@@ -87,3 +91,34 @@ def test_gspo_eval_bad_input_exits_2(tmp_path, capsys):
     assert gspo_main(["eval", "--model", "tiny", "--prompts", str(bad)]) == 2
     assert "line 1 needs 'question' and 'answer'" in capsys.readouterr().err
     assert gspo_main(["eval", "-n", "-1"]) == 2
+
+
+def test_gspo_eval_with_vllm_gives_generate_s_greedy_answers(tmp_path, capsys):
+    # The same questions through both engines: greedy completions agree token for token
+    # (float32 on both sides; a prompt encoded differently or a stale sampler would not).
+    pytest.importorskip("vllm")
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model(layers=1, hidden=128).save_pretrained(model_dir)  # vLLM's CPU heads: >= 32 wide
+    tiny_tokenizer().save_pretrained(model_dir)
+    greedy = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        argv = ["eval", "--model", str(model_dir), "--task", "digitsum", "--questions", "6",
+                "-n", "2", "--max-new-tokens", "5", "--out", str(out), "--device", "cpu",
+                "--engine", engine, "--vllm-memory", "0.05"]  # fmt: skip
+        assert gspo_main(argv) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["engine"] == engine and summary["questions"] == 6
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all(len(r["samples"]) == 2 for r in records)
+        greedy[engine] = [r["greedy"] for r in records]
+    assert greedy["vllm"] == greedy["hf"]
+
+
+def test_gspo_eval_refuses_prompts_past_the_model_s_positions(tmp_path, capsys):
+    # arith's instruction alone is ~150 characters: past the tiny model's 128 positions.
+    assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds the model's 128 positions" in err and "--max-new-tokens" in err

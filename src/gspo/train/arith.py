@@ -259,6 +259,19 @@ def arith_reward(prompts, completions, answer, **_fields) -> list[float]:
     return out
 
 
+# Any number in running text, for last_number: a fraction's "/ den" stays attached.
+_ANY_NUMBER = re.compile(rf"(?:{_NUM})(?:\s*/\s*(?:{_NUM}))?")
+
+
+def last_number(completion: str) -> Fraction | None:
+    """The value of the last number written anywhere in the completion, format aside (``"5 +
+    4 = 9"`` reads as 9). `gspo eval` reports how often it is right next to the strict
+    accuracy, so that a model that computes well but ignores the ``Answer:`` line is seen."""
+    text = _MARKUP.sub("", completion.replace("\u2212", "-"))
+    matches = list(_ANY_NUMBER.finditer(text))
+    return parse_number(matches[-1].group()) if matches else None
+
+
 def has_format(completion: str) -> bool:
     """Whether the completion ends its reasoning with a readable ``Answer: <number>``."""
     return final_answer(completion) is not None

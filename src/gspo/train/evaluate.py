@@ -3,11 +3,14 @@
     gspo eval --model smollm2 --task arith -n 8            # the base model
     gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
+    gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
 
 For each question: one greedy completion and ``n`` sampled ones (temperature 1). Reported,
 overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbiased
-estimator of Chen et al. 2021), and the format rate (greedy completions whose answer the
-task can read). A completion is *correct* when its reward is 1, the maximum of the
+estimator of Chen et al. 2021), the format rate (greedy completions whose answer the
+task can read) and, for arith, the last-number accuracy (the last number of the greedy
+completion is the answer, format aside: what the model computes even when it ignores the
+``Answer:`` line). A completion is *correct* when its reward is 1, the maximum of the
 built-in tasks. Output: a table, then one JSON line; every completion goes to ``--out``.
 """
 
@@ -44,7 +47,11 @@ class EvalConfig:
     n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
     temperature: float = option(1.0, "sampling temperature of the n samples")
     max_new_tokens: int = option(256, "longest completion, in tokens")
-    batch_size: int = option(32, "sequences generated together")
+    batch_size: int = option(32, "sequences generated together (hf; vLLM schedules its own)")
+    engine: str = option("hf", "hf (transformers generate) or vllm (needs vLLM, see README)",
+                         choices=("hf", "vllm"))  # fmt: skip
+    vllm_memory: float | None = option(
+        None, "vLLM memory: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU (none = 1)")
     seed: int = option(0, "seed of the built-in questions and of sampling")
     system_prompt: str | None = option(
         None, "system message before each question (none = the chat template's default); "
@@ -59,6 +66,10 @@ class EvalConfig:
         check(self.temperature > 0, "temperature", self.temperature, "use a positive value")
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
+        check(self.vllm_memory is None or self.vllm_memory > 0, "vllm_memory", self.vllm_memory,
+              "use > 0, or none")  # fmt: skip
+
+    top_p = 1.0  # what the rollout engines read besides the fields above: no nucleus cut
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -83,11 +94,15 @@ def load_questions(config: EvalConfig) -> list[dict]:
     return load_prompts_file(config.prompts, config.task)
 
 
-def _generate(model, tokenizer, prompts, *, group_size, config, greedy):
-    """Completions for every prompt (``group_size`` each, groups contiguous), batched."""
+def _generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler=None):
+    """Completions for every prompt (``group_size`` each, groups contiguous): from
+    ``sampler`` (a rollout engine) when given, else with ``generate`` in batches."""
     from tqdm import tqdm
 
     from gspo.train.rollout import generate
+
+    if sampler is not None:
+        return sampler.sample(prompts, group_size=group_size, greedy=greedy).completions
 
     per_batch = max(1, config.batch_size // group_size)
     texts = []
@@ -105,21 +120,23 @@ def _generate(model, tokenizer, prompts, *, group_size, config, greedy):
     return texts
 
 
-def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig) -> tuple[dict, list]:
+def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
+             sampler=None) -> tuple[dict, list]:  # fmt: skip
     """(summary, records): score greedy and sampled completions of every question."""
-    from gspo.train.arith import has_format
+    from gspo.train.arith import has_format, last_number, parse_number
     from gspo.train.rewards import TASKS, score
 
     _, reward_fn = TASKS[config.task]
-    greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True)
+    greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True,
+                       sampler=sampler)  # fmt: skip
     greedy_rewards = score(reward_fn, questions, greedy)
     sampled, sampled_rewards = [], []
     if config.n:
         sampled = _generate(model, tokenizer, questions, group_size=config.n, config=config,
-                            greedy=False)  # fmt: skip
+                            greedy=False, sampler=sampler)  # fmt: skip
         repeated = [q for q in questions for _ in range(config.n)]
         sampled_rewards = score(reward_fn, repeated, sampled)
-    records = []
+    records, arith = [], config.task == "arith"
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
         rewards = sampled_rewards[i * config.n : (i + 1) * config.n]
@@ -129,7 +146,9 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig) -> tup
             "category": str(question.get("category", "all")),
             "greedy": greedy[i], "greedy_reward": greedy_rewards[i],
             "greedy_correct": greedy_rewards[i] == 1.0,
-            "greedy_format": has_format(greedy[i]) if config.task == "arith" else None,
+            "greedy_format": has_format(greedy[i]) if arith else None,
+            "greedy_last_number_correct": (last_number(greedy[i]) == parse_number(
+                str(question["answer"]))) if arith else None,  # fmt: skip
             "samples": samples, "sample_rewards": rewards,
             "samples_correct": sum(r == 1.0 for r in rewards),
         })  # fmt: skip
@@ -150,8 +169,10 @@ def summarize(records: Sequence[dict], n: int) -> dict:
 def _metrics(rows: Sequence[dict], n: int) -> dict:
     out = {"questions": len(rows),
            "greedy_accuracy": sum(r["greedy_correct"] for r in rows) / len(rows)}  # fmt: skip
-    formats = [r["greedy_format"] for r in rows if r["greedy_format"] is not None]
-    out["format_rate"] = sum(formats) / len(formats) if formats else None
+    for key, name in (("greedy_format", "format_rate"),
+                      ("greedy_last_number_correct", "last_number_accuracy")):  # fmt: skip
+        values = [r[key] for r in rows if r.get(key) is not None]
+        out[name] = sum(values) / len(values) if values else None
     if n:
         out["pass@1"] = sum(pass_at_k(n, r["samples_correct"], 1) for r in rows) / len(rows)
         out[f"pass@{n}"] = sum(pass_at_k(n, r["samples_correct"], n) for r in rows) / len(rows)
@@ -160,7 +181,8 @@ def _metrics(rows: Sequence[dict], n: int) -> dict:
 
 def table(summary: dict, n: int) -> str:
     """The summary as an aligned text table, one row per category and one for all."""
-    columns = ["greedy_accuracy", "format_rate"] + (["pass@1", f"pass@{n}"] if n else [])
+    columns = ["greedy_accuracy", "format_rate", "last_number_accuracy"]
+    columns += ["pass@1", f"pass@{n}"] if n else []
     rows = [("all", summary)] + list(summary.get("by_category", {}).items())
     lines = [f"{'category':<10} {'questions':>9} " + " ".join(f"{c:>15}" for c in columns)]
     for name, m in rows:
@@ -195,13 +217,40 @@ def run(config: EvalConfig) -> dict:
     questions = load_questions(config)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, layers=2, hidden=128, seed=0)
-    model.to(pick_device(config.device)).eval()
+    _check_lengths(model, tokenizer, questions, config)
+    device = pick_device(config.device)
+    model.to(device).eval()
+    sampler = None
+    if config.engine == "vllm":
+        from gspo.train.engines.vllm import VLLMEngine
+
+        sampler = VLLMEngine(model, tokenizer, config=config, device=device, seed=config.seed)
     start = time.perf_counter()
-    summary, records = evaluate(model, tokenizer, questions, config)
+    try:
+        summary, records = evaluate(model, tokenizer, questions, config, sampler)
+    finally:
+        if sampler is not None:
+            sampler.close()
     seconds = round(time.perf_counter() - start, 1)
-    summary = {"model": config.model, "task": config.task, **summary, "seconds": seconds,
+    summary = {"model": config.model, "task": config.task, "engine": config.engine, **summary,
+               "seconds": seconds,
                "completions": config.out}  # fmt: skip
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return summary
+
+
+def _check_lengths(model, tokenizer, questions: list[dict], config: EvalConfig) -> None:
+    """Every question with its completion must fit the model's positions (else a crash deep
+    inside torch or vLLM, halfway through the questions)."""
+    from gspo.train.data import position_limit, prompt_lengths
+
+    limit = position_limit(model)
+    longest = max(prompt_lengths(tokenizer, questions, config.system_prompt))
+    if limit is not None and longest + config.max_new_tokens > limit:
+        raise ValueError(
+            f"a question of {longest} tokens (chat template and instruction included) plus "
+            f"--max-new-tokens {config.max_new_tokens} exceeds the model's {limit} positions; "
+            "lower --max-new-tokens or ask shorter questions"
+        )
