@@ -310,14 +310,10 @@ def test_merged_params_equal_merge_and_unload_and_leave_the_policy_as_it_was(kin
     merge_and_unload on a deep copy (GPT-2: Conv1D weights are [in, out], B A transposed),
     tied embeddings once, as full_params gives them; the policy's tensors are bit-identical
     after two syncs (no merge/unmerge drift)."""
-    import warnings
-
     from gspo.train import distributed as dd
 
     if kind == "gpt2":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PEFT: "fan_in_fan_out is set to False ... Conv1D"
-            model = lora.wrap(tiny_gpt2(), LORA)
+        model = lora.wrap(tiny_gpt2(), LORA)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".lora_B." in name:
@@ -429,11 +425,27 @@ def test_outputs_load_adapter_with_peft_and_gspo_merged_with_transformers(lora_r
             torch.testing.assert_close(CausalLMLogprobs(model)(ids, mask), want, rtol=0,
                                        atol=1e-5)  # fmt: skip
     assert (want - base).abs().max() > 1e-3  # the adapter changed the model
+    assert all(p.requires_grad for p in loaded.parameters())  # trains whole as --model
     assert tok.decode(tok("sum 09:")["input_ids"]) == "sum 09:"
     merged_tok = AutoTokenizer.from_pretrained(straight / "merged")
     assert merged_tok.decode(merged_tok("sum 09:")["input_ids"]) == "sum 09:"
     base_file = json.loads((straight / "model" / lora.BASE_FILE).read_text())
     assert base_file == {"model": "tiny", "tiny_layers": 1, "tiny_hidden": 32, "seed": 3}
+
+
+def test_adapter_config_names_a_directory_base(tmp_path, monkeypatch):
+    """--model DIR: adapter_config.json's base_model_name_or_path and gspo-base.json give DIR
+    as an absolute path, so PEFT (AutoPeftModelForCausalLM) and gspo find it from anywhere."""
+    from gspo.train.tiny import load_model_and_tokenizer, tiny_tokenizer
+
+    tiny_model(layers=1, hidden=32).save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model_and_tokenizer("base", layers=0, hidden=0, seed=0)
+    wrapped = lora.wrap(model, dataclasses.replace(LORA, model="base"))
+    where = str((tmp_path / "base").resolve())
+    assert wrapped.peft_config["default"].base_model_name_or_path == where
+    assert wrapped.gspo_base["model"] == where
 
 
 def test_gspo_eval_takes_the_adapter_directory(lora_runs, tmp_path, capsys):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,8 +74,10 @@ def wrap(model, config):
     lora_config = LoraConfig(r=config.lora_r, lora_alpha=alpha(config),
                              lora_dropout=config.lora_dropout, target_modules=targets,
                              bias="none", task_type="CAUSAL_LM")  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(config.seed)
+        # GPT-2's Conv1D: PEFT switches to fan_in_fan_out itself (merged_params follows it)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
         try:
             peft_model = get_peft_model(model, lora_config)
         except ValueError as err:  # e.g. "Target modules {'qkv'} not found in the base model"
@@ -311,7 +314,8 @@ def load_adapter_dir(path: Path):
         seed=base.get("seed", 0),
     )  # fmt: skip
     model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return model, tokenizer
+    # PEFT leaves the base frozen; as a plain model it trains whole (gspo train --model)
+    return model.requires_grad_(True), tokenizer
 
 
 def base_description(config) -> dict:
