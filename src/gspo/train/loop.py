@@ -5,7 +5,7 @@ Launch:
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
     gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
-    gspo train --lora-r 8 --lr 1e-2 --merge      # LoRA adapters (PEFT), base weights frozen
+    gspo train --lora-r 8 --lr 3e-2 --merge      # LoRA adapters (PEFT), base weights frozen
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 

@@ -42,8 +42,8 @@ INSTALL_HINT = "--lora-r needs PEFT: `pip install 'gspo[train]'` (or `pip instal
 
 
 def is_lora(model) -> bool:
-    """True for a PEFT model. PEFT is imported only by ``wrap``, so a run without LoRA never
-    imports it (nor needs it installed)."""
+    """True for a PEFT model. PEFT is imported only when LoRA is asked for, so a run without
+    it never imports PEFT (nor needs it installed)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
 
@@ -55,6 +55,7 @@ def hf_model(model) -> torch.nn.Module:
 
 
 def alpha(config) -> float:
+    """--lora-alpha, or 2 r when none: the scale s = alpha / r is then 2 at any rank."""
     return float(config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r)
 
 
@@ -275,7 +276,10 @@ def save_final(run_dir: Path, model, tokenizer, world: dd.World, *, merge: bool)
         save_pretrained(model, run_dir / "model", state)
         tokenizer.save_pretrained(run_dir / "model")
     if merge:
-        merged = {name: value.cpu().clone() for name, value in merged_params(model)}
+        merged = {}
+        for name, value in merged_params(model):  # every rank: all-gathers under FSDP2
+            if world.main:
+                merged[name] = value.cpu().clone()
         if world.main:
             hf_model(model).save_pretrained(run_dir / "merged", state_dict=merged,
                                             safe_serialization=True)  # fmt: skip
