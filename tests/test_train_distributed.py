@@ -27,11 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 B, G, P, T = 16, 4, 3, 5  # 4 groups: each of 2 ranks holds 2 whole groups
 
 
-def make_batch(gpt2: bool = False):
+def make_batch(gpt2: bool = False, lora: bool = False):
     """A fixed batch: random tokens, ragged response masks, off-policy logp_old; the model is
-    the tiny Qwen2, or a tiny GPT-2 (its blocks are ``transformer.h``, not ``layers``)."""
+    the tiny Qwen2, or a tiny GPT-2 (its blocks are ``transformer.h``, not ``layers``); with
+    ``lora`` the Qwen2 with rank-4 adapters, B drawn at random (B = 0 gives A no gradient)."""
     gen = torch.Generator().manual_seed(0)
     model = tiny_gpt2() if gpt2 else tiny_model(layers=1, hidden=32, seed=0)
+    if lora:
+        from gspo.train.lora import wrap
+
+        model = wrap(model, TrainConfig(lora_r=4))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     ids = torch.randint(4, 50, (B, P + T), generator=gen)
     lengths = torch.randint(1, T + 1, (B,), generator=gen)
     response_mask = torch.arange(T)[None, :] < lengths[:, None]
@@ -77,6 +86,8 @@ def gradients(model, engine, rollout, adv, logp_old, ref_logp, rows, world_size)
 
     out = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # LoRA's frozen base
+            continue
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         out[name] = g.detach().clone()
     return out
@@ -121,6 +132,11 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=True)
     results["fsdp2-gpt2"] = gradients(model, engine, rollout, adv, logp_old, ref_logp, rows,
                                       world_size)  # fmt: skip
+    for mode in ("ddp", "fsdp2"):  # LoRA: the adapters' gradients (the base is frozen)
+        model, rollout, adv, logp_old, ref_logp = make_batch(lora=True)
+        engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=mode == "fsdp2")
+        results[mode + "-lora"] = gradients(model, engine, rollout, adv, logp_old, ref_logp,
+                                            rows, world_size)  # fmt: skip
     if rank == 0:
         torch.save(results, out)
     dd.shutdown(world)
@@ -185,11 +201,12 @@ def two_rank_gradients(tmp_path_factory):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-gpt2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-gpt2", "ddp-lora", "fsdp2-lora"])
 def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
     from gspo.chunked import CausalLMLogprobs
 
-    model, rollout, adv, logp_old, ref_logp = make_batch(gpt2=mode.endswith("gpt2"))
+    model, rollout, adv, logp_old, ref_logp = make_batch(gpt2=mode.endswith("gpt2"),
+                                                         lora=mode.endswith("lora"))  # fmt: skip
     assert adv.abs().sum() > 0
     expected = gradients(model, CausalLMLogprobs(model), rollout, adv, logp_old, ref_logp,
                          slice(0, B), world_size=1)  # fmt: skip
@@ -317,6 +334,31 @@ def test_torchrun_two_ranks_train_stop_and_resume(tmp_path, fsdp):
     rows = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[:3] == first[:3]  # the steps before the checkpoint are kept as they were
+
+
+def test_torchrun_fsdp2_lora_stops_and_resumes_exactly(tmp_path):
+    """LoRA under FSDP2 (adapters sharded with the frozen base; the adapter, the optimizer
+    and the merged weights gathered for checkpoints, outputs and the sampler): a copy
+    resumed from step 2 ends with the straight run's adapter and merged model."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = torchrun([*TINY, "--fsdp", "--lora-r", "4", "--kl-coef", "0.1", "--merge",
+                     "--steps", "3", "--checkpoint-every", "2", "--run-dir", str(straight)],
+                    tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(straight, resumed)
+    for gone in ("checkpoints/step-000003", "model", "merged"):
+        shutil.rmtree(resumed / gone)
+    again = torchrun(["--resume", str(resumed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for file in ("model/adapter_model.safetensors", "merged/model.safetensors"):
+        a, b = load_file(straight / file), load_file(resumed / file)
+        assert set(a) == set(b), file
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
 
 
 def assert_full_optimizer_state(path: Path, steps: int) -> None:

@@ -470,6 +470,7 @@ class CausalLMLogprobs(torch.nn.Module):
     - The model's own logit transform is applied: Gemma 2/3's
       ``final_logit_softcapping`` and Cohere's ``logit_scale`` (``logit_transform``);
       a config with a transform this module does not know is refused.
+    - A ``peft.PeftModel`` (LoRA) is unwrapped to the model inside it, adapters active.
     - ``compute_dtype=torch.bfloat16`` runs the decoder under autocast and the LM head
       on bf16 copies of the weights (the parameters stay fp32: master weights);
       log-probs come out in float32 either way.
@@ -490,6 +491,11 @@ class CausalLMLogprobs(torch.nn.Module):
     ):
         super().__init__()
         check_chunk_size(chunk_size)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            # A PEFT model: run the Hugging Face model inside it, whose layers carry the
+            # adapters (through the wrapper, base_model_prefix would find that whole model,
+            # logits and all, instead of its decoder).
+            model = model.get_base_model()
         prefix = getattr(model, "base_model_prefix", None)
         if not prefix or not hasattr(model, prefix):
             raise TypeError("model: expected a Hugging Face causal LM with a base_model_prefix")

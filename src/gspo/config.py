@@ -347,6 +347,22 @@ class TrainConfig:
     dtype: str = option(
         "fp32", "compute dtype: bf16 = fp32 master weights, bf16 matmuls", choices=("fp32", "bf16")
     )
+    # LoRA through PEFT (gspo.train.lora)
+    lora_r: int = option(
+        0, "LoRA rank: train rank-r adapters on the decoder's linear layers, the base weights "
+        "frozen; 0 = full fine-tuning")  # fmt: skip
+    lora_alpha: float | None = option(
+        None, "LoRA scale numerator: a layer computes W + (alpha / r) B A; none = 2 r "
+        "(the scale stays 2 whatever the rank)")  # fmt: skip
+    lora_targets: tuple[str, ...] = option(
+        (), "modules to adapt, by name or name suffix (e.g. q_proj v_proj); none = every "
+        "linear layer of the decoder (not the LM head or embeddings)", metavar="NAME")  # fmt: skip
+    lora_dropout: float = option(
+        0.0, "dropout on each adapter's input while training; like the model's own dropout "
+        "it needs --keep-dropout")  # fmt: skip
+    merge: bool = option(
+        False, "with --lora-r: also write RUN_DIR/merged, the base model with the adapters "
+        "merged in, which transformers loads alone")  # fmt: skip
     # the built-in tiny model
     tiny_layers: int = option(2, "layers of the built-in tiny model")
     tiny_hidden: int = option(128, "width of the built-in tiny model")
@@ -432,6 +448,7 @@ class TrainConfig:
         check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
               self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
         self._check_rollout()
+        self._check_lora()
 
     def _check_rollout(self) -> None:
         memory = self.vllm_memory
@@ -447,3 +464,24 @@ class TrainConfig:
               "rollout_correction", self.rollout_correction,
               "a correction weighs the trainer's old log-probs against the sampler's: it needs "
               "--old-logprobs trainer")  # fmt: skip
+
+    def _check_lora(self) -> None:
+        r = self.lora_r
+        check(r >= 0, "lora_r", r, "use a positive rank, or 0 for full fine-tuning")
+        # The other LoRA options mean nothing without adapters: refused rather than ignored.
+        for name, unset in (("lora_alpha", None), ("lora_targets", ()), ("lora_dropout", 0.0),
+                            ("merge", False)):  # fmt: skip
+            value = getattr(self, name)
+            check(r > 0 or value == unset, name, value,
+                  "it applies to LoRA adapters only: add --lora-r R (e.g. --lora-r 8)")  # fmt: skip
+        alpha = self.lora_alpha
+        check(alpha is None or (alpha > 0 and math.isfinite(alpha)), "lora_alpha", alpha,
+              "use a finite value > 0, or none for 2 x lora_r")  # fmt: skip
+        check(all(t.strip() for t in self.lora_targets), "lora_targets", self.lora_targets,
+              "give module names such as q_proj v_proj (none = every linear layer)")  # fmt: skip
+        check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "use [0, 1)")
+        # The trainer runs the model in eval mode (no dropout: on-policy ratios must be 1);
+        # the adapters' dropout is a module of the same model and is off with it.
+        check(self.lora_dropout == 0 or self.keep_dropout, "lora_dropout", self.lora_dropout,
+              "dropout acts only when the model trains with it: add --keep-dropout, or "
+              "use 0")  # fmt: skip

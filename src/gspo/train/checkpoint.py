@@ -3,6 +3,8 @@
 Layout of ``RUN_DIR/checkpoints/step-000050/``:
     model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF;
                    resume also reads the sharded form, model-0000N-of-0000M + index)
+                   under --lora-r: adapter_model.safetensors, adapter_config.json (PEFT's
+                   save_pretrained; resume builds the base model, then loads the adapter)
     optimizer/     AdamW state via torch.distributed.checkpoint, keyed by parameter name:
                    every rank writes its shards; it loads on any number of ranks
     trainer.pt     scheduler, step, data position, the config
@@ -75,9 +77,12 @@ def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None) -> None:
 
 
 def write_main_state(tmp: Path, *, model_state, model, tokenizer, trainer_state: dict) -> None:
-    """Rank 0's part: the model (safetensors via save_pretrained) and the trainer state."""
+    """Rank 0's part: the model (safetensors via save_pretrained; under LoRA the adapter)
+    and the trainer state."""
+    from gspo.train.lora import save_pretrained
+
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
+    save_pretrained(model, tmp, model_state)
     tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, tmp / "trainer.pt")
 
@@ -160,6 +165,9 @@ def load_model_weights(model, path: Path) -> None:
     another model is refused with both models described."""
     import json
 
+    if (path / "adapter_config.json").exists():
+        raise ValueError(f"checkpoint {path} holds a LoRA adapter, not a whole model; resume "
+                         "it with its run's --lora-r (as its config.json says)")  # fmt: skip
     saved = json.loads((path / "config.json").read_text())
     built = model.config.to_dict()
     differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]

@@ -1,7 +1,7 @@
 """`gspo eval`: how well a model does a task, the same way before and after training.
 
     gspo eval --model smollm2 --task arith -n 8            # the base model
-    gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output
+    gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output (LoRA too)
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
     gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
 
@@ -33,7 +33,8 @@ from gspo.config import add_arguments, check, from_args, option
 class EvalConfig:
     """Everything `gspo eval` reads."""
 
-    model: str = option("smollm2", "'tiny', 'smollm2', a .gguf file or an HF dir (a run's model/)",
+    model: str = option("smollm2", "'tiny', 'smollm2', a .gguf file or an HF dir (a run's "
+                        "model/; a LoRA run's is the adapter, loaded onto its base)",
                         metavar="PATH")  # fmt: skip
     task: str = option("arith", "task whose questions and reward are used",
                        choices=("arith", "digitsum", "copy"))  # fmt: skip

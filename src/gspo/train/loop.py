@@ -5,6 +5,7 @@ Launch:
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
     gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
+    gspo train --lora-r 8 --lr 3e-2 --merge      # LoRA adapters (PEFT), base weights frozen
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 
@@ -19,7 +20,6 @@ One step:
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import random
 import shutil
@@ -32,7 +32,7 @@ import torch
 from gspo.config import TrainConfig, to_dict
 from gspo.groups import advantages
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, rundir
+from gspo.train import data, engines, lora, rundir
 from gspo.train import distributed as dd
 from gspo.train.report import Report, format_group, sample_groups
 from gspo.train.rewards import RewardError, build_task, prompts_at, score
@@ -91,13 +91,16 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     random.seed(config.seed + 7919 * world.rank)
     torch.manual_seed(config.seed + 7919 * world.rank)
 
-    # ---- model, reference, task
+    # ---- model (with LoRA adapters under --lora-r), reference, task
     model, tokenizer = load_model_and_tokenizer(
         config.model, layers=config.tiny_layers, hidden=config.tiny_hidden, seed=config.seed
     )
-    ref_model = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
+    model = lora.wrap(model, config)  # --lora-r: a PeftModel whose adapters alone train
+    # The KL reference is the initial policy: copied before a checkpoint is loaded (under
+    # LoRA no copy: the same model with its adapters disabled is the initial policy).
+    frozen = lora.frozen_copy(model, config)
     if resume_from is not None:
-        ckpt.load_model_weights(model, resume_from)
+        lora.load_checkpoint(model, resume_from)  # the model's weights, or the adapter
     # Dropout off (eval mode) unless asked: its noise alone moves on-policy ratios off 1.
     model.to(world.device).train(config.keep_dropout)
     if config.grad_checkpointing:
@@ -116,9 +119,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
 
     low = COMPUTE_DTYPES[config.dtype]  # None (fp32) or bf16; parameters stay fp32
     engine = dd.wrap(CausalLMLogprobs(model, compute_dtype=low), world, fsdp=config.fsdp)
-    ref_logprobs = None
-    if ref_model is not None:
-        ref_logprobs = CausalLMLogprobs(ref_model.to(world.device).eval(), compute_dtype=low)
+    ref_logprobs = lora.reference_logprobs(engine, model, frozen, config, device=world.device,
+                                           compute_dtype=low)  # fmt: skip
     optimizer = torch.optim.AdamW(
         [p for p in engine.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.99),
@@ -180,7 +182,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             history = update(engine, ref_logprobs, optimizer, scheduler, rollout, adv,
                              config=config, world_size=world.size)  # fmt: skip
             t2 = time.perf_counter()
-            sampler.load_weights(dd.full_params(model))  # the next step samples the new policy
+            # the next step samples the new policy (under LoRA: W + s B A, merged on the fly)
+            sampler.load_weights(lora.sampler_weights(model))
             times["time_weight_sync"] = time.perf_counter() - t2
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = _step_metrics(step, rewards, rollout, history, t0, scheduler, world)
@@ -207,7 +210,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     log.close()
     finished = step == config.steps
     if finished:
-        _save_final(run_dir, model, tokenizer, engine, world)
+        lora.save_final(run_dir, model, tokenizer, world, merge=config.merge)  # RUN_DIR/model
         if config.plot and world.main:
             from gspo.train.plot import plot_run
 
@@ -306,7 +309,7 @@ def _progress(config: TrainConfig, world: dd.World, start: int):
 
 def _save(run_dir, step, position, model, tokenizer, engine, optimizer, scheduler, config, world,
           rng=None) -> None:  # fmt: skip
-    state = dd.full_state_dict(model, world)  # collectives first, on every rank
+    state = lora.state_dict(model, world)  # collectives first, on every rank
     tmp = ckpt.staging_dir(run_dir, step)
     if world.main and tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
@@ -323,11 +326,3 @@ def _save(run_dir, step, position, model, tokenizer, engine, optimizer, schedule
         ckpt.publish(run_dir, step, config.keep_checkpoints)
     dd.barrier(world)
 
-
-def _save_final(run_dir: Path, model, tokenizer, engine, world: dd.World) -> None:
-    """The trained model as a plain Hugging Face directory: RUN_DIR/model."""
-    state = dd.full_state_dict(model, world)
-    if world.main:
-        model.save_pretrained(run_dir / "model", state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / "model")
-    dd.barrier(world)

@@ -99,7 +99,8 @@ def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: 
 
 def load_model_and_tokenizer(name: str, *, layers: int, hidden: int, seed: int):
     """'tiny' builds the built-in pair; a GGUF file or 'smollm2' is dequantized once into a
-    cached directory (gguf.py); anything else is a local Hugging Face directory."""
+    cached directory (gguf.py); anything else is a local Hugging Face directory, or a LoRA
+    adapter directory (gspo.train.lora: its base model with the adapter merged in)."""
     if name == "tiny":
         return tiny_model(layers=layers, hidden=hidden, seed=seed), tiny_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,6 +114,10 @@ def load_model_and_tokenizer(name: str, *, layers: int, hidden: int, seed: int):
             "file or a local directory written by save_pretrained (this trainer never "
             "downloads weights)"
         )
+    from gspo.train import lora
+
+    if lora.is_adapter_dir(path):  # a LoRA run's model/: its base with the adapter merged in
+        return lora.load_adapter_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

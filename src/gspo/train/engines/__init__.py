@@ -4,6 +4,7 @@
     rollout = engine.sample(prompts, group_size=G, greedy=False)
         # token ids + the sampler's log-prob of every sampled token (Rollout.sampler_logp)
     engine.load_weights(named_tensors)   # after each step's updates: the policy's weights
+                                         # (under LoRA merged: lora.sampler_weights)
     engine.close()
 
 ``hf``: Hugging Face ``generate`` on the policy module itself (no copy, nothing to sync).
@@ -37,12 +38,15 @@ def build(config, model, tokenizer, world, policy) -> Engine:
     """The engine ``config.rollout`` names, for this rank. ``policy`` is the (possibly
     DDP/FSDP-wrapped) log-prob module around ``model``."""
     from gspo.train import distributed as dd
+    from gspo.train import lora
 
     if config.rollout == "hf":
         from gspo.train.engines.hf import HFEngine
 
         fsdp = world.distributed and dd.is_fsdp(policy)
-        return HFEngine(model, tokenizer, config=config, synced=fsdp,
+        # under LoRA the HF model inside the PeftModel: its layers run the adapters, and
+        # generate() must see its own generation_config (engines.hf swaps it)
+        return HFEngine(lora.hf_model(model), tokenizer, config=config, synced=fsdp,
                         gathered=lambda: dd.gathered(policy))  # fmt: skip
     if config.rollout == "vllm":
         if world.distributed:
@@ -53,6 +57,7 @@ def build(config, model, tokenizer, world, policy) -> Engine:
             )
         from gspo.train.engines.vllm import VLLMEngine
 
-        return VLLMEngine(model, tokenizer, config=config, device=world.device,
-                          seed=config.seed + 7919 * world.rank)  # fmt: skip
+        return VLLMEngine(lora.hf_model(model), tokenizer, config=config, device=world.device,
+                          seed=config.seed + 7919 * world.rank,
+                          weights=lora.sampler_weights(model))  # fmt: skip
     raise ValueError(f"--rollout {config.rollout!r}: use hf or vllm")

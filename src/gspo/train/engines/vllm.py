@@ -41,7 +41,10 @@ def check_available() -> None:
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, *, config, device: torch.device, seed: int = 0):
+    def __init__(self, model, tokenizer, *, config, device: torch.device, seed: int = 0,
+                 weights: Iterable[tuple[str, torch.Tensor]] | None = None):  # fmt: skip
+        """``weights``: the initial weights under ``model``'s names (default: its own);
+        under LoRA the merged ones, while ``model`` is the HF model holding the adapters."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -53,7 +56,8 @@ class VLLMEngine:
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
-        model.save_pretrained(self.dir, safe_serialization=True)  # the current weights
+        state = None if weights is None else {name: t.cpu() for name, t in weights}
+        model.save_pretrained(self.dir, state_dict=state, safe_serialization=True)  # current
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
         memory = config.vllm_memory
