@@ -122,3 +122,40 @@ def test_gspo_eval_refuses_prompts_past_the_model_s_positions(tmp_path, capsys):
     assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0"]) == 2
     err = capsys.readouterr().err
     assert "exceeds the model's 128 positions" in err and "--max-new-tokens" in err
+
+
+def test_eval_reads_a_training_config_and_flags_win(tmp_path):
+    # The base model is asked as the recipe trains it: model, task, levels, system prompt,
+    # length, temperature and engine come from the train config; a flag given here wins.
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "smollm2"\ntask = "arith"\ntask_levels = [1]\nsteps = 40\n'
+                      'system_prompt = "Be brief."\nmax_new_tokens = 32\ntemperature = 0.7\n'
+                      'rollout = "vllm"\nlr = 2e-5\n')  # fmt: skip
+    config = ev.parse_config(["--config", str(recipe), "--max-new-tokens", "64"])
+    assert (config.model, config.task, config.task_levels) == ("smollm2", "arith", (1,))
+    assert (config.system_prompt, config.temperature, config.engine) == ("Be brief.", 0.7, "vllm")
+    assert config.max_new_tokens == 64  # the flag, not the file's 32
+    bad = tmp_path / "bad.toml"
+    bad.write_text('task = "arith"\ntask_levels = [4]\n')
+    with pytest.raises(ValueError, match="arith's levels are 1, 2 and 3"):
+        ev.parse_config(["--config", str(bad)])  # checked as gspo train checks it
+    with pytest.raises(ValueError, match="drop --config"):
+        ev.parse_config(["--config", str(recipe), "--run", str(tmp_path)])
+
+
+def test_eval_run_takes_the_run_s_model_and_config(tmp_path, capsys):
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    run = tmp_path / "run"
+    tiny_model(layers=1, hidden=32).save_pretrained(run / "model")
+    tiny_tokenizer().save_pretrained(run / "model")
+    (run / "config.json").write_text(json.dumps({"model": "tiny", "task": "digitsum",
+                                                 "max_new_tokens": 3, "seed": 5}))  # fmt: skip
+    with pytest.raises(ValueError, match="no .*missing/model"):
+        ev.parse_config(["--run", str(tmp_path / "missing")])
+    config = ev.parse_config(["--run", str(run), "--questions", "3", "-n", "0"])
+    assert (config.model, config.task, config.max_new_tokens) == (str(run / "model"), "digitsum", 3)
+    assert gspo_main(["eval", "--run", str(run), "--questions", "3", "-n", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == str(run / "model") and summary["questions"] == 3
+    assert len((run / "eval-completions.jsonl").read_text().splitlines()) == 3

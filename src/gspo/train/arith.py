@@ -31,10 +31,11 @@ import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 
-INSTRUCTION = (
-    "Solve the problem. End your reply with a final line of the form 'Answer: <number>', "
-    "where the number is an integer, a decimal or a fraction such as -7/9."
-)
+# Short, because every token of the prompt is paid for again in each forward and backward
+# (14 SmolLM2 tokens; a first version of 41 was half the prompt), and without a sample number:
+# SmolLM2 copied its example "-7/9" into answers, and after "as a fraction like 2/3" GSPO
+# taught it to answer every question with a fraction at once ("Answer: 4/5" for 3 + 3).
+INSTRUCTION = "End your reply with a final line 'Answer: <number>'."
 CATEGORIES = ("add", "sub", "mul", "div", "expr")
 LEVELS = (1, 2, 3)
 

@@ -4,6 +4,8 @@
     gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output (LoRA too)
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
     gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
+    gspo eval --config examples/smollm2-arith.toml         # the base, asked as a recipe trains
+    gspo eval --run runs/smollm2-arith                     # a run's model, asked as it trained
 
 For each question: one greedy completion and ``n`` sampled ones (temperature 1). Reported,
 overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbiased
@@ -193,12 +195,9 @@ def table(summary: dict, n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gspo eval", description=__doc__.split("\n\n")[0])
-    add_arguments(parser, EvalConfig)
-    parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = from_args(EvalConfig, parser.parse_args(argv))
+        config = parse_config(argv)
         summary = run(config)
     except ValueError as err:
         print(f"gspo eval: error: {err}", file=sys.stderr)
@@ -206,6 +205,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(summary, config.n))
     print(json.dumps(summary))
     return 0
+
+
+# What `gspo eval` reads from a training config, so that a model is asked exactly as it
+# was trained (held-out questions come from the same seed and split either way). A run's
+# --prompts/--dataset are not taken: training held out only their last rows.
+SHARED_WITH_TRAIN = ("model", "task", "task_levels", "system_prompt", "max_new_tokens",
+                     "temperature", "vllm_memory")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gspo eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", metavar="FILE", help="a `gspo train` config file (JSON or TOML): its model, "
+        "task, levels, system prompt, max new tokens, temperature and engine (rollout)")
+    parser.add_argument(
+        "--run", metavar="RUN_DIR", help="a training run: its config.json as with --config, "
+        "its trained model (RUN_DIR/model), completions to RUN_DIR/eval-completions.jsonl")
+    add_arguments(parser, EvalConfig)
+    parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
+    return parser
+
+
+def parse_config(argv: Sequence[str]) -> EvalConfig:
+    """Defaults < the training config (--run or --config) < flags given here."""
+    args = build_parser().parse_args(list(argv))
+    if args.run and args.config:
+        raise ValueError("--run RUN_DIR already reads RUN_DIR/config.json: drop --config")
+    values = {}
+    if args.run:
+        run_dir = Path(args.run)
+        if not (run_dir / "model").is_dir():
+            raise ValueError(f"--run {args.run!r}: no {run_dir / 'model'} (a finished run has "
+                             "one); give a run directory, or --model DIR")  # fmt: skip
+        values = train_fields(run_dir / "config.json")
+        values.update(model=str(run_dir / "model"), out=str(run_dir / "eval-completions.jsonl"))
+    elif args.config:
+        values = train_fields(args.config)
+    return from_args(EvalConfig, args, file_values=values)
+
+
+def train_fields(path: str | Path) -> dict:
+    """The fields of a `gspo train` config file that `gspo eval` shares (its ``rollout``
+    engine included), checked as `gspo train` would check them."""
+    from gspo.config import TrainConfig, coerce, load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"config file {str(path)!r} not found")
+    values = coerce(TrainConfig, load_file(path), str(path))
+    train = TrainConfig(**values)  # every check gspo train makes (a ValueError names it)
+    out = {k: getattr(train, k) for k in SHARED_WITH_TRAIN if k in values}
+    if "rollout" in values:
+        out["engine"] = train.rollout
+    return out
 
 
 def run(config: EvalConfig) -> dict:
