@@ -113,6 +113,12 @@ def test_a_saved_dataset_dict_holds_out_its_test_split(tmp_path):
     assert len(pool) == 5 and held[0]["prompt"] == "sum 06:?"
     with pytest.raises(ValueError, match=r"--dataset-split 'dev': .* has the splits \['train', 'test'\]"):
         load_dataset_prompts(path, split="dev")
+    only_eval = tmp_path / "no-train"
+    datasets.DatasetDict({"validation": train, "test": test}).save_to_disk(str(only_eval))
+    with pytest.raises(ValueError, match=r"has no 'train' split but \['validation', 'test'\]; name the one"):
+        load_dataset_prompts(only_eval)
+    rows, held = load_dataset_prompts(only_eval, split="validation")
+    assert len(rows) == 10 and len(held) == 6  # the test split is held out
 
 
 def test_no_split_of_a_file_is_held_out_but_its_last_tenth(tmp_path):

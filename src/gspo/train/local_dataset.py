@@ -99,11 +99,14 @@ def _from_disk(datasets, where: Path, path, split: str | None):
                              "DatasetDict with splits; drop --dataset-split")  # fmt: skip
         return loaded, None
     names = list(loaded)
+    if split is None and "train" not in names and len(names) > 1:
+        raise ValueError(f"--dataset {str(path)!r} has no 'train' split but {names}; name the "
+                         "one to train on with --dataset-split")  # fmt: skip
     if split is None:
-        split = "train" if "train" in names else names[0] if len(names) == 1 else None
+        split = "train" if "train" in names else names[0]
     if split not in names:
         raise ValueError(f"--dataset-split {split!r}: {path} has the splits {names}; "
-                         "name one with --dataset-split")  # fmt: skip
+                         "name one of them")  # fmt: skip
     held = next((name for name in HELD_OUT_SPLITS if name in names and name != split), None)
     return loaded[split], None if held is None else loaded[held]
 
