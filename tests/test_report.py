@@ -88,3 +88,17 @@ def test_a_training_run_writes_samples_tensorboard_and_timings(tmp_path):
     assert rows[1]["time_old_logprobs"] <= rows[1]["time_update"]
     events = EventAccumulator(str(run / "tb")).Reload()
     assert [e.step for e in events.Scalars("reward_mean")] == [1, 2, 3]
+
+
+def test_a_group_is_printed_at_each_evaluation(tmp_path, capsys):
+    from gspo.train import TrainConfig, train
+
+    config = TrainConfig(steps=2, eval_every=2, warmup_steps=0, run_dir=str(tmp_path / "run"),
+                         plot=False, tiny_hidden=32, tiny_layers=1, prompts_per_step=4,
+                         group_size=2, minibatches=2, eval_prompts=4)  # fmt: skip
+    train(config)
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    # Only at the evaluation (step 2), not at step 1: the step's first group, one line each.
+    assert "step 1:" not in text and text.count("step 2:\nprompt: sum ") == 1
+    assert text.count("  r=") == config.group_size

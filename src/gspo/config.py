@@ -238,6 +238,18 @@ def check(ok: bool, name: str, value: Any, fix: str) -> None:
         raise ValueError(f"{flag_name(name)} / {name} = {value!r} is invalid: {fix}")
 
 
+def check_dataset_fields(config: Any) -> None:
+    """The --dataset flags of TrainConfig and gspo eval's EvalConfig: one source of prompts,
+    and the column flags only with --dataset (they would silently do nothing otherwise)."""
+    check(config.dataset is None or config.prompts is None, "dataset", config.dataset,
+          "give --dataset or --prompts, not both")  # fmt: skip
+    for name in ("dataset_split", "prompt_field", "answer_field"):
+        value = getattr(config, name)
+        check(value is None or config.dataset is not None, name, value,
+              "it names a column or split of --dataset PATH: add --dataset or drop it")  # fmt: skip
+        check(value is None or value.strip() != "", name, value, "give a name, or none")
+
+
 # ---------------------------------------------------------------- gspo train
 
 
@@ -262,6 +274,22 @@ class TrainConfig:
     task_levels: tuple[int, ...] = option(
         (), "difficulty levels of --task arith's questions (1, 2, 3); none = all", metavar="INT"
     )
+    dataset: str | None = option(
+        None,
+        "local data set read with Hugging Face datasets: a .jsonl, .json, .parquet or .csv "
+        "file, or a directory written by save_to_disk (needs --reward, unless --task arith)",
+        metavar="PATH",
+    )
+    dataset_split: str | None = option(
+        None, "split of a saved DatasetDict to train on; none = 'train' (its 'test' or "
+        "'validation' split is held out)", metavar="NAME")  # fmt: skip
+    prompt_field: str | None = option(
+        None, "--dataset column that is the prompt (renamed 'prompt'); with --task arith, the "
+        "question; none = 'prompt' ('question' for arith when there is one)",
+        metavar="COLUMN")  # fmt: skip
+    answer_field: str | None = option(
+        None, "--dataset column renamed 'answer' for the reward (--task arith reads it); "
+        "none = columns keep their names", metavar="COLUMN")  # fmt: skip
     reward: tuple[str, ...] = option(
         (),
         "user reward(s) for --prompts, imported from the current directory or the Python path; "
@@ -426,8 +454,9 @@ class TrainConfig:
               self.max_tokens_per_microbatch, "use >= 0 (0 = no micro-batches)")  # fmt: skip
         check(self.tiny_hidden % 4 == 0, "tiny_hidden", self.tiny_hidden,
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
-        check(not self.reward or self.prompts is not None, "reward", self.reward,
-              "a user reward needs its prompts: add --prompts FILE.jsonl")  # fmt: skip
+        check(not self.reward or self.prompts is not None or self.dataset is not None,
+              "reward", self.reward, "a user reward needs its prompts: add --prompts FILE.jsonl "
+              "or --dataset PATH")  # fmt: skip
         check(self.samples_per_step >= 0, "samples_per_step", self.samples_per_step, "use >= 0")
         check(not self.task_levels or self.task == "arith", "task_levels", self.task_levels,
               "only --task arith has levels")  # fmt: skip
@@ -438,6 +467,10 @@ class TrainConfig:
         check(self.prompts is None or bool(self.reward) or self.task == "arith", "prompts",
               self.prompts, "your prompts need your reward: add --reward module:function "
               "(or use --task arith with {'question', 'answer'} rows)")  # fmt: skip
+        check(self.dataset is None or bool(self.reward) or self.task == "arith", "dataset",
+              self.dataset, "your prompts need your reward: add --reward module:function "
+              "(or use --task arith with question and answer columns)")  # fmt: skip
+        check_dataset_fields(self)
         for spec in self.reward:
             check(":" in spec, "reward", spec, "write it as 'module:function'")
         check(not self.reward_weights or len(self.reward_weights) == len(self.reward),

@@ -3,6 +3,7 @@
     gspo eval --model smollm2 --task arith -n 8            # the base model
     gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output (LoRA too)
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
+    gspo eval --model DIR --dataset questions.parquet      # the same from a local data set
     gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
     gspo eval --config examples/smollm2-arith.toml         # the base, asked as a recipe trains
     gspo eval --run runs/smollm2-arith                     # a run's model, asked as it trained
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gspo.config import add_arguments, check, from_args, option
+from gspo.config import add_arguments, check, check_dataset_fields, from_args, option
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,10 +44,22 @@ class EvalConfig:
     prompts: str | None = option(
         None, "JSONL of {'question', 'answer'} (arith) or {'prompt', ...} rows", metavar="FILE"
     )
+    dataset: str | None = option(
+        None, "local .jsonl/.json/.parquet/.csv file or save_to_disk directory of questions "
+        "(a saved DatasetDict: its 'test' or 'validation' split)", metavar="PATH")  # fmt: skip
+    dataset_split: str | None = option(
+        None, "split of a saved DatasetDict to ask; none = 'test', else 'validation', else "
+        "'train'", metavar="NAME")  # fmt: skip
+    prompt_field: str | None = option(
+        None, "--dataset column of the question (none = 'question' for arith, else 'prompt')",
+        metavar="COLUMN")  # fmt: skip
+    answer_field: str | None = option(
+        None, "--dataset column renamed 'answer' (none = 'answer')", metavar="COLUMN")
     task_levels: tuple[int, ...] = option(
         (), "difficulty levels of the built-in arith questions (1, 2, 3); none = all",
         metavar="INT")  # fmt: skip
-    questions: int = option(100, "built-in held-out questions to ask (ignored with --prompts)")
+    questions: int = option(
+        100, "built-in held-out questions to ask (ignored with --prompts and --dataset)")
     n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
     temperature: float = option(1.0, "sampling temperature of the n samples")
     max_new_tokens: int = option(256, "longest completion, in tokens")
@@ -71,6 +84,7 @@ class EvalConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
         check(self.vllm_memory is None or self.vllm_memory > 0, "vllm_memory", self.vllm_memory,
               "use > 0, or none")  # fmt: skip
+        check_dataset_fields(self)
 
     top_p = 1.0  # what the rollout engines read besides the fields above: no nucleus cut
 
@@ -87,9 +101,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def load_questions(config: EvalConfig) -> list[dict]:
-    """The built-in held-out questions, or a file's rows formatted by the task."""
+    """The built-in held-out questions, or a file's or data set's rows formatted by the task."""
     from gspo.train.rewards import TASKS, load_prompts_file
 
+    if config.dataset is not None:
+        from gspo.train.local_dataset import load_dataset_prompts
+
+        rows, held_out = load_dataset_prompts(config.dataset, task=config.task,
+                                              split=config.dataset_split,
+                                              prompt_field=config.prompt_field,
+                                              answer_field=config.answer_field)  # fmt: skip
+        return rows if held_out is None or config.dataset_split is not None else held_out
     if config.prompts is None:
         make, _ = TASKS[config.task]
         levels = {"levels": config.task_levels} if config.task_levels else {}

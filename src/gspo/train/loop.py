@@ -108,7 +108,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     pool, held_out, reward_fn = build_task(
         task=config.task, prompts_file=config.prompts, reward=config.reward,
         reward_weights=config.reward_weights, eval_size=config.eval_prompts, seed=config.seed,
-        levels=config.task_levels,
+        levels=config.task_levels, dataset=config.dataset, dataset_split=config.dataset_split,
+        prompt_field=config.prompt_field, answer_field=config.answer_field,
     )  # fmt: skip
     pool, held_out, dropped = data.fit_prompts(pool, held_out, tokenizer, model, config)
     if world.main:

@@ -107,7 +107,6 @@ def load_prompts_file(path: str | Path, task: str | None = None) -> list[Prompt]
     """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects, or of the rows
     ``task`` formats itself (arith: ``{"question", "answer"}``); a UTF-8 byte order mark is
     allowed; errors name the line."""
-    row_format = ROW_FORMATS.get(task)
     rows = []
     try:
         # utf-8-sig: editors on Windows (and pandas' to_json) may write a byte order mark
@@ -121,17 +120,26 @@ def load_prompts_file(path: str | Path, task: str | None = None) -> list[Prompt]
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
-        if isinstance(row, dict) and row_format is not None:
-            row = row_format(row, f"--prompts {path}: line {number}")
-        if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
-            raise ValueError(
-                f'--prompts {path}: line {number} must be an object with a "prompt" that is a '
-                'string or a list of chat messages [{"role": "user", "content": "..."}]'
-            )
-        rows.append(row)
+        rows.append(task_prompt(row, task, f"--prompts {path}: line {number}"))
     if len(rows) < 2:
         raise ValueError(f"--prompts {path}: need at least 2 prompts, found {len(rows)}")
     return rows
+
+
+def task_prompt(row, task: str | None, where: str) -> Prompt:
+    """One row of the user's data as a prompt: formatted by ``task``'s row format if it has
+    one (arith: ``{"question", "answer"}``), then checked; ``where`` starts the error."""
+    row_format = ROW_FORMATS.get(task)
+    if isinstance(row, dict) and row_format is not None:
+        row = row_format(row, where)
+    if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
+        got = f"got {type(row.get('prompt')).__name__}" if isinstance(row, dict) else \
+            f"got {type(row).__name__}"  # fmt: skip
+        raise ValueError(
+            f'{where} must be an object with a "prompt" that is a string or a list of chat '
+            f'messages [{{"role": "user", "content": "..."}}] ({got})'
+        )
+    return row
 
 
 def _is_prompt(value) -> bool:
@@ -201,20 +209,35 @@ def build_task(
     seed: int,
     reward_weights: Sequence[float] = (),
     levels: Sequence[int] = (),
+    dataset: str | None = None,
+    dataset_split: str | None = None,
+    prompt_field: str | None = None,
+    answer_field: str | None = None,
 ) -> tuple[list[Prompt], list[Prompt], RewardFn | Rewards]:
     """(training pool, fixed held-out prompts, reward function(s)); ``levels`` picks the
-    difficulty of tasks that have levels (arith)."""
+    difficulty of tasks that have levels (arith). The prompts come from ``prompts_file``
+    (JSONL), ``dataset`` (local_dataset: a file or a saved data set, its columns chosen by
+    the ``*_field`` arguments) or else the task itself."""
     make, reward_fn = TASKS[task]
     if levels:
         make = functools.partial(make, levels=tuple(levels))
     specs = [reward] if isinstance(reward, str) else list(reward or ())
     if specs:
         reward_fn = load_rewards(specs, reward_weights)
-    if prompts_file is None:
+    if dataset is not None:
+        from gspo.train.local_dataset import load_dataset_prompts
+
+        rows, held_out = load_dataset_prompts(dataset, task=task, split=dataset_split,
+                                              prompt_field=prompt_field,
+                                              answer_field=answer_field)  # fmt: skip
+        if held_out is not None:  # the data set's own held-out split
+            return rows, held_out[:eval_size], reward_fn
+    elif prompts_file is not None:
+        rows = load_prompts_file(prompts_file, task)
+    else:
         # Seeds are offset so held-out prompts are drawn independently of the training pool.
         held_out = make(eval_size, seed + 1_000_003, split="test")
         return make(4096, seed, split="train"), held_out, reward_fn
-    rows = load_prompts_file(prompts_file, task)
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
 

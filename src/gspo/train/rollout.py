@@ -73,7 +73,7 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
         messages = [{"role": "user", "content": prompt}]
     else:
         if not has_template:
-            raise ValueError("--prompts gives chat messages, but the tokenizer has no chat "
+            raise ValueError("the prompts are chat messages, but the tokenizer has no chat "
                              "template to render them; give text prompts or a tokenizer with "
                              "a chat_template")  # fmt: skip
         messages = list(prompt)
