@@ -23,14 +23,14 @@ from gspo.reference import MAX_LOG_RATIO, check_clip_range
 
 VARIANTS = ("sequence", "token", "grpo")
 
-# Not compiled. torch.compile(gspo_loss) on CPU was measured by bench/loss.py
-# (torch 2.13, 2 shared cores, load ~8, 1 thread, forward + backward): first call
-# 5-19 s (compilation; again for each new dtype or variant, and once more when
-# shapes change, to a dynamic-shape graph), then 0.40 ms against 0.42 ms eager at
-# 64 x 1024 and 5.8 ms against 6.0 ms at 512 x 4096 (best CPU time). A saving of
-# 0.02-0.2 ms a call repays the first call only after some 10^5 calls, more than
-# a training run makes, so the eager path is the only one. Re-measure with
-# `bench/loss.py --compile-sizes ...` (and on a GPU) before changing this.
+# Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py on a quiet
+# 2-core machine (torch 2.13, forward + backward, README's table): first call 4.4-6.3 s
+# (compilation; again for each new dtype or variant, and once more when shapes change, to
+# a dynamic-shape graph), then at 64 x 1024 0.33 ms against 0.29 eager (2 threads) and
+# 0.30 against 0.23 (1 thread); at 512 x 4096 6.1 against 4.0 ms (1 thread), and 3.2
+# against 9.0 ms (2 threads) only against a cold eager run that the warm loop does in
+# 2.7 ms. No consistent saving repays the first call, so the eager path is the only one.
+# Re-measure with `bench/loss.py --compile-sizes ...` (and on a GPU) before changing this.
 
 
 def gspo_loss(

@@ -34,6 +34,10 @@ INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA
 
 def check_available() -> None:
     """A clear error at start instead of an ImportError in the middle of a run."""
+    # vLLM prints tens of INFO lines per engine start to stdout, burying the progress bar
+    # and `gspo eval`'s table; read when it is first imported. VLLM_LOGGING_LEVEL=INFO
+    # brings them back.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except ImportError as err:
