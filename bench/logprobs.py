@@ -16,30 +16,29 @@ Warm-up: one step on the first WARMUP_TOKENS tokens (thread pool, kernel
 selection, allocator), then `--repeats` timed full-size steps; a full-size
 warm-up would add minutes per case and touches nothing a small step does not.
 
-Measured 2026-11-24 (torch 2.13 CPU, 2 cores shared with other jobs: 1-min
-load average 3.1-4.7 during the runs, so times are noisy; naive's two repeats
-took 125 s and 74 s). Total runtime 2370 s.
+Measured 2026-11-29 on a quiet machine (torch 2.13 CPU, 2 threads, load average
+1.3-2.0 from the benchmark itself), --repeats 1, total runtime 397 s:
 
     N      method   C    fwd+bwd s  added peak MiB  time / naive  naive mem / this
-    4096   naive    -         99.1            7154             -                 -
-    4096   chunked  256       59.9             711          0.60              10.1
-    4096   fused    512       43.6             857          0.44               8.3
-    4096   liger    512      104.2            1235          1.05               5.8
-    16384  naive    -    does not fit (~27.9 GiB, 4096's peak per token x 16384)
-    16384  chunked  256      269.9             752
-    16384  fused    512      205.8             900
-    16384  liger    512      351.5            1279
+    4096   naive    -         23.0            7156             -                 -
+    4096   chunked  256       25.0             710          1.09              10.1
+    4096   fused    512       17.3             859          0.75               8.3
+    4096   liger    512       24.0            1196          1.05               6.0
+    16384  naive    -    does not fit (~28.0 GiB)
+    16384  chunked  256      101.1             750
+    16384  fused    512       69.4             902
+    16384  liger    512      100.8            1238
 
-Chunked meets both goals at N = 4096 (10x less memory; faster than naive even
-against naive's quicker repeat, 74 s). Fused (gradients formed in the forward,
-3 matmuls instead of 4) is ~25% faster again when each sequence fits a chunk,
-at the memory of a chunk as long as a sequence; it stays opt-in.
+Fused (gspo_loss_from_hidden's default: gradients formed in the forward, 3 matmuls
+instead of 4) meets the memory goal (8.3x) and is faster than naive (at 4096) and than
+Liger (at both sizes). Naive does the same three [N,H] x [H,V] products; those alone took 18.0 s at
+N = 4096, so no exact method gets far under fused's 0.75x of naive on this CPU.
 
     .venv/bin/python bench/logprobs.py --liger-python /work/peers-venv/bin/python  # the table above
     .venv/bin/python bench/logprobs.py --n 256 --methods chunked fused --chunk-size 64 128
 
-Chunk-size sweep (issue 11 item 3: pick each path's default chunk from it; about
-40 min of both cores at full size, so run it on a quiet machine):
+Chunk-size sweep (issue 11 item 3: each path's default chunk comes from it, see the
+table beside DEFAULT_CHUNK_SIZE in gspo/chunked.py; 21 min of both cores):
 
     .venv/bin/python bench/logprobs.py --n 4096 16384 --methods chunked fused \
         --chunk-size 128 256 512 1024 2048
@@ -202,8 +201,8 @@ def main(argv=None) -> None:
     p.add_argument(
         "--fused-chunk-size",
         type=int,
-        default=SEQ_LEN,
-        help="default chunk of the fused and Liger paths (SEQ_LEN: one sequence per block)",
+        default=None,
+        help="chunk of the fused and Liger paths (default: gspo's DEFAULT_FUSED_CHUNK_SIZE)",
     )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
@@ -211,7 +210,9 @@ def main(argv=None) -> None:
         help="interpreter of a separate venv with liger-kernel; adds a Liger column per N",
     )
     args = p.parse_args(argv)
-    from gspo.chunked import DEFAULT_CHUNK_SIZE
+    from gspo.chunked import DEFAULT_CHUNK_SIZE, DEFAULT_FUSED_CHUNK_SIZE
+
+    args.fused_chunk_size = args.fused_chunk_size or DEFAULT_FUSED_CHUNK_SIZE
 
     start = time.perf_counter()
     methods = args.methods + (["liger"] if args.liger_python else [])

@@ -392,3 +392,29 @@ def test_gspo_loss_from_hidden_takes_mask_by_position(fused):
     by_position, _ = gspo_loss_from_hidden(hidden3, weight, labels2, logp_old, mask, **kw)
     by_keyword, _ = gspo_loss_from_hidden(hidden3, weight, labels2, logp_old, mask=mask, **kw)
     assert by_position.item() == by_keyword.item() and by_position.item() != 0.0
+
+
+def test_gspo_loss_from_hidden_defaults_to_the_fused_path_at_its_own_chunk(monkeypatch):
+    # The defaults come from bench/logprobs.py's sweep: fused at 512, recompute at 256.
+    import gspo.chunked as chunked
+
+    seen = {}
+    real_fused, real_token = chunked._fused_gspo_loss, chunked.token_logprobs
+
+    def fused_spy(*args):
+        seen["fused_chunk"] = args[6]
+        return real_fused(*args)
+
+    def token_spy(*args, **kwargs):
+        seen["token_chunk"] = kwargs["chunk_size"]
+        return real_token(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "_fused_gspo_loss", fused_spy)
+    monkeypatch.setattr(chunked, "token_logprobs", token_spy)
+    hidden, weight, b, labels, logp_old, kw = packed_batch(seed=3)
+    default, _ = gspo_loss_from_hidden(hidden, weight, labels, logp_old, bias=b, **kw)
+    assert chunked.DEFAULT_FUSED_CHUNK_SIZE == 512 and seen == {"fused_chunk": 512}
+    recompute, _ = gspo_loss_from_hidden(hidden, weight, labels, logp_old, bias=b, fused=False,
+                                         **kw)  # fmt: skip
+    assert seen["token_chunk"] == chunked.DEFAULT_CHUNK_SIZE == 256
+    assert_close_rel(default, recompute)

@@ -19,11 +19,22 @@ from torch import Tensor
 from gspo.logprobs import IGNORE_INDEX, check_inputs, check_logit_transform, compute_dtype
 
 # Tokens per chunk. A float32 [C,V] buffer at V = 151936 is 0.58 MiB per token.
-# Measured (bench/logprobs.py, N = 4096, H = 896, 2 busy cores): added peak
-# 634 / 705 / 857 / 1166 MiB and 55 / 45 / 37 / 44 s at C = 128 / 256 / 512 /
-# 1024; the [V,H] weight gradient (520 MiB) is the floor. 256 keeps the peak
-# 8x under naive's at 4096 tokens while matmuls of 256 rows stay efficient.
+# Chosen from bench/logprobs.py's sweep (H = 896, hidden states -> GSPO loss, forward +
+# backward, sequences of 512 tokens, a quiet 2-core machine, 2026-11-29); the [V,H]
+# weight gradient (520 MiB) is the floor of every row:
+#
+#   C                       128    256    512   1024   2048
+#   recompute, N = 4096    30.1   27.5   25.3   25.3   24.4 s    633   710   860  1169  1780 MiB
+#   recompute, N = 16384  111.7  100.5   94.5   94.2   94.6 s    675   752   906  1209  1827 MiB
+#   fused,     N = 4096    31.6   25.9   18.0   17.8   17.1 s    631   710   856  1171  1775 MiB
+#   fused,     N = 16384  110.0  106.0   70.4   69.4   67.9 s    675   752   903  1214  1817 MiB
+#
+# Recompute (token_logprobs): 256, since 512 buys 6-8% for 20% more memory. Fused
+# (gspo_loss_from_hidden's default): 512, where a block holds a whole 512-token sequence
+# and the forward can form the gradients (30% faster than at 256); past it, 1-4% for
+# 35-100% more memory.
 DEFAULT_CHUNK_SIZE = 256
+DEFAULT_FUSED_CHUNK_SIZE = 512
 
 
 def token_logprobs(
@@ -242,9 +253,9 @@ def gspo_loss_from_hidden(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
-    fused: bool = False,
+    fused: bool = True,
     **loss_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO loss straight from final hidden states, never holding [N,V] logits.
@@ -266,15 +277,17 @@ def gspo_loss_from_hidden(
     labels where the mask is False are replaced by ``ignore_index``, so they may
     hold anything.
 
-    ``fused=True`` forms the gradients during the forward instead (three
-    matmuls per token instead of four): chunks are made of whole sequences, and
-    since each sequence's loss term depends only on its own tokens, a chunk's
-    dL/dlogp is known as soon as its log-probs are. A sequence longer than
-    ``chunk_size`` takes two passes over its chunks (logp, then gradients).
-    See ``_FusedLoss``. Measured (bench/logprobs.py, H = 896, V = 151936,
-    sequences of 512 tokens, fused at C = 512 vs recompute at C = 256): 43.6 s
-    vs 59.9 s at N = 4096, 206 s vs 270 s at N = 16384, for 857 vs 711 MiB
-    added peak memory.
+    ``fused=True`` (the default) forms the gradients during the forward instead
+    (three matmuls per token instead of four): chunks are made of whole sequences, and
+    since each sequence's loss term depends only on its own tokens, a chunk's dL/dlogp
+    is known as soon as its log-probs are. A sequence longer than ``chunk_size`` takes
+    two passes over its chunks (logp, then gradients), as the recompute path does, so
+    memory stays bounded by the chunk either way. ``fused=False`` is the recompute path
+    above (``token_logprobs``, then ``gspo_loss``). ``chunk_size`` defaults to
+    ``DEFAULT_FUSED_CHUNK_SIZE`` (512) fused and ``DEFAULT_CHUNK_SIZE`` (256) otherwise.
+    Measured (bench/logprobs.py, H = 896, V = 151936, sequences of 512 tokens, quiet
+    2-core machine): fused at 512 against recompute at 256, 18.0 s vs 27.5 s at
+    N = 4096 and 70.4 s vs 100.5 s at N = 16384, for 856 vs 710 MiB added peak memory.
 
     Returns:
         ``(loss, metrics)`` exactly as ``gspo_loss`` returns them.
@@ -286,6 +299,8 @@ def gspo_loss_from_hidden(
     if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:-1]:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels: must have shape {tuple(hidden.shape[:-1])}, got {got}")
+    if chunk_size is None:
+        chunk_size = DEFAULT_FUSED_CHUNK_SIZE if fused else DEFAULT_CHUNK_SIZE
     if mask is not None:
         loss_kwargs["mask"] = mask  # gspo_loss checks it
     if isinstance(mask, Tensor) and mask.shape == labels.shape:
