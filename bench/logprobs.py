@@ -31,8 +31,9 @@ Measured 2026-11-29 on a quiet machine (torch 2.13 CPU, 2 threads, load average
 
 Fused (gspo_loss_from_hidden's default: gradients formed in the forward, 3 matmuls
 instead of 4) meets the memory goal (8.3x) and is faster than naive (at 4096) and than
-Liger (at both sizes). Naive does the same three [N,H] x [H,V] products; those alone took 18.0 s at
-N = 4096, so no exact method gets far under fused's 0.75x of naive on this CPU.
+Liger (at both sizes). Naive does the same three [N,H] x [H,V] products; those alone
+(``--methods matmuls``, now a default row) took 18.0 s at N = 4096 where fused took 17.4 s
+beside them, so no exact method gets far under fused's 0.75x of naive on this CPU.
 
     .venv/bin/python bench/logprobs.py --liger-python /work/peers-venv/bin/python  # the table above
     .venv/bin/python bench/logprobs.py --n 256 --methods chunked fused --chunk-size 64 128
@@ -117,10 +118,26 @@ def step(inputs: dict, method: str, chunk_size: int) -> float:
             fused=True,
             **inputs["loss_kw"],
         )
+    elif method == "matmuls":
+        return _matmuls(hidden, weight, chunk_size)
     else:
         raise ValueError(f"method: unknown {method!r}")
     loss.backward()
     return float(loss)
+
+
+def _matmuls(hidden, weight, block: int) -> float:
+    """The floor of every exact method: only the three [N,H] x [H,V] products (logits,
+    the hidden-state gradient, the weight gradient) in blocks of ``block`` rows, with
+    no softmax, loss or accumulation."""
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], block):
+            h = hidden[start : start + block]
+            logits = h @ weight.T
+            logits @ weight, logits.T @ h  # noqa: B018 - their time is the measurement
+    return 0.0
 
 
 def _liger_step(inputs: dict, chunk_size: int) -> float:
@@ -190,7 +207,8 @@ def mem_available_gib() -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--methods", nargs="+", default=["naive", "chunked", "fused"])
+    p.add_argument("--methods", nargs="+", default=["naive", "chunked", "fused", "matmuls"],
+                   help="naive, chunked, fused, matmuls (the three products alone: the floor)")
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -221,6 +239,7 @@ def main(argv=None) -> None:
         "chunked": args.chunk_size or [DEFAULT_CHUNK_SIZE],
         "fused": args.chunk_size or [args.fused_chunk_size],
         "liger": args.chunk_size or [args.fused_chunk_size],
+        "matmuls": [args.fused_chunk_size],
     }
     rows, per_token = [], None
     for n in sorted(args.n):

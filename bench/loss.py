@@ -7,7 +7,10 @@ the eager code a peer writes from the spec (tests/eager_reference.py: multiplies
 by the mask, no validation, no metrics; it standardises the rewards itself, about
 ten ops on [B]), ``gspo_loss`` padded with the same advantages precomputed (metrics without
 the k3 KL: ``kl_metric=False``), ``gspo_loss`` with its default metrics (the k3
-KL needs an ``expm1`` per token), and ``gspo_loss`` on the same sequences packed.
+KL needs an ``expm1`` per token), and ``gspo_loss`` on the same sequences packed. The
+last two columns time one masking of the [B,T] log-ratio alone: ``torch.where(mask, x,
+0)``, which gspo_loss runs in its forward and again in its backward so that NaN or inf in
+padding cannot reach the loss, against the eager code's ``x * mask`` (NaN * 0 is NaN).
 
 With ``--peer-python PYTHON`` (an interpreter whose venv holds the peers, so that
 their dependencies never enter ours) one child process per peer times, on the
@@ -112,6 +115,11 @@ def measure_ours(b: int, t: int, repeats: int) -> dict:
             lambda: gspo_loss(packed, packed_old, seq_lens=lens, kl_metric=False, **kw)[0],
             packed, repeats),
     }  # fmt: skip
+    # What ignoring garbage in padding costs: gspo_loss selects the valid tokens with
+    # torch.where (once forward, once backward), the eager code multiplies by a float mask.
+    diff, maskf = (logp - logp_old).detach(), mask.float()
+    row["select_ms"] = common.median_ms(lambda: torch.where(mask, diff, 0.0), repeats=repeats)
+    row["multiply_ms"] = common.median_ms(lambda: diff * maskf, repeats=repeats)
     return row
 
 
@@ -314,7 +322,8 @@ def main() -> None:
                *[(p, p, ".3f") for p in PEERS if any(p in r for r in rows)],
                ("gspo", "gspo_loss", ".3f"), ("gspo_kl", "gspo + k3 KL", ".3f"),
                ("gspo_packed", "gspo packed", ".3f"), ("gspo / eager", "gspo/eager", ".2f"),
-               ("gspo / best peer", "gspo/best peer", ".2f")]  # fmt: skip
+               ("gspo / best peer", "gspo/best peer", ".2f"),
+               ("select_ms", "where(mask)", ".3f"), ("multiply_ms", "x * mask", ".3f")]  # fmt: skip
     common.print_table(rows, name="loss", columns=columns, json_line=False)
     for peer in PEERS:
         if peer not in notes:

@@ -23,14 +23,14 @@ from gspo.reference import MAX_LOG_RATIO, check_clip_range
 
 VARIANTS = ("sequence", "token", "grpo")
 
-# Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py on a quiet
-# 2-core machine (torch 2.13, forward + backward, README's table): first call 4.4-6.3 s
+# Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py in four runs
+# on a quiet 2-core machine (torch 2.13, forward + backward, README): first call 2.2-6.3 s
 # (compilation; again for each new dtype or variant, and once more when shapes change, to
-# a dynamic-shape graph), then at 64 x 1024 0.33 ms against 0.29 eager (2 threads) and
-# 0.30 against 0.23 (1 thread); at 512 x 4096 6.1 against 4.0 ms (1 thread), and 3.2
-# against 9.0 ms (2 threads) only against a cold eager run that the warm loop does in
-# 2.7 ms. No consistent saving repays the first call, so the eager path is the only one.
-# Re-measure with `bench/loss.py --compile-sizes ...` (and on a GPU) before changing this.
+# a dynamic-shape graph); then slower than eager at 64 x 1024 in every run, and at
+# 512 x 4096 faster only than a fresh process's cold eager calls (3.0-3.2 against 8.8-9.0
+# ms, where the warm loop takes 2.0-2.7), mixed with one thread. No consistent saving
+# repays the first call, so the eager path is the only one. Re-measure with
+# `bench/loss.py --compile-sizes ...` (and on a GPU) before changing this.
 
 
 def gspo_loss(
