@@ -25,7 +25,13 @@ from gspo.train.loop import train
 from gspo.train.tiny import tiny_model
 from gspo.train.update import enable_grad_checkpointing, minibatch_loss, response_logprobs, update
 from test_train_e2e import TINY, rows
-from test_train_update import ragged_batch, rollout_of, sequence_logp
+from test_train_update import (
+    assert_same_grads,
+    checkpointing_grads,
+    ragged_batch,
+    rollout_of,
+    sequence_logp,
+)
 
 LORA = TrainConfig(lora_r=4, lora_alpha=6.0)  # s = alpha / r = 1.5
 
@@ -205,28 +211,18 @@ def test_one_update_moves_the_log_prob_with_the_advantage(sign):
 def test_grad_checkpointing_gives_the_same_adapter_gradients():
     """transformers' non-reentrant checkpointing under PEFT, embeddings frozen (no
     enable_input_require_grads needed): equal gradients in float64, layers recomputed."""
-    grads, calls = [], []
     _, rollout, adv = ragged_batch()
-    for checkpointing in (False, True):
+
+    def build(checkpointing):
         model = lora_model(dtype=torch.float64)
         if checkpointing:
             enable_grad_checkpointing(model, keep_dropout=False)
-        count = [0]
-        layer = lora.hf_model(model).model.layers[0].mlp
-        layer.register_forward_pre_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
-        engine = CausalLMLogprobs(model)
-        with torch.no_grad():
-            logp, _ = response_logprobs(engine, rollout, temperature=1.0)
-        count[0] = 0
-        loss, _ = minibatch_loss(engine, rollout, logp_old=logp - 0.01, adv=adv, ref_logp=None,
-                                 config=LORA, world_size=1)  # fmt: skip
-        loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-        calls.append(count[0])
+        return model, rollout, adv
+
+    grads, calls = checkpointing_grads(build, LORA,
+                                       lambda m: lora.hf_model(m).model.layers[0].mlp)  # fmt: skip
     assert calls == [1, 2]
-    for name, g in grads[0].items():
-        assert g.abs().sum() > 0, name
-        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12, msg=name)
+    assert_same_grads(grads)
 
 
 def test_lora_dropout_acts_only_in_train_mode():

@@ -11,7 +11,12 @@ from gspo.chunked import CausalLMLogprobs
 from gspo.config import TrainConfig
 from gspo.train.rollout import Rollout
 from gspo.train.tiny import tiny_model
-from gspo.train.update import enable_grad_checkpointing, response_logprobs, update
+from gspo.train.update import (
+    enable_grad_checkpointing,
+    minibatch_loss,
+    response_logprobs,
+    update,
+)
 
 P, T = 4, 5
 
@@ -131,36 +136,50 @@ def test_plan_splits_further_to_match_other_ranks():
 # ---------------------------------------------------------------- gradient checkpointing
 
 
+def checkpointing_grads(build, config, layer_of) -> tuple[list[dict], list[int]]:
+    """One minibatch loss's gradients of ``build()``'s (model, rollout, adv) without and
+    with gradient checkpointing, and how often ``layer_of(model)`` ran forward in the
+    loss's forward + backward (1, then 2 when it is recomputed)."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model, rollout, adv = build(checkpointing)
+        count = [0]
+        # a pre-hook: the recompute stops early, once the last saved tensor it needs is back
+        layer_of(model).register_forward_pre_hook(
+            lambda *_, count=count: count.__setitem__(0, count[0] + 1))  # fmt: skip
+        engine = CausalLMLogprobs(model)
+        with torch.no_grad():
+            logp_old, _ = response_logprobs(engine, rollout, temperature=1.0)
+        count[0] = 0
+        loss, _ = minibatch_loss(engine, rollout, logp_old=logp_old - 0.01, adv=adv,
+                                 ref_logp=None, config=config, world_size=1)  # fmt: skip
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.requires_grad})  # fmt: skip
+        calls.append(count[0])
+    return grads, calls
+
+
+def assert_same_grads(grads: list[dict]) -> None:
+    for name, g in grads[0].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12, msg=name)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     """HF gradient checkpointing (non-reentrant) recomputes each decoder layer in the
     backward: same gradients to float64 rounding, and each layer's forward runs twice."""
-    from gspo.train.update import minibatch_loss
 
-    grads, calls = [], []
-    for checkpointing in (False, True):
+    def build(checkpointing):
         model, rollout, adv = ragged_batch()
         model.train()
         if checkpointing:
             enable_grad_checkpointing(model)
-        count = [0]
+        return model, rollout, adv
 
-        def counting(*args, count=count):
-            count[0] += 1
-
-        # a pre-hook: the recompute stops early, once the last saved tensor it needs is back
-        model.model.layers[0].mlp.register_forward_pre_hook(counting)
-        with torch.no_grad():
-            logp_old, _ = response_logprobs(CausalLMLogprobs(model), rollout, temperature=1.0)
-        count[0] = 0
-        loss, _ = minibatch_loss(CausalLMLogprobs(model), rollout, logp_old=logp_old - 0.01,
-                                 adv=adv, ref_logp=None, config=TrainConfig(), world_size=1)  # fmt: skip
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        calls.append(count[0])
+    grads, calls = checkpointing_grads(build, TrainConfig(), lambda m: m.model.layers[0].mlp)
     assert calls == [1, 2]
-    for name, g in grads[0].items():
-        assert g.abs().sum() > 0, name
-        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-12, msg=name)
+    assert_same_grads(grads)
 
 
 def test_grad_checkpointing_without_dropout_computes_the_eval_mode_model():

@@ -464,12 +464,11 @@ class TrainConfig:
               self.task_levels, "arith's levels are 1, 2 and 3")  # fmt: skip
         # arith reads {"question", "answer"} rows itself; other built-in rewards cannot score
         # a user's prompts.
-        check(self.prompts is None or bool(self.reward) or self.task == "arith", "prompts",
-              self.prompts, "your prompts need your reward: add --reward module:function "
-              "(or use --task arith with {'question', 'answer'} rows)")  # fmt: skip
-        check(self.dataset is None or bool(self.reward) or self.task == "arith", "dataset",
-              self.dataset, "your prompts need your reward: add --reward module:function "
-              "(or use --task arith with question and answer columns)")  # fmt: skip
+        for source in ("prompts", "dataset"):
+            value = getattr(self, source)
+            check(value is None or bool(self.reward) or self.task == "arith", source, value,
+                  "your prompts need your reward: add --reward module:function (or use "
+                  "--task arith with question and answer fields)")  # fmt: skip
         check_dataset_fields(self)
         for spec in self.reward:
             check(":" in spec, "reward", spec, "write it as 'module:function'")

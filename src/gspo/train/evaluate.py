@@ -102,7 +102,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def load_questions(config: EvalConfig) -> list[dict]:
     """The built-in held-out questions, or a file's or data set's rows formatted by the task."""
-    from gspo.train.rewards import TASKS, load_prompts_file
+    from gspo.train.rewards import held_out_prompts, load_prompts_file
 
     if config.dataset is not None:
         from gspo.train.local_dataset import load_dataset_prompts
@@ -112,10 +112,8 @@ def load_questions(config: EvalConfig) -> list[dict]:
                                               prompt_field=config.prompt_field,
                                               answer_field=config.answer_field)  # fmt: skip
         return rows if held_out is None or config.dataset_split is not None else held_out
-    if config.prompts is None:
-        make, _ = TASKS[config.task]
-        levels = {"levels": config.task_levels} if config.task_levels else {}
-        return make(config.questions, config.seed + 1_000_003, split="test", **levels)
+    if config.prompts is None:  # the held-out prompts gspo train evaluates on
+        return held_out_prompts(config.task, config.questions, config.seed, config.task_levels)
     return load_prompts_file(config.prompts, config.task)
 
 

@@ -21,7 +21,6 @@ element ``perm_e[i mod n]`` of the pool, with ``perm_e`` a permutation seeded by
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import math
@@ -219,8 +218,6 @@ def build_task(
     (JSONL), ``dataset`` (local_dataset: a file or a saved data set, its columns chosen by
     the ``*_field`` arguments) or else the task itself."""
     make, reward_fn = TASKS[task]
-    if levels:
-        make = functools.partial(make, levels=tuple(levels))
     specs = [reward] if isinstance(reward, str) else list(reward or ())
     if specs:
         reward_fn = load_rewards(specs, reward_weights)
@@ -235,11 +232,18 @@ def build_task(
     elif prompts_file is not None:
         rows = load_prompts_file(prompts_file, task)
     else:
-        # Seeds are offset so held-out prompts are drawn independently of the training pool.
-        held_out = make(eval_size, seed + 1_000_003, split="test")
-        return make(4096, seed, split="train"), held_out, reward_fn
+        pool = make(4096, seed, split="train", **({"levels": tuple(levels)} if levels else {}))
+        return pool, held_out_prompts(task, eval_size, seed, levels), reward_fn
     held = max(1, min(eval_size, len(rows) // 10))  # the file's last 10% (capped) is held out
     return rows[:-held], rows[-held:], reward_fn
+
+
+def held_out_prompts(task: str, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
+    """The task's fixed held-out prompts: what `gspo train` evaluates and `gspo eval` asks.
+    The seed is offset so they are drawn independently of the training pool."""
+    make, _ = TASKS[task]
+    extra = {"levels": tuple(levels)} if levels else {}
+    return make(n, seed + 1_000_003, split="test", **extra)
 
 
 def prompts_at(pool: Sequence[Prompt], seed: int, start: int, count: int) -> list[Prompt]:
