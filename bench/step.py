@@ -50,7 +50,7 @@ CASES = [
 
 
 def child(case: dict) -> dict:
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.config import TrainConfig
     from gspo.train.rollout import Rollout
     from gspo.train.tiny import tiny_model

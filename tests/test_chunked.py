@@ -288,7 +288,7 @@ def packed_batch(seed=0, lens=(5, 9, 3, 7), h=16, v=120):
     return hidden, weight, b, labels, logp_old, kw
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo-token", "grpo"])
 def test_gspo_loss_from_hidden_packed_equals_logp_then_loss(variant):
     from gspo.loss import gspo_loss
 
@@ -330,7 +330,7 @@ def test_gspo_loss_from_hidden_padded_ignores_garbage_labels():
         assert_close_rel(g, w)
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo-token", "grpo"])
 @pytest.mark.parametrize("chunk", [1, 6, 9, 100], ids=lambda c: f"C={c}")
 def test_fused_equals_recompute_packed(variant, chunk):
     # C=6: sequences (5, 9, 3, 7) split into blocks of whole sequences and the

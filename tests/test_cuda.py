@@ -28,7 +28,7 @@ def test_loss_on_cuda_equals_cpu():
     results = []
     for device in ("cpu", "cuda"):
         x = logp.to(device).requires_grad_()
-        for variant in ("sequence", "token", "grpo"):
+        for variant in ("gspo", "gspo-token", "grpo"):
             loss, _ = gspo_loss(x, logp_old.to(device), mask.to(device), advantages=adv.to(device),
                                 variant=variant)  # fmt: skip
             (grad,) = torch.autograd.grad(loss, x)

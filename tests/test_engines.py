@@ -18,7 +18,7 @@ import random
 import pytest
 import torch
 
-from gspo.chunked import CausalLMLogprobs
+from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import TrainConfig
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd

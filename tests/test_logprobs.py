@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gspo.chunked import CausalLMLogprobs, causal_lm_logprobs
+from gspo.causal_lm import CausalLMLogprobs, causal_lm_logprobs
 from gspo.logprobs import naive_token_logprobs
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gspo.chunked import CausalLMLogprobs
+from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import TrainConfig
 from gspo.train import lora
 from gspo.train.checkpoint import list_checkpoints

@@ -127,7 +127,7 @@ def test_gspo_token_equals_gspo_with_sequence_advantages(batch, eps, per_token):
     # The same advantage on every token of a sequence, given per token or per sequence.
     adv_arg = adv[:, None].expand_as(logp).clone() if per_token else adv
     grads, values = [], []
-    for variant, a in (("sequence", adv), ("token", adv_arg)):
+    for variant, a in (("gspo", adv), ("gspo-token", adv_arg)):
         x = logp.clone().requires_grad_(True)
         loss, _ = gspo_loss(x, logp_old, mask, advantages=a, eps_low=eps[0], eps_high=eps[1],
                             variant=variant)  # fmt: skip
@@ -144,7 +144,7 @@ def test_gspo_token_diverges_with_per_token_advantages():
     logp = torch.tensor([[-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     loss, _ = gspo_loss(logp, logp.detach(), torch.ones(1, 2, dtype=torch.bool), advantages=adv,
-                        eps_low=0.2, variant="token")  # fmt: skip
+                        eps_low=0.2, variant="gspo-token")  # fmt: skip
     loss.backward()
     assert logp.grad.tolist() == [[-0.5, 0.5]]  # -(1/B)(1/T) * s * A_t with s = 1
 
@@ -176,7 +176,7 @@ def ratios_away_from_clip(seed, eps):
     return logp, logp_old, mask
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo-token", "grpo"])
 def test_gradcheck_float64(variant):
     logp, logp_old, mask = ratios_away_from_clip(0, eps=0.2)
     rewards = torch.tensor([0.1, 0.9, 0.4, 0.3, 0.3, 0.8], dtype=torch.float64)
@@ -201,7 +201,7 @@ def test_gradient_by_hand():
     assert m["clip_frac_high"].item() == 0.0 and m["ratio_mean"].item() == pytest.approx(e)
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo-token", "grpo"])
 @pytest.mark.parametrize("garbage", GARBAGE)
 def test_garbage_in_masked_slots_changes_nothing(variant, garbage):
     logp, logp_old, mask = ratios_away_from_clip(1, eps=0.2)
@@ -222,7 +222,7 @@ def test_garbage_in_masked_slots_changes_nothing(variant, garbage):
         assert m0[k].item() == m1[k].item(), k
 
 
-@pytest.mark.parametrize("variant", ["sequence", "token", "grpo"])
+@pytest.mark.parametrize("variant", ["gspo", "gspo-token", "grpo"])
 @pytest.mark.parametrize("shift", [1e4, -1e4, 85.0, 25.0])
 def test_extreme_log_ratios_stay_finite(variant, shift):
     logp = torch.full((4, 3), -1.0, requires_grad=True)

@@ -49,11 +49,11 @@ def make_batch(gpt2: bool = False, lora: bool = False):
         prompts=[{"prompt": "x"}] * B, input_ids=ids, attention_mask=attention,
         response_mask=response_mask, prompt_len=P, completions=[""] * B,
     )  # fmt: skip
-    from gspo.groups import advantages
+    from gspo.advantages import advantages
 
     adv = advantages(torch.rand(B, generator=gen), group_size=G)
     # logp_old = current logp shifted per sequence so some ratios leave [1-eps, 1+eps]
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     with torch.no_grad():
         logp = CausalLMLogprobs(model)(ids, attention)[:, P - 1 :]
@@ -98,7 +98,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.train import distributed as dd
 
     world = dd.init("cpu")
@@ -203,7 +203,7 @@ def two_rank_gradients(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-gpt2", "ddp-lora", "fsdp2-lora"])
 def test_two_ranks_give_the_single_process_gradient(two_rank_gradients, mode):
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     model, rollout, adv, logp_old, ref_logp = make_batch(gpt2=mode.endswith("gpt2"),
                                                          lora=mode.endswith("lora"))  # fmt: skip
@@ -222,7 +222,7 @@ def test_two_ranks_in_bf16_stay_within_the_rounding_bound(two_rank_gradients, mo
     """DDP under autocast, FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduction): the
     fp32 gradients (master weights) are within 32 u = 12.5% of the fp32 run's, normwise (the
     bound of test_train_update.check_bf16_step), and not equal to it (bf16 ran)."""
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     model, rollout, adv, logp_old, ref_logp = make_batch()
     expected = gradients(model, CausalLMLogprobs(model), rollout, adv, logp_old, ref_logp,
@@ -240,7 +240,7 @@ def test_two_ranks_take_the_single_process_update_step(two_rank_gradients, mode)
     """Whole update(): old log-probs, 2 minibatches, grad clipping, AdamW. Once failed for
     FSDP2 because the optimizer held the root group's temporary unsharded tensors, so the
     embeddings never trained and clipping ignored their gradient."""
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.train.distributed import World
 
     model, rollout, adv, _, _ = make_batch()
@@ -270,7 +270,7 @@ def test_two_ranks_move_the_log_prob_with_the_advantage(two_rank_gradients, mode
     nats per sequence here, as in one process); a sign flip in the rank scaling or the engine
     reverses it."""
     up, down = two_rank_gradients[mode + "-direction+1"], two_rank_gradients[mode + "-direction-1"]
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.train.distributed import World
 
     assert up > 0.1 and down < -0.1, (up, down)
@@ -366,7 +366,7 @@ def assert_full_optimizer_state(path: Path, steps: int) -> None:
     back whole (full shape, not one rank's shard), with the step count of the saving run."""
     from transformers import AutoModelForCausalLM
 
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.train import distributed as dd
 
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -402,7 +402,7 @@ BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.laye
 @pytest.mark.parametrize("kind", sorted(BLOCKS))
 def test_fsdp_finds_the_decoder_blocks_of_common_architectures(kind):
     """The bug: --fsdp looked only for a ModuleList named 'layers' and refused GPT-2."""
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
     from gspo.train.distributed import decoder_layers
 
     model = _tiny_hf(kind)

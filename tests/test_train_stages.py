@@ -200,12 +200,13 @@ def test_response_logprobs_line_up_with_the_response_tokens(monkeypatch):
     torch.manual_seed(0)
     model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
     r = generate(model, tok, digitsum_prompts(2, 0), group_size=3, max_new_tokens=5)
+    import gspo.causal_lm as causal_lm
     import gspo.chunked as chunked
 
     projected, inner = [], chunked._chunk_logits
     monkeypatch.setattr(chunked, "_chunk_logits",
                         lambda h, *a: projected.append(h.shape[0]) or inner(h, *a))  # fmt: skip
-    logp, ent = response_logprobs(chunked.CausalLMLogprobs(model), r, temperature=1.0,
+    logp, ent = response_logprobs(causal_lm.CausalLMLogprobs(model), r, temperature=1.0,
                                   entropy=True)  # fmt: skip
     # the LM head ran on response tokens only, never on the 7 prompt positions per row
     assert sum(projected) == int(r.response_mask.sum()) < r.attention_mask[:, 1:].sum()
@@ -238,8 +239,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_update_moves_the_ratio_off_one_and_clips():
     torch.manual_seed(0)
-    from gspo.chunked import CausalLMLogprobs
-    from gspo.groups import advantages
+    from gspo.causal_lm import CausalLMLogprobs
+    from gspo.advantages import advantages
 
     model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
     config = TrainConfig(minibatches=4, prompts_per_step=4, group_size=4, lr=1e-2, warmup_steps=0)
@@ -276,7 +277,7 @@ def test_left_padding_does_not_change_response_logprobs():
     so each row must score exactly as it does unpadded. (Absolute positions: the GPT-2 test
     in test_logprobs.py.)"""
     torch.manual_seed(0)
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
     prompts = [{"prompt": "sum 7:"}, {"prompt": "a much longer prompt:"}]

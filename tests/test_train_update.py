@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gspo.chunked import CausalLMLogprobs
+from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import TrainConfig
 from gspo.train.rollout import Rollout
 from gspo.train.tiny import tiny_model

@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 _API = {
     "sequence_objective": "gspo.reference",
     "explain_objective": "gspo.reference",
-    "advantages": "gspo.groups",
+    "advantages": "gspo.advantages",
     "gspo_loss": "gspo.loss",
     "token_logprobs": "gspo.chunked",
     "naive_token_logprobs": "gspo.logprobs",
     "gspo_loss_from_hidden": "gspo.chunked",
-    "causal_lm_logprobs": "gspo.chunked",
-    "CausalLMLogprobs": "gspo.chunked",
+    "causal_lm_logprobs": "gspo.causal_lm",
+    "CausalLMLogprobs": "gspo.causal_lm",
 }
 
 __all__ = [
@@ -38,13 +38,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs only
-    from gspo.chunked import (
-        CausalLMLogprobs,
-        causal_lm_logprobs,
-        gspo_loss_from_hidden,
-        token_logprobs,
-    )
-    from gspo.groups import advantages
+    from gspo.advantages import advantages
+    from gspo.causal_lm import CausalLMLogprobs, causal_lm_logprobs
+    from gspo.chunked import gspo_loss_from_hidden, token_logprobs
     from gspo.logprobs import naive_token_logprobs
     from gspo.loss import gspo_loss
     from gspo.reference import explain_objective, sequence_objective

@@ -326,7 +326,7 @@ class TrainConfig:
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
     adv_norm: str = option(
         "population",
-        "group advantage normalisation (gspo.groups)",
+        "group advantage normalisation (gspo.advantages)",
         choices=("population", "sample", "center", "loo"),
     )
     # rollouts

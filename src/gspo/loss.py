@@ -15,13 +15,13 @@ import math
 import torch
 from torch import Tensor
 
-from gspo.groups import NORMS
-from gspo.groups import advantages as group_advantages
-from gspo.groups import as_tensor as group_as_tensor
+from gspo.advantages import NORMS
+from gspo.advantages import advantages as group_advantages
+from gspo.advantages import as_tensor as group_as_tensor
 from gspo.masking import Layout, packed_layout, padded_layout
 from gspo.reference import MAX_LOG_RATIO, check_clip_range
 
-VARIANTS = ("sequence", "token", "grpo")
+VARIANTS = ("gspo", "gspo-token", "grpo")  # the values of `gspo train --loss`
 
 # Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py in four runs
 # on a quiet 2-core machine (torch 2.13, forward + backward, README): first call 2.2-6.3 s
@@ -47,7 +47,7 @@ def gspo_loss(
     adv_norm: str = "population",
     eps_low: float = 3e-4,
     eps_high: float | None = None,
-    variant: str = "sequence",
+    variant: str = "gspo",
     num_sequences: int | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
     kl_metric: bool = True,
@@ -65,16 +65,16 @@ def gspo_loss(
     they are subtracted, so a padded and a packed bf16 batch give the same loss.
 
     Advantages: ``rewards`` [B] with ``group_size`` (contiguous groups) or
-    ``group_ids`` [B], standardised per group by ``adv_norm`` (see gspo.groups);
-    or precomputed ``advantages`` [B] (or per token, [B,T]/[N], for the "token"
+    ``group_ids`` [B], standardised per group by ``adv_norm`` (see gspo.advantages);
+    or precomputed ``advantages`` [B] (or per token, [B,T]/[N], for the "gspo-token"
     and "grpo" variants).
 
     Variants (per sequence i with T_i valid tokens, A_i its advantage):
-        "sequence"  GSPO: s_i = exp(mean_t(logp - logp_old)),
+        "gspo"      GSPO: s_i = exp(mean_t(logp - logp_old)),
                     L_i = min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
-        "token"     GSPO-token: s_it = sg[s_i] * exp(logp_t - sg[logp_t]),
+        "gspo-token" GSPO-token: s_it = sg[s_i] * exp(logp_t - sg[logp_t]),
                     L_i = mean_t min(s_it A_it, clip(s_it) A_it); equal to
-                    "sequence" in value and gradient when A_it = A_i
+                    "gspo" in value and gradient when A_it = A_i
         "grpo"      token-level ratio r_it = exp(logp_t - logp_old_t),
                     L_i = mean_t min(r_it A_it, clip(r_it) A_it) (for A/B tests)
 
@@ -95,7 +95,7 @@ def gspo_loss(
     Returns:
         (loss, metrics): loss is a 0-dim tensor in the compute dtype; metrics are
         detached 0-dim tensors: clip_frac_low, clip_frac_high (share of sequences,
-        or tokens for "token"/"grpo", whose clip is active, i.e. its gradient is
+        or tokens for "gspo-token"/"grpo", whose clip is active, i.e. its gradient is
         cut), ratio_mean, ratio_min, ratio_max, approx_kl (k3 estimate of
         KL(old || new) per token; only with kl_metric), adv_mean, adv_std,
         zero_adv_frac.
@@ -103,7 +103,7 @@ def gspo_loss(
     Host syncs (``.item()``-like waits for the device): one for a padded batch
     with ``advantages``, the validity check of every input in a single boolean.
     A packed batch adds one (its lengths must cover N before they are used);
-    ``rewards`` add one (``gspo.groups`` checks them), ``group_ids`` more
+    ``rewards`` add one (``gspo.advantages`` checks them), ``group_ids`` more
     (``torch.unique`` and the group count).
     Errors are diagnosed after that one check fails, so valid calls pay nothing more.
 
@@ -113,7 +113,7 @@ def gspo_loss(
         s = exp(clamp(log_ratio.sum(-1) / mask.sum(-1).clamp(min=1), -20, 20))
         loss = -minimum(s * A, s.clamp(1 - eps_low, 1 + eps_high) * A).sum() / B
     """
-    # Python sequences of numbers are accepted (gspo.groups.as_tensor names a bad element).
+    # Python sequences of numbers are accepted (gspo.advantages.as_tensor names a bad element).
     rewards = group_as_tensor("rewards", rewards, getattr(logp, "device", None))
     group_ids = group_as_tensor("group_ids", group_ids, getattr(logp, "device", None))
     dtype = _compute_dtype(logp, logp_old)
@@ -124,23 +124,25 @@ def gspo_loss(
     divisor = _divisor(num_sequences, layout.batch)
 
     bound, lo, hi = max_log_ratio, 1.0 - eps_low, 1.0 + eps_high
-    if variant == "sequence":  # the hot path: steps 2-5, backward written out
+    if variant == "gspo":  # the hot path: steps 2-5, backward written out
         out: dict[str, Tensor] = {}  # the forward's by-products (no gradient)
         loss = SequenceLoss.apply(
             logp, logp_old, adv, layout.mask, layout.seq_lens, layout.count,
             (dtype, bound, lo, hi, divisor, layout.num_tokens), out,
         )  # fmt: skip
-        seq_lr, ratio, cut, log_ratio = out["seq_lr"], out["ratio"], out["cut"], out["log_ratio"]
-        _check_valid(seq_lr, adv, logp, logp_old, layout)
+        seq_log_ratio, ratio, clipped = out["seq_log_ratio"], out["ratio"], out["clipped"]
+        log_ratio = out["log_ratio"]
+        _check_valid(seq_log_ratio, adv, logp, logp_old, layout)
     else:  # per token, then a mean per sequence; autograd
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
-        seq_lr = layout.seq_mean(log_ratio)
-        _check_valid(seq_lr, adv, logp, logp_old, layout)
-        ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound, dtype)
-        unclipped, clipped = ratio * adv_tok, ratio.clamp(lo, hi) * adv_tok
-        loss = -layout.seq_mean(layout.select(torch.minimum(unclipped, clipped))).sum() / divisor
-        ratio, cut = ratio.detach(), layout.select(clipped.detach() < unclipped.detach(), False)
-    metrics = _metrics(layout, ratio, cut, adv, per_token=variant != "sequence")
+        seq_log_ratio = layout.seq_mean(log_ratio)
+        _check_valid(seq_log_ratio, adv, logp, logp_old, layout)
+        ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_log_ratio, adv, variant, bound, dtype)
+        term, term_clipped = ratio * adv_tok, ratio.clamp(lo, hi) * adv_tok
+        loss = -layout.seq_mean(layout.select(torch.minimum(term, term_clipped))).sum() / divisor
+        clipped = layout.select(term_clipped.detach() < term.detach(), False)
+        ratio = ratio.detach()
+    metrics = _metrics(layout, ratio, clipped, adv, per_token=variant != "gspo")
     if kl_metric:
         metrics["approx_kl"] = _approx_kl(layout, log_ratio, bound)
     return loss, metrics
@@ -157,18 +159,18 @@ def _log_ratio(layout: Layout, logp: Tensor, logp_old: Tensor, dtype: torch.dtyp
 
 
 class SequenceLoss(torch.autograd.Function):
-    """GSPO's loss (variant "sequence") from per-token log-probs, padded or packed.
+    """GSPO's loss (variant "gspo") from per-token log-probs, padded or packed.
 
     Forward, docs/spec.md steps 2-5 as written (A = adv, D = divisor)::
 
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)      # [B,T] or [N]
-        seq_lr = layout.seq_mean(log_ratio)                        # [B]
-        s = seq_lr.clamp(-bound, bound).exp()
+        seq_log_ratio = layout.seq_mean(log_ratio)                        # [B]
+        s = seq_log_ratio.clamp(-bound, bound).exp()
         loss = -torch.minimum(s * A, s.clamp(lo, hi) * A).sum() / D
 
     Backward: every valid token of sequence b gets the same gradient,
     ``d loss / d logp[b, t] = -A_b * s_b / (D * T_b)`` where the unclipped branch
-    is the minimum and |seq_lr_b| <= bound (else 0: the clip or the clamp cuts
+    is the minimum and |seq_log_ratio_b| <= bound (else 0: the clip or the clamp cuts
     it), and 0 on masked slots. That is one masked broadcast of a [B] coefficient,
     where autograd through the code above walks 13 nodes; on CPU each node costs
     about 10 us (measured backward at 8 x 16, one thread: 158 us through autograd,
@@ -178,9 +180,9 @@ class SequenceLoss(torch.autograd.Function):
     Tests check value and gradient against autograd through the same code and
     against the pure reference (float64 gradcheck included).
 
-    Returns the loss; fills ``out`` with seq_lr, ratio (s), cut and log_ratio,
-    which carry no gradient. ``cut`` [B] bool: the clip is active (the clipped
-    branch is the minimum).
+    Returns the loss; fills ``out`` with seq_log_ratio, ratio (s), clipped and
+    log_ratio, which carry no gradient. ``clipped`` [B] bool: the clip is active
+    (the clipped branch is the minimum).
     """
 
     @staticmethod
@@ -188,18 +190,18 @@ class SequenceLoss(torch.autograd.Function):
         dtype, bound, lo, hi, divisor, num_tokens = consts
         layout, tokens = Layout(mask, seq_lens, count, num_tokens), count.clamp(min=1)
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
-        seq_lr = layout.seq_sum(log_ratio) / tokens
-        clamped = seq_lr.clamp(-bound, bound)
+        seq_log_ratio = layout.seq_sum(log_ratio) / tokens
+        clamped = seq_log_ratio.clamp(-bound, bound)
         ratio = clamped.exp()
-        unclipped, clipped = ratio * adv, ratio.clamp(lo, hi) * adv
-        loss = torch.minimum(unclipped, clipped).sum() / -divisor
-        # d loss / d seq_lr, divided by T_b for the per-token mean; 0 where cut
-        cut = clipped < unclipped
-        passes = ~cut & (clamped == seq_lr)
-        coef = torch.where(passes, unclipped / (tokens * -divisor), 0.0)
+        term, term_clipped = ratio * adv, ratio.clamp(lo, hi) * adv
+        loss = torch.minimum(term, term_clipped).sum() / -divisor
+        # d loss / d seq_log_ratio, divided by T_b for the per-token mean; 0 where clipped
+        clipped = term_clipped < term
+        passes = ~clipped & (clamped == seq_log_ratio)
+        coef = torch.where(passes, term / (tokens * -divisor), 0.0)
         ctx.save_for_backward(coef, mask, seq_lens, count)
         ctx.num_tokens, ctx.logp_dtype = num_tokens, logp.dtype
-        out.update(seq_lr=seq_lr, ratio=ratio, cut=cut, log_ratio=log_ratio)
+        out.update(seq_log_ratio=seq_log_ratio, ratio=ratio, clipped=clipped, log_ratio=log_ratio)
         return loss
 
     @staticmethod
@@ -211,46 +213,55 @@ class SequenceLoss(torch.autograd.Function):
         return grad.to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
-def _token_ratio(layout, logp, log_ratio, seq_lr, adv, variant, bound, dtype):
-    """(ratio, advantage) per token for the "token" and "grpo" variants."""
+def _token_ratio(layout, logp, log_ratio, seq_log_ratio, adv, variant, bound, dtype):
+    """(ratio, advantage) per token for the "gspo-token" and "grpo" variants."""
     adv_full = layout.expand(adv) if adv.dim() == 1 else adv
     if variant == "grpo":
         return layout.select(log_ratio.clamp(-bound, bound).exp()), adv_full
     # GSPO-token (paper section 4.3): value s_i, gradient s_i * d logp_t. logp is
     # selected before the exp so that garbage cannot meet a zero gradient there.
     logp = layout.select(logp.to(dtype))
-    seq_ratio = seq_lr.clamp(-bound, bound).exp().detach()
+    seq_ratio = seq_log_ratio.clamp(-bound, bound).exp().detach()
     return layout.select(layout.expand(seq_ratio) * (logp - logp.detach()).exp()), adv_full
 
 
 # ------------------------------------------------------------------ metrics
 
 
-def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
-    """Mean over valid tokens of k3 = (r - 1) - log r = expm1(x) - x >= 0, x = log r (Schulman).
+def k3(log_ratio: Tensor, bound: float = MAX_LOG_RATIO) -> Tensor:
+    """The k3 estimator of KL per token (Schulman, "Approximating KL divergence"):
+    ``(r - 1) - log r = expm1(x) - x >= 0`` with ``x = log r`` clamped to [-bound, bound].
 
-    ``log_ratio`` is 0 on masked slots, where k3 is then exactly 0. expm1 keeps the
-    small KL of a near on-policy batch (x ~ 1e-3, k3 ~ 5e-7) that exp(x) - 1 loses
-    to float32 rounding; the clamp keeps extremes finite.
+    With tokens sampled from q and ``x = log p/q`` its mean estimates KL(q || p) without
+    bias. expm1 keeps the small KL of a near on-policy batch (x ~ 1e-3, k3 ~ 5e-7) that
+    exp(x) - 1 loses to float32 rounding; the clamp keeps extremes finite. Elementwise,
+    any shape; the one k3 of gspo (the loss's approx_kl, the trainer's KL penalty and
+    its sampler-mismatch metric).
     """
-    x = log_ratio.detach().clamp(-bound, bound)
-    return (torch.expm1(x) - x).sum() / layout.count.sum()
+    x = log_ratio.clamp(-bound, bound)
+    return torch.expm1(x) - x
 
 
-def _metrics(layout: Layout, ratio, cut, adv, per_token: bool) -> dict[str, Tensor]:
+def _approx_kl(layout: Layout, log_ratio: Tensor, bound: float) -> Tensor:
+    """Mean of ``k3`` over the valid tokens; ``log_ratio`` is 0 on masked slots, where k3
+    is then exactly 0."""
+    return k3(log_ratio.detach(), bound).sum() / layout.count.sum()
+
+
+def _metrics(layout: Layout, ratio, clipped, adv, per_token: bool) -> dict[str, Tensor]:
     """Metrics from tensors that carry no gradient (so no no_grad context is needed).
 
-    ratio, cut: [B] (per sequence) or, with per_token, [B,T]/[N] selected (cut is
-    False on masked slots). cut: the clip is active, i.e. the clipped branch is
+    ratio, clipped: [B] (per sequence) or, with per_token, [B,T]/[N] selected
+    (clipped is False on masked slots). clipped: the clip is active, i.e. the clipped branch is
     the minimum and the gradient is cut; for A < 0 that happens below 1 - eps_low
     (clip_frac_low), for A > 0 above 1 + eps_high (clip_frac_high).
     """
-    cut = cut.to(ratio.dtype)
+    clipped = clipped.to(ratio.dtype)
     if not per_token:  # everything is [B]
-        clip_low, clip_high = (cut * (adv < 0)).mean(), (cut * (adv > 0)).mean()
+        clip_low, clip_high = (clipped * (adv < 0)).mean(), (clipped * (adv > 0)).mean()
         r_mean, (r_min, r_max) = ratio.mean(), torch.aminmax(ratio)
     else:
-        low, high = ((ratio < 1) & (cut > 0)), ((ratio > 1) & (cut > 0))
+        low, high = ((ratio < 1) & (clipped > 0)), ((ratio > 1) & (clipped > 0))
         clip_low = layout.token_mean(low.to(ratio.dtype))
         clip_high = layout.token_mean(high.to(ratio.dtype))
         r_mean = layout.token_mean(ratio)
@@ -381,9 +392,10 @@ def _check_advantages(layout, logp, adv, variant) -> Tensor:
         raise TypeError(f"advantages must be a torch.Tensor, got {type(adv).__name__}")
     _same_device("advantages", adv, logp)
     per_token = adv.shape == logp.shape and adv.dim() == logp.dim() and adv.shape != (layout.batch,)
-    if per_token and variant == "sequence":
+    if per_token and variant == "gspo":
         raise ValueError(
-            "per-token advantages need variant='token' or 'grpo'; GSPO's ratio is per sequence"
+            "per-token advantages need variant='gspo-token' or 'grpo'; GSPO's ratio is per "
+            "sequence"
         )
     if adv.shape != (layout.batch,) and not per_token:
         raise ValueError(

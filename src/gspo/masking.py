@@ -88,3 +88,15 @@ def padded_layout(mask: Tensor, dtype: torch.dtype) -> Layout:
 def packed_layout(seq_lens: Tensor, num_tokens: int, dtype: torch.dtype) -> Layout:
     """Layout of a packed batch; ``seq_lens [B]`` tokens per sequence, back to back."""
     return Layout(mask=None, seq_lens=seq_lens, count=seq_lens.to(dtype), num_tokens=num_tokens)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the True slots of ``mask`` (along ``dim``, or over all of them).
+
+    ``x`` and ``mask`` [B, T] (mask bool, True = counts); masked slots may hold anything,
+    NaN and inf included; a row with no True slot gives 0.
+    """
+    picked = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    if dim is None:
+        return picked.sum() / mask.sum().clamp(min=1)
+    return picked.sum(dim=dim) / mask.sum(dim=dim).clamp(min=1)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from gspo.config import TrainConfig, to_dict
-from gspo.groups import advantages
+from gspo.advantages import advantages
 from gspo.train import checkpoint as ckpt
 from gspo.train import data, engines, lora, rundir
 from gspo.train import distributed as dd
@@ -116,7 +116,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         data.start_warnings(config, len(pool), dropped)
 
     # ---- log-prob modules (the chunked path), data parallel engine, optimizer
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     low = COMPUTE_DTYPES[config.dtype]  # None (fp32) or bf16; parameters stay fp32
     engine = dd.wrap(CausalLMLogprobs(model, compute_dtype=low), world, fsdp=config.fsdp)

@@ -127,7 +127,7 @@ def reference_logprobs(engine, model, frozen, config, *, device, compute_dtype):
     """The KL reference's log-prob module: the frozen copy's ``CausalLMLogprobs``, or under
     LoRA the policy's own log-prob module (``engine``: DDP- or FSDP-wrapped, so that the
     wrapper gathers what it must) with the adapters disabled. None without the KL term."""
-    from gspo.chunked import CausalLMLogprobs
+    from gspo.causal_lm import CausalLMLogprobs
 
     if config.kl_coef <= 0:
         return None

@@ -29,7 +29,6 @@ from gspo.train import correction
 from gspo.train import microbatch as mb
 from gspo.train.rollout import Rollout, eval_mode
 
-VARIANTS = {"gspo": "sequence", "gspo-token": "token", "grpo": "grpo"}
 # --dtype: the compute dtype of the forward/backward; weights, gradients, optimizer state,
 # log-probs and the loss stay float32 (CausalLMLogprobs casts its inputs, not its parameters).
 COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -131,7 +130,7 @@ def minibatch_loss(
         advantages=adv,
         eps_low=config.eps_low,
         eps_high=config.eps_high,
-        variant=VARIANTS[config.loss],
+        variant=config.loss,
         num_sequences=num_sequences,
     )
     if ref_logp is not None and config.kl_coef > 0:

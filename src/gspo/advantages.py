@@ -19,6 +19,8 @@ turn rounding noise into advantages of +-1.
 from __future__ import annotations
 
 import numbers
+import sys
+import types
 from collections.abc import Sequence
 
 import torch
@@ -168,3 +170,15 @@ def _group_max(x: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
 
 def _group_min(x: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
     return x.new_full((num_groups,), torch.inf).scatter_reduce_(0, inverse, x, "amin")
+
+
+class _CallableModule(types.ModuleType):
+    """``gspo.advantages`` names both this module and its function: importing the submodule
+    makes it the package attribute, so the module calls the function (``gspo.advantages(r,
+    group_size=G)`` works whichever was looked up first)."""
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return advantages(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
