@@ -42,9 +42,9 @@ def child(case: dict) -> dict:
 
     import torch
 
+    from gspo.advantages import advantages
     from gspo.causal_lm import CausalLMLogprobs
     from gspo.config import TrainConfig
-    from gspo.advantages import advantages
     from gspo.train import distributed as dd
     from gspo.train import engines
     from gspo.train.rewards import digitsum_prompts

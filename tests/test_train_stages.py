@@ -239,8 +239,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_update_moves_the_ratio_off_one_and_clips():
     torch.manual_seed(0)
-    from gspo.causal_lm import CausalLMLogprobs
     from gspo.advantages import advantages
+    from gspo.causal_lm import CausalLMLogprobs
 
     model, tok = tiny_model(seed=0, **SMALL), tiny_tokenizer()
     config = TrainConfig(minibatches=4, prompts_per_step=4, group_size=4, lr=1e-2, warmup_steps=0)

@@ -92,7 +92,8 @@ def token_logprobs(
     check_logit_transform(logit_scale, softcap)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: must be a bool, got {type(return_entropy).__name__}")
-    transform = (float(temperature), float(logit_scale), None if softcap is None else float(softcap))
+    cap = None if softcap is None else float(softcap)
+    transform = (float(temperature), float(logit_scale), cap)
     return _TokenLogprobs.apply(
         hidden, weight, bias, labels, transform, chunk_size, ignore_index, return_entropy
     )
@@ -189,7 +190,9 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias, transform, dtype) -> Tensor:
 
     ``transform`` is a temperature, or (temperature, logit_scale, softcap) with softcap None = off.
     """
-    temperature, scale, softcap = transform if isinstance(transform, tuple) else (transform, 1.0, None)
+    if not isinstance(transform, tuple):
+        transform = (transform, 1.0, None)
+    temperature, scale, softcap = transform
     z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
     z = z.to(dtype)  # no copy for float32 inputs; bf16/fp16 are promoted here
     if scale != 1.0:

@@ -137,7 +137,8 @@ def gspo_loss(
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
         seq_log_ratio = layout.seq_mean(log_ratio)
         _check_valid(seq_log_ratio, adv, logp, logp_old, layout)
-        ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_log_ratio, adv, variant, bound, dtype)
+        ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_log_ratio, adv, variant, bound,
+                                      dtype)  # fmt: skip
         term, term_clipped = ratio * adv_tok, ratio.clamp(lo, hi) * adv_tok
         loss = -layout.seq_mean(layout.select(torch.minimum(term, term_clipped))).sum() / divisor
         clipped = layout.select(term_clipped.detach() < term.detach(), False)

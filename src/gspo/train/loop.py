@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from gspo.config import TrainConfig, to_dict
 from gspo.advantages import advantages
+from gspo.config import TrainConfig, to_dict
 from gspo.train import checkpoint as ckpt
 from gspo.train import data, engines, lora, rundir
 from gspo.train import distributed as dd
