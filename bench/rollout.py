@@ -38,17 +38,16 @@ STAGES = ("generate", "old_logprobs", "update", "sync")
 
 
 def child(case: dict) -> dict:
-    import dataclasses
 
     import torch
 
     from gspo.advantages import advantages
     from gspo.causal_lm import CausalLMLogprobs
-    from gspo.config import TrainConfig
     from gspo.train import distributed as dd
-    from gspo.train import engines
-    from gspo.train.rewards import digitsum_prompts
-    from gspo.train.tiny import load_model_and_tokenizer
+    from gspo.train import engines, models
+    from gspo.train.config import TrainConfig
+    from gspo.train.models import load as load_model_and_tokenizer
+    from gspo.train.tasks.digitsum import digitsum_prompts
     from gspo.train.update import lr_lambda, old_logprobs, update
 
     torch.set_num_threads(case["threads"])
@@ -63,10 +62,11 @@ def child(case: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, 10**6, 1.0))
     t0 = time.perf_counter()
-    engine = engines.build(config, model, tok, dd.World(), policy)
+    trained = models.Policy(model, tok, config.optim, None)
+    engine = engines.build(config.sampling, trained, dd.World(), policy, seed=config.seed)
     startup = time.perf_counter() - t0
     prompts = digitsum_prompts(config.prompts_per_step, seed=1)
-    no_forward = dataclasses.replace(config, old_logprobs="sampler")
+    no_forward = config.replace(old_logprobs="sampler")
     times = {s: [] for s in STAGES}
     tokens = []
     for step in range(case["steps"] + 1):  # step 0 warms up

@@ -51,7 +51,7 @@ CASES = [
 
 def child(case: dict) -> dict:
     from gspo.causal_lm import CausalLMLogprobs
-    from gspo.config import TrainConfig
+    from gspo.train.config import TrainConfig
     from gspo.train.rollout import Rollout
     from gspo.train.tiny import tiny_model
     from gspo.train.update import COMPUTE_DTYPES, enable_grad_checkpointing, update

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gspo.train.arith import (
+from gspo.train.tasks.arith import (
     CATEGORIES,
     INSTRUCTION,
     arith_prompts,
@@ -95,14 +95,14 @@ def test_reward_is_exact_rational_equality():
 
 
 def test_levels_pick_the_questions_difficulty():
-    from gspo.train.rewards import build_task
+    from gspo.train.tasks import build_task
 
     rows = arith_prompts(200, seed=0, levels=(1,))
     assert {r["level"] for r in rows} == {1}
     pool, held, _ = build_task(task="arith", prompts_file=None, reward=None, eval_size=20,
                                seed=0, levels=(1, 2))  # fmt: skip
     assert {r["level"] for r in pool} == {1, 2} and {r["level"] for r in held} <= {1, 2}
-    from gspo.config import TrainConfig
+    from gspo.train.config import TrainConfig
 
     with pytest.raises(ValueError, match="only --task arith has levels"):
         TrainConfig(task="digitsum", task_levels=(1,))
@@ -172,8 +172,8 @@ def test_user_rows_are_checked():
 
 def test_arith_takes_a_users_question_file_without_a_reward(tmp_path):
     # The task's own reward scores {"question", "answer"} rows; other tasks need --reward.
-    from gspo.config import TrainConfig
-    from gspo.train.rewards import build_task
+    from gspo.train.config import TrainConfig
+    from gspo.train.tasks import build_task
 
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "What is 1 plus 1?", "answer": "2"}\n'

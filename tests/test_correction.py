@@ -11,8 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gspo.config import TrainConfig
 from gspo.train import correction
+from gspo.train.config import TrainConfig
 from gspo.train.rollout import Rollout
 from gspo.train.update import old_logprobs
 
@@ -124,12 +124,12 @@ class CountingLogprobs(torch.nn.Module):
         return self.logp
 
 
-def rollout_with(sampler_logp):
-    B, T = sampler_logp.shape
+def rollout_with(logp_sampler):
+    B, T = logp_sampler.shape
     return Rollout(prompts=[{}] * B, input_ids=torch.zeros(B, T + 1, dtype=torch.long),
                    attention_mask=torch.ones(B, T + 1, dtype=torch.long),
                    response_mask=torch.ones(B, T, dtype=torch.bool), prompt_len=1,
-                   completions=[""] * B, sampler_logp=sampler_logp)  # fmt: skip
+                   completions=[""] * B, logp_sampler=logp_sampler)  # fmt: skip
 
 
 def test_old_logprobs_sampler_skips_the_forward_and_trainer_weighs_advantages():

@@ -57,7 +57,7 @@ def test_chunked_logprobs_on_cuda_match_naive():
 
 
 def test_short_bf16_training_run_on_cuda(tmp_path):
-    from gspo.config import TrainConfig
+    from gspo.train.config import TrainConfig
     from gspo.train.loop import train
 
     config = TrainConfig(device="cuda", dtype="bf16", steps=3, eval_every=3, eval_prompts=8,

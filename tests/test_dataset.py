@@ -12,10 +12,10 @@ import pytest
 
 datasets = pytest.importorskip("datasets", reason="--dataset needs the 'datasets' package")
 
-from gspo.config import TrainConfig  # noqa: E402
-from gspo.train.arith import INSTRUCTION, arith_reward  # noqa: E402
-from gspo.train.local_dataset import load_dataset_prompts  # noqa: E402
-from gspo.train.rewards import build_task, load_prompts_file  # noqa: E402
+from gspo.train.config import TrainConfig  # noqa: E402
+from gspo.train.tasks import build_task, load_prompts_file  # noqa: E402
+from gspo.train.tasks.arith import INSTRUCTION, arith_reward  # noqa: E402
+from gspo.train.tasks.files import load_dataset_prompts  # noqa: E402
 
 datasets.disable_progress_bars()
 

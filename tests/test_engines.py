@@ -19,20 +19,27 @@ import pytest
 import torch
 
 from gspo.causal_lm import CausalLMLogprobs
-from gspo.config import TrainConfig
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd
-from gspo.train import engines
+from gspo.train import engines, models
+from gspo.train.config import TrainConfig
 from gspo.train.engines.hf import HFEngine
-from gspo.train.rewards import digitsum_prompts
+from gspo.train.models import load as load_model_and_tokenizer
 from gspo.train.rollout import assemble, encode_prompts, eos_ids
-from gspo.train.tiny import load_model_and_tokenizer, tiny_model, tiny_tokenizer
+from gspo.train.tasks.digitsum import digitsum_prompts
+from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.update import lr_lambda, old_logprobs, response_logprobs, update
 
 # tiny_hidden 128: 4 heads of 32; vLLM's CPU attention has no kernel for head size 8 or 16.
 CONFIG = TrainConfig(temperature=0.7, max_new_tokens=8, prompts_per_step=4, group_size=4,
                      minibatches=1, tiny_hidden=128)  # fmt: skip
 PROMPTS = digitsum_prompts(4, seed=0)
+
+
+def build(config, model, tok, world):
+    """The engine ``config.rollout`` names, for ``model`` trained whole on this rank."""
+    policy = models.Policy(model, tok, config.optim, None)
+    return engines.build(config.sampling, policy, world, None, seed=config.seed)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def vllm_engine(trap):
     random.seed(1)
     torch.manual_seed(1)
     rng, threads = ckpt.rng_state(), torch.get_num_threads()
-    engine = engines.build(dataclasses_replace(rollout="vllm"), model, tok, dd.World(), None)
+    engine = build(dataclasses_replace(rollout="vllm"), model, tok, dd.World())
     # vLLM re-seeds the global RNGs and pins torch's threads when it starts; in process
     # those are the trainer's, so the engine must hand them back untouched.
     assert torch.equal(torch.get_rng_state(), rng["torch"]) and random.getstate() == rng["python"]
@@ -100,31 +107,31 @@ def max_diff(a, b, mask) -> float:
     return (a - b)[mask].abs().max().item()
 
 
-def test_hf_sampler_logprobs_are_the_trainers_old_logprobs(trap):
+def test_hf_logp_samplerrobs_are_the_trainers_old_logprobs(trap):
     model, tok = trap
     torch.manual_seed(0)
-    r = HFEngine(model, tok, config=CONFIG).sample(PROMPTS, group_size=4, greedy=False)
+    r = HFEngine(model, tok, CONFIG.sampling).sample(PROMPTS, group_size=4, greedy=False)
     assert model.training  # handed back in the mode it came in
     tol = tolerance(model, r)
-    assert max_diff(trainer_logp(model, r), r.sampler_logp, r.response_mask) <= tol
+    assert max_diff(trainer_logp(model, r), r.logp_sampler, r.response_mask) <= tol
     assert tol < 1e-4  # the bound is float32 rounding, not slack
 
 
-def test_vllm_sampler_logprobs_are_the_trainers_old_logprobs(trap, vllm_engine):
+def test_vllm_logp_samplerrobs_are_the_trainers_old_logprobs(trap, vllm_engine):
     model, _ = trap
     r = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
-    assert len(r) == 16 and r.sampler_logp.shape == r.response_mask.shape
-    assert torch.all(r.sampler_logp[~r.response_mask] == 0)
-    assert torch.all(r.sampler_logp[r.response_mask] < 0)
+    assert len(r) == 16 and r.logp_sampler.shape == r.response_mask.shape
+    assert torch.all(r.logp_sampler[~r.response_mask] == 0)
+    assert torch.all(r.logp_sampler[r.response_mask] < 0)
     tol = tolerance(model, r)
-    assert max_diff(trainer_logp(model, r), r.sampler_logp, r.response_mask) <= tol
+    assert max_diff(trainer_logp(model, r), r.logp_sampler, r.response_mask) <= tol
 
 
 def test_both_engines_stop_at_every_eos_and_agree_greedily(trap, vllm_engine):
     """The same prompt ids, the same greedy tokens, the same masks: ':' is the model's second
     EOS id, so a response that starts with ':' is that one token (kept, masked in)."""
     model, tok = trap
-    a = HFEngine(model, tok, config=CONFIG).sample(PROMPTS, group_size=1, greedy=True)
+    a = HFEngine(model, tok, CONFIG.sampling).sample(PROMPTS, group_size=1, greedy=True)
     b = vllm_engine.sample(PROMPTS, group_size=1, greedy=True)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
     assert a.completions == b.completions
@@ -150,12 +157,12 @@ def test_vllm_follows_the_policy_after_an_update(trap, vllm_engine):
     try:
         stale = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
         tol = tolerance(policy, stale)
-        assert max_diff(trainer_logp(policy, stale), stale.sampler_logp,
+        assert max_diff(trainer_logp(policy, stale), stale.logp_sampler,
                         stale.response_mask) > 100 * tol  # fmt: skip
         vllm_engine.load_weights(dd.full_params(policy))
         fresh = vllm_engine.sample(PROMPTS, group_size=4, greedy=False)
         tol = tolerance(policy, fresh)
-        assert max_diff(trainer_logp(policy, fresh), fresh.sampler_logp,
+        assert max_diff(trainer_logp(policy, fresh), fresh.logp_sampler,
                         fresh.response_mask) <= tol  # fmt: skip
     finally:
         vllm_engine.load_weights(dd.full_params(model))  # the module's engine: back to `trap`
@@ -165,7 +172,7 @@ def test_vllm_under_torchrun_is_a_clear_error(trap):
     model, tok = trap
     world = dd.World(rank=0, size=2)
     with pytest.raises(ValueError, match=r"--rollout vllm runs one vLLM engine .*--rollout hf"):
-        engines.build(dataclasses_replace(rollout="vllm"), model, tok, world, None)
+        build(dataclasses_replace(rollout="vllm"), model, tok, world)
 
 
 def test_prompts_keep_bos_unless_a_chat_template_writes_it():
@@ -191,6 +198,6 @@ def test_assemble_masks_after_any_eos_and_pads():
     assert r.prompt_len == 2 and r.input_ids[0, :2].tolist() == [tok.pad_token_id, 5]
     assert r.response_mask.tolist() == [[True, True, False], [True, True, False],
                                          [True, False, False]]  # fmt: skip
-    assert r.sampler_logp.tolist() == [[-1.0, -2.0, 0.0], [-1.0, -1.5, 0.0], [-0.5, 0.0, 0.0]]
+    assert r.logp_sampler.tolist() == [[-1.0, -2.0, 0.0], [-1.0, -1.5, 0.0], [-0.5, 0.0, 0.0]]
     assert r.input_ids[0, 4].item() == tok.pad_token_id  # after EOS: pad
     assert r.completions[0] == tok.decode([9])

@@ -42,6 +42,13 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             edges |= {t for t in targets if t in modules and t != name}
+        # Importing a.b.c runs the packages a and a.b first: an edge to each package that
+        # does not already hold the importer (a package's own modules see it half-built).
+        for target in list(edges):
+            parts = target.split(".")
+            edges |= {pkg for i in range(1, len(parts))
+                      if (pkg := ".".join(parts[:i])) in modules and pkg != name
+                      and not name.startswith(pkg + ".")}  # fmt: skip
         graph[name] = edges
     return graph
 

@@ -17,13 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from gspo.causal_lm import CausalLMLogprobs
-from gspo.config import TrainConfig
-from gspo.train import lora
+from gspo.train import lora, models
 from gspo.train.checkpoint import list_checkpoints
 from gspo.train.cli import main, parse_config
+from gspo.train.config import TrainConfig
 from gspo.train.loop import train
+from gspo.train.models import enable_grad_checkpointing
 from gspo.train.tiny import tiny_model
-from gspo.train.update import enable_grad_checkpointing, minibatch_loss, response_logprobs, update
+from gspo.train.update import minibatch_loss, response_logprobs, update
 from test_train_e2e import TINY, rows
 from test_train_update import (
     assert_same_grads,
@@ -50,7 +51,7 @@ def lora_model(config=LORA, *, dtype=torch.float32, hidden=32, seed=0, b_std=0.1
 
 def adapted_layers(model) -> dict[str, torch.nn.Module]:
     """{HF module name: PEFT LoRA layer} of the model inside the PeftModel."""
-    inner = lora.hf_model(model)
+    inner = model.get_base_model()
     return {name: m for name, m in inner.named_modules() if hasattr(m, "lora_A")}
 
 
@@ -220,7 +221,7 @@ def test_grad_checkpointing_gives_the_same_adapter_gradients():
         return model, rollout, adv
 
     grads, calls = checkpointing_grads(build, LORA,
-                                       lambda m: lora.hf_model(m).model.layers[0].mlp)  # fmt: skip
+                                       lambda m: m.get_base_model().model.layers[0].mlp)  # fmt: skip
     assert calls == [1, 2]
     assert_same_grads(grads)
 
@@ -270,10 +271,11 @@ def test_reference_is_the_base_model_and_keeps_no_copy_of_it():
     engine = CausalLMLogprobs(model)
     full = tiny_model(layers=1, hidden=32, seed=0)
     count = live_parameter_count()
-    frozen = lora.frozen_copy(model, config)
-    ref = lora.reference_logprobs(engine, model, frozen, config, device="cpu", compute_dtype=None)
+    policy = models.LoraPolicy(model, None, config.optim, None, kl=True)
+    frozen, ref = policy.frozen, policy.reference(engine, "cpu")
     assert frozen is None and live_parameter_count() == count
-    frozen = lora.frozen_copy(full, dataclasses.replace(config, lora_r=0, lora_alpha=None))
+    frozen = models.build(dataclasses.replace(config, lora_r=0, lora_alpha=None,
+                                              tiny_layers=1, tiny_hidden=32)).frozen
     assert live_parameter_count() == count + sum(p.numel() for p in full.parameters())
 
     optimizer = torch.optim.AdamW([p for p in engine.parameters() if p.requires_grad], lr=config.lr)
@@ -317,8 +319,8 @@ def test_merged_params_equal_merge_and_unload_and_leave_the_policy_as_it_was(kin
     else:
         model = lora_model()
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
-    got = dict(lora.sampler_weights(model))
-    got_again = dict(lora.sampler_weights(model))
+    got = dict(lora.merged_params(model))
+    got_again = dict(lora.merged_params(model))
     want = dict(dd.full_params(copy.deepcopy(model).merge_and_unload()))
     assert list(got) == list(want)  # the same names, in the same order
     assert not any("lora" in n or "base_layer" in n for n in got)
@@ -383,7 +385,7 @@ def test_checkpoints_hold_the_adapter_not_the_base(lora_runs):
 
 
 def test_resuming_across_full_and_lora_is_refused(lora_runs, tmp_path):
-    from gspo.train.checkpoint import load_model_weights
+    from gspo.train.models import load_model_weights
 
     straight, _ = lora_runs
     [saved] = list_checkpoints(straight)
@@ -391,10 +393,10 @@ def test_resuming_across_full_and_lora_is_refused(lora_runs, tmp_path):
         load_model_weights(tiny_model(layers=1, hidden=32), saved)
     tiny_model(layers=1, hidden=32).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds a whole model, not a LoRA adapter"):
-        lora.load_checkpoint(lora.wrap(tiny_model(layers=1, hidden=32), LORA), tmp_path)
+        lora.load_adapter(lora.wrap(tiny_model(layers=1, hidden=32), LORA), tmp_path)
     other = lora.wrap(tiny_model(layers=1, hidden=32), dataclasses.replace(LORA, lora_r=8))
     with pytest.raises(ValueError, match="its adapter has r 4, this run's --lora-r gives 8"):
-        lora.load_checkpoint(other, saved)
+        lora.load_adapter(other, saved)
 
 
 def test_outputs_load_adapter_with_peft_and_gspo_merged_with_transformers(lora_runs):
@@ -404,7 +406,7 @@ def test_outputs_load_adapter_with_peft_and_gspo_merged_with_transformers(lora_r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gspo.train.tiny import load_model_and_tokenizer
+    from gspo.train.models import load as load_model_and_tokenizer
 
     straight, _ = lora_runs
     ids = torch.randint(4, 50, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -432,7 +434,8 @@ def test_outputs_load_adapter_with_peft_and_gspo_merged_with_transformers(lora_r
 def test_adapter_config_names_a_directory_base(tmp_path, monkeypatch):
     """--model DIR: adapter_config.json's base_model_name_or_path and gspo-base.json give DIR
     as an absolute path, so PEFT (AutoPeftModelForCausalLM) and gspo find it from anywhere."""
-    from gspo.train.tiny import load_model_and_tokenizer, tiny_tokenizer
+    from gspo.train.models import load as load_model_and_tokenizer
+    from gspo.train.tiny import tiny_tokenizer
 
     tiny_model(layers=1, hidden=32).save_pretrained(tmp_path / "base")
     tiny_tokenizer().save_pretrained(tmp_path / "base")
@@ -482,10 +485,11 @@ def test_vllm_samples_the_merged_policy_after_a_lora_update():
                          minibatches=1, tiny_hidden=128, rollout="vllm", vllm_memory=0.05,
                          lora_r=8, lr=1e-2, warmup_steps=0)  # fmt: skip
     model = lora_model(config, hidden=128)
-    engine = engines.build(config, model, tiny_tokenizer(), dd.World(), None)
+    policy = models.LoraPolicy(model, tiny_tokenizer(), config.optim, None, kl=False)
+    engine = engines.build(config.sampling, policy, dd.World(), None, seed=config.seed)
     try:
         first = engine.sample(PROMPTS, group_size=4, greedy=False)
-        assert max_diff(trainer_logp(model, first), first.sampler_logp,
+        assert max_diff(trainer_logp(model, first), first.logp_sampler,
                         first.response_mask) <= tolerance(model, first)  # fmt: skip
         logprobs = CausalLMLogprobs(model)
         optimizer = torch.optim.AdamW([p for p in logprobs.parameters() if p.requires_grad],
@@ -494,11 +498,11 @@ def test_vllm_samples_the_merged_policy_after_a_lora_update():
         update(logprobs, None, optimizer, scheduler, first, torch.linspace(-1, 1, len(first)),
                config=config)  # fmt: skip
         stale = engine.sample(PROMPTS, group_size=4, greedy=False)
-        assert max_diff(trainer_logp(model, stale), stale.sampler_logp,
+        assert max_diff(trainer_logp(model, stale), stale.logp_sampler,
                         stale.response_mask) > 100 * tolerance(model, stale)  # fmt: skip
-        engine.load_weights(lora.sampler_weights(model))
+        engine.load_weights(lora.merged_params(model))
         fresh = engine.sample(PROMPTS, group_size=4, greedy=False)
-        assert max_diff(trainer_logp(model, fresh), fresh.sampler_logp,
+        assert max_diff(trainer_logp(model, fresh), fresh.logp_sampler,
                         fresh.response_mask) <= tolerance(model, fresh)  # fmt: skip
     finally:
         engine.close()

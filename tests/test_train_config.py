@@ -10,13 +10,17 @@ from typing import Literal
 
 import pytest
 
-from gspo.config import TrainConfig, add_arguments, from_args, load_file, option
+from gspo.config import add_arguments, from_args, load_file, option
 from gspo.train.cli import build_parser, main, parse_config
+from gspo.train.config import TrainConfig
 
 
 def test_every_field_has_a_flag_with_its_help():
     help_text = build_parser().format_help()
-    for f in dataclasses.fields(TrainConfig):
+    fields = [f for concern in dataclasses.fields(TrainConfig) for f in dataclasses.fields(
+        concern.default_factory())]  # every concern's fields: the flat options
+    assert len(fields) == 61
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text, flag
         assert f.metadata["help"].split()[0] in help_text  # the help is the field's own

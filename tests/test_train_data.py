@@ -13,17 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from gspo.config import TrainConfig
-from gspo.train.data import TrainWarning, fit_prompts, position_limit, start_warnings
-from gspo.train.rewards import (
-    Rewards,
-    build_task,
-    import_reward,
-    load_prompts_file,
-    load_rewards,
-    score,
-)
+from gspo.train.config import TrainConfig, TrainWarning
+from gspo.train.data import fit_prompts, start_warnings
+from gspo.train.models import position_limit
+from gspo.train.rewards import Rewards, import_reward, load_rewards, score
 from gspo.train.rollout import render_prompt
+from gspo.train.tasks import build_task, load_prompts_file
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 
 # ---------------------------------------------------------------- prompts that fit the model

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gspo.config import TrainConfig
+from gspo.train.config import TrainConfig
 from gspo.train.rollout import Rollout
 from gspo.train.tiny import tiny_model
 from gspo.train.update import minibatch_loss

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from gspo.config import TrainConfig
-from gspo.train import checkpoint as ckpt
-from gspo.train import rundir
+from gspo.train import models, rundir
 from gspo.train.cli import main, resume_command
+from gspo.train.config import TrainConfig
 from gspo.train.distributed import World
 from gspo.train.tiny import tiny_model
 
@@ -57,14 +56,14 @@ def test_a_launch_that_fails_before_training_leaves_no_run_dir(tmp_path, monkeyp
 
 def test_checkpoint_of_another_model_is_refused_naming_both(tmp_path):
     tiny_model(layers=1, hidden=32).save_pretrained(tmp_path)
-    ckpt.load_model_weights(tiny_model(layers=1, hidden=32, seed=3), tmp_path)  # same: loads
+    models.load_model_weights(tiny_model(layers=1, hidden=32, seed=3), tmp_path)  # same: loads
     with pytest.raises(
         ValueError,
         match=r"checkpoint .* qwen2 \(hidden_size 32, "
         r"intermediate_size 128\), config qwen2 \(hidden_size 64,"
         r" intermediate_size 256\); resume with the run's own",
     ):
-        ckpt.load_model_weights(tiny_model(layers=1, hidden=64), tmp_path)
+        models.load_model_weights(tiny_model(layers=1, hidden=64), tmp_path)
 
 
 def test_resume_with_another_model_flag_exits_2(tmp_path, capsys):
@@ -72,18 +71,6 @@ def test_resume_with_another_model_flag_exits_2(tmp_path, capsys):
     assert main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
     assert main(["--resume", str(run), "--tiny-hidden", "64"]) == 2
     assert "holds another model than this run's config builds" in capsys.readouterr().err
-
-
-def test_checkpoint_without_a_dcp_optimizer_is_refused(tmp_path):
-    """Optimizer states are saved with torch.distributed.checkpoint (any number of ranks
-    loads them: tests/test_train_distributed.py resumes a 2-rank run on 1 process); a
-    checkpoint from before that (no optimizer/ directory) is refused by name."""
-    path = tmp_path / "checkpoints" / "step-000004"
-    path.mkdir(parents=True)
-    with pytest.raises(ValueError, match="no optimizer/ directory"):
-        ckpt.check_resumable(path)
-    (path / "optimizer").mkdir()
-    ckpt.check_resumable(path)
 
 
 def test_resume_hint_under_torchrun_names_torchrun(monkeypatch):

@@ -8,17 +8,12 @@ import math
 import pytest
 import torch
 
-from gspo.config import TrainConfig
-from gspo.train.rewards import (
-    RewardError,
-    build_task,
-    digitsum_prompts,
-    digitsum_reward,
-    load_prompts_file,
-    prompts_at,
-    score,
-)
-from gspo.train.rollout import generate, response_mask_after_eos
+from gspo.train.config import TrainConfig
+from gspo.train.engines.hf import generate
+from gspo.train.rewards import RewardError, score
+from gspo.train.rollout import response_mask_after_eos
+from gspo.train.tasks import build_task, load_prompts_file, prompts_at
+from gspo.train.tasks.digitsum import digitsum_prompts, digitsum_reward
 from gspo.train.tiny import EOS, tiny_model, tiny_tokenizer
 from gspo.train.update import k3_kl, lr_lambda, response_logprobs, update
 

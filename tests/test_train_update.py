@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from gspo.causal_lm import CausalLMLogprobs
-from gspo.config import TrainConfig
+from gspo.train.config import TrainConfig
+from gspo.train.models import enable_grad_checkpointing
 from gspo.train.rollout import Rollout
 from gspo.train.tiny import tiny_model
 from gspo.train.update import (
-    enable_grad_checkpointing,
     minibatch_loss,
     response_logprobs,
     update,
@@ -220,7 +220,8 @@ def test_grad_checkpointing_without_dropout_computes_the_eval_mode_model():
 
 def bf16_vs_fp32_step(device="cpu"):
     """Loss, per-token logp and flat gradient of one minibatch in fp32 and in bf16 compute."""
-    from gspo.train.update import COMPUTE_DTYPES, minibatch_loss
+    from gspo.train.models import COMPUTE_DTYPES
+    from gspo.train.update import minibatch_loss
 
     out = {}
     for name in ("fp32", "bf16"):

@@ -1,5 +1,9 @@
 """Atomic checkpoints: everything a resumed run needs to continue bit-for-bit.
 
+``save`` writes, ``restore`` reads back everything: the model (or the LoRA adapter,
+through the run's gspo.train.models policy), the optimizer, the scheduler, every rank's
+RNG states and the data position.
+
 Layout of ``RUN_DIR/checkpoints/step-000050/``:
     model.safetensors, config.json, tokenizer files   (save_pretrained: loadable by HF;
                    resume also reads the sharded form, model-0000N-of-0000M + index)
@@ -24,6 +28,9 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from gspo.config import to_dict
+from gspo.train import distributed as dd
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 
@@ -76,15 +83,43 @@ def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None) -> None:
     torch.save(state, tmp / f"rank{rank}.pt")
 
 
-def write_main_state(tmp: Path, *, model_state, model, tokenizer, trainer_state: dict) -> None:
-    """Rank 0's part: the model (safetensors via save_pretrained; under LoRA the adapter)
-    and the trainer state."""
-    from gspo.train.lora import save_pretrained
+def save(run_dir: Path, step: int, position: int, *, policy, logprobs, optimizer, scheduler,
+         config, world: dd.World, rng: dict | None = None) -> None:  # fmt: skip
+    """Checkpoint ``step`` (``position``: prompts consumed) on every rank: the model or
+    adapter (``policy``, gspo.train.models), the optimizer state of ``logprobs``' parameters
+    (DCP), the scheduler, the config and each rank's RNG states (``rng``: those of an earlier
+    moment, e.g. the start of a step that failed). Atomic: staged, then renamed."""
+    state = policy.state_dict(world)  # collectives first, on every rank
+    tmp = staging_dir(run_dir, step)
+    if world.main and tmp.exists():
+        shutil.rmtree(tmp)  # left over from a crash mid-write
+    dd.barrier(world)
+    dd.save_optimizer(logprobs, optimizer, tmp / "optimizer", world)
+    write_rank_state(tmp, world.rank, rng=rng)
+    if world.main:
+        tmp.mkdir(parents=True, exist_ok=True)
+        policy.save(tmp, state)
+        policy.tokenizer.save_pretrained(tmp)
+        trainer = {"step": step, "data_position": position,
+                   "scheduler": scheduler.state_dict(), "config": to_dict(config)}  # fmt: skip
+        torch.save(trainer, tmp / "trainer.pt")
+    dd.barrier(world)
+    if world.main:
+        publish(run_dir, step, config.run.keep_checkpoints)
+    dd.barrier(world)
 
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_pretrained(model, tmp, model_state)
-    tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / "trainer.pt")
+
+def restore(path: Path, *, logprobs, optimizer, scheduler, world: dd.World) -> tuple[int, int]:
+    """(step, data position) of checkpoint ``path``, with the optimizer, scheduler and this
+    rank's RNG states restored (the model's weights: ``policy.load(path)``, before the
+    policy is wrapped)."""
+    state = load_trainer_state(path)
+    mine = load_rank_state(path, world.rank)
+    dd.load_optimizer(logprobs, optimizer, path / "optimizer", world)
+    scheduler.load_state_dict(state["scheduler"])
+    if mine is not None:  # None: a rank the saving run did not have
+        set_rng_state(mine["rng"])
+    return int(state["step"]), int(state["data_position"])
 
 
 def publish(run_dir: Path, step: int, keep: int) -> Path:
@@ -131,74 +166,3 @@ def load_rank_state(path: Path, rank: int) -> dict:
     if not file.exists():
         return None
     return torch.load(file, map_location="cpu", weights_only=False)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a save_pretrained directory: ``model.safetensors``, or the shards that
-    ``model.safetensors.index.json`` lists (large models, or any ``max_shard_size``)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        single = path / "model.safetensors"
-        if not single.exists():
-            raise ValueError(f"{path}: neither model.safetensors nor its sharded index is there")
-        return load_file(single)
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    state = {}
-    for name in files:
-        state.update(load_file(path / name))
-    return state
-
-
-# The HF config keys that decide the shapes of the weights (names differ by architecture).
-_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
-               "n_layer", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
-               "num_key_value_heads")  # fmt: skip
-
-
-def load_model_weights(model, path: Path) -> None:
-    """Copy the checkpoint's weights into ``model`` in place (strict); a checkpoint of
-    another model is refused with both models described."""
-    import json
-
-    if (path / "adapter_config.json").exists():
-        raise ValueError(f"checkpoint {path} holds a LoRA adapter, not a whole model; resume "
-                         "it with its run's --lora-r (as its config.json says)")  # fmt: skip
-    saved = json.loads((path / "config.json").read_text())
-    built = model.config.to_dict()
-    differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]
-    if differ:
-        raise ValueError(
-            f"checkpoint {path} holds another model than this run's config builds: "
-            f"checkpoint {_describe(saved, differ)}, config {_describe(built, differ)}; "
-            "resume with the run's own --model (and --tiny-* sizes), or start a new --run-dir"
-        )
-    state = read_safetensors(path)
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not fit this run's model: {err}") from None
-    missing = [m for m in missing if m != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")  # fmt: skip
-
-
-def _describe(config: dict, keys: list[str]) -> str:
-    return f"{config.get('model_type', '?')} (" + ", ".join(f"{k} {config[k]}" for k in keys) + ")"
-
-
-def check_resumable(path: Path) -> None:
-    """Refuse a checkpoint whose optimizer state is not in ``optimizer/`` (DCP): one written
-    before gspo saved it that way (a whole state in trainer.pt or shards in rank*.pt)."""
-    if not (Path(path) / "optimizer").is_dir():
-        raise ValueError(
-            f"--resume: checkpoint {path} has no optimizer/ directory (torch.distributed."
-            "checkpoint); it was written by an older gspo: resume it with that version"
-        )

@@ -1,4 +1,5 @@
-"""`gspo train`: flags generated from ``TrainConfig``, plus ``--config FILE`` and ``--compare``.
+"""`gspo train`: flags generated from ``TrainConfig`` (gspo.train.config), plus ``--config FILE``
+and ``--compare``.
 
 Precedence: defaults < the resumed run's config.json < --config FILE < flags.
 Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the fix),
@@ -9,7 +10,6 @@ Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -17,7 +17,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from gspo.config import TrainConfig, add_arguments, coerce, from_args, load_file
+from gspo.config import add_arguments, coerce, from_args, load_file
+from gspo.train.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +128,8 @@ def _compare(config: TrainConfig) -> int:
     from gspo.train.loop import train
     from gspo.train.plot import plot_compare, read_metrics
 
-    base = Path(config.run_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(config.run.run_dir or Path("runs") / f"compare-{stamp}")
     variants = {
         "gspo": {"loss": "gspo"},
         "grpo": {"loss": "grpo"},
@@ -135,13 +137,14 @@ def _compare(config: TrainConfig) -> int:
     }
     runs, lines = {}, []
     for name, change in variants.items():
-        run = dataclasses.replace(config, **change, run_dir=str(base / name), resume=None)
+        run = config.replace(**change, run_dir=str(base / name), resume=None)
         t0 = time.perf_counter()
         summary = train(run)
         seconds = time.perf_counter() - t0
         runs[name] = summary["run_dir"]
         evals = [r["eval_reward"] for r in read_metrics(summary["run_dir"]) if "eval_reward" in r]
-        lines.append(f"{name:<12} eps {run.eps_low:g}/{run.eps_high:g}  held-out first "
+        eps = f"{run.objective.eps_low:g}/{run.objective.eps_high:g}"
+        lines.append(f"{name:<12} eps {eps}  held-out first "
                      f"{evals[0]:.3f} best {max(evals):.3f} last {evals[-1]:.3f}  "
                      f"{seconds:.0f} s")  # fmt: skip
     out = plot_compare(runs, base / "compare.png")

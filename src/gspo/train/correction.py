@@ -37,6 +37,9 @@ import math
 
 import torch
 
+from gspo.loss import k3
+from gspo.masking import masked_mean
+
 
 def _delta(logp_old: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tensor):
     zero = torch.zeros((), dtype=torch.float32, device=logp_old.device)
@@ -44,20 +47,21 @@ def _delta(logp_old: torch.Tensor, logp_sampler: torch.Tensor, mask: torch.Tenso
     count = mask.sum(dim=1).clamp(min=1)
     return d, count
 
+
 def mismatch(logp_old, logp_sampler, mask) -> dict[str, float]:
     """The four mismatch metrics above, as floats."""
     d, count = _delta(logp_old, logp_sampler, mask)
     # float64 and expm1: at float32 rounding-level deltas (~1e-7) k3 ~ delta^2 / 2 ~ 1e-14,
     # which exp(d) - 1 - d in float32 rounds to exactly 0.
     d = d.double().clamp(-20.0, 20.0)  # exp stays finite; |delta| > 20 is a broken sampler
-    k3 = torch.where(mask, torch.expm1(d) - d, torch.zeros_like(d))
     seq_ratio = torch.exp(d.sum(dim=1) / count)
     return {
-        "mismatch_k3": float(k3.sum() / mask.sum().clamp(min=1)),
+        "mismatch_k3": float(masked_mean(k3(d), mask)),
         "mismatch_max_abs": float(torch.where(mask, d.abs(), torch.zeros_like(d)).max()),
         "mismatch_seq_ratio_min": float(seq_ratio.min()),
         "mismatch_seq_ratio_max": float(seq_ratio.max()),
     }
+
 
 def weights(kind: str, logp_old, logp_sampler, mask, *, low: float, high: float, cap: float):
     """(w, frac): w [B] (sequence kinds) or [B, T] (token-tis), None for ``none``; frac is
@@ -75,9 +79,10 @@ def weights(kind: str, logp_old, logp_sampler, mask, *, low: float, high: float,
         return torch.exp(total.clamp(max=log_cap)), float((total > log_cap).float().mean())
     if kind == "token-tis":
         w = torch.where(mask, torch.exp(d.clamp(max=log_cap)), torch.ones_like(d))
-        cut = (mask & (d > log_cap)).sum() / mask.sum().clamp(min=1)
-        return w, float(cut)
+        truncated = (mask & (d > log_cap)).sum() / mask.sum().clamp(min=1)
+        return w, float(truncated)
     raise ValueError(f"--rollout-correction {kind!r}: use none, seq-mask, seq-tis or token-tis")
+
 
 def weigh(adv: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     """Advantages [B] times sequence weights [B], or times token weights -> [B, T]."""

@@ -87,7 +87,7 @@ def wrap(logprobs: torch.nn.Module, world: World, *, fsdp: bool) -> torch.nn.Mod
             logprobs.compute_dtype = None  # the parameters are already bf16 inside forward
         layers = decoder_layers(logprobs)
         if not layers:
-            from gspo.train.data import TrainWarning
+            from gspo.train.config import TrainWarning
 
             warnings.warn("--fsdp: found no repeated decoder blocks (a ModuleList) in the "
                           "model; sharding it as one unit, which gathers every weight at "
@@ -133,10 +133,6 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         if size > best_size:
             best, best_size = list(sub), size
     return best
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") and not is_fsdp(module) else module
 
 
 def is_fsdp(module: torch.nn.Module) -> bool:

@@ -20,73 +20,42 @@ built-in tasks. Output: a table, then one JSON line; every completion goes to ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gspo.config import add_arguments, check, check_dataset_fields, from_args, option
+from gspo.config import Composite, add_arguments, check, coerce, from_args, load_file, option
+from gspo.train.config import ModelConfig, SamplingConfig, TaskConfig, TrainConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-    """Everything `gspo eval` reads."""
+@dataclass(frozen=True, init=False)
+class EvalConfig(Composite):
+    """Everything `gspo eval` reads: the model, task and sampling concerns of `gspo train`
+    (gspo.train.config; here with defaults for a pretrained chat model), and its own."""
 
-    model: str = option("smollm2", "'tiny', 'smollm2', a .gguf file or an HF dir (a run's "
-                        "model/; a LoRA run's is the adapter, loaded onto its base)",
-                        metavar="PATH")  # fmt: skip
-    task: str = option("arith", "task whose questions and reward are used",
-                       choices=("arith", "digitsum", "copy"))  # fmt: skip
-    prompts: str | None = option(
-        None, "JSONL of {'question', 'answer'} (arith) or {'prompt', ...} rows", metavar="FILE"
-    )
-    dataset: str | None = option(
-        None, "local .jsonl/.json/.parquet/.csv file or save_to_disk directory of questions "
-        "(a saved DatasetDict: its 'test' or 'validation' split)", metavar="PATH")  # fmt: skip
-    dataset_split: str | None = option(
-        None, "split of a saved DatasetDict to ask; none = 'test', else 'validation', else "
-        "'train'", metavar="NAME")  # fmt: skip
-    prompt_field: str | None = option(
-        None, "--dataset column of the question (none = 'question' for arith, else 'prompt')",
-        metavar="COLUMN")  # fmt: skip
-    answer_field: str | None = option(
-        None, "--dataset column renamed 'answer' (none = 'answer')", metavar="COLUMN")
-    task_levels: tuple[int, ...] = option(
-        (), "difficulty levels of the built-in arith questions (1, 2, 3); none = all",
-        metavar="INT")  # fmt: skip
-    questions: int = option(
-        100, "built-in held-out questions to ask (ignored with --prompts and --dataset)")
+    policy: ModelConfig = field(default_factory=lambda: ModelConfig(model="smollm2"))
+    data: TaskConfig = field(default_factory=lambda: TaskConfig(task="arith", eval_prompts=100))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
     n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
-    temperature: float = option(1.0, "sampling temperature of the n samples")
-    max_new_tokens: int = option(256, "longest completion, in tokens")
     batch_size: int = option(32, "sequences generated together (hf; vLLM schedules its own)")
-    engine: str = option("hf", "hf (transformers generate) or vllm (needs vLLM, see README)",
-                         choices=("hf", "vllm"))  # fmt: skip
-    vllm_memory: float | None = option(
-        None, "vLLM memory: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU (none = 1)")
     seed: int = option(0, "seed of the built-in questions and of sampling")
-    system_prompt: str | None = option(
-        None, "system message before each question (none = the chat template's default); "
-        "use the training run's value", metavar="TEXT")  # fmt: skip
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
 
-    def __post_init__(self) -> None:
-        check(self.questions >= 1, "questions", self.questions, "ask at least 1 question")
-        check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
-        check(self.temperature > 0, "temperature", self.temperature, "use a positive value")
-        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "use >= 1")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
-        check(self.vllm_memory is None or self.vllm_memory > 0, "vllm_memory", self.vllm_memory,
-              "use > 0, or none")  # fmt: skip
-        check_dataset_fields(self)
+    # Other spellings of shared options: `gspo eval --engine vllm` is --rollout;
+    # --questions is --eval-prompts (the held-out questions asked).
+    aliases = {"engine": "rollout", "questions": "eval_prompts"}
 
-    top_p = 1.0  # what the rollout engines read besides the fields above: no nucleus cut
+    def __post_init__(self) -> None:
+        check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -102,54 +71,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def load_questions(config: EvalConfig) -> list[dict]:
     """The built-in held-out questions, or a file's or data set's rows formatted by the task."""
-    from gspo.train.rewards import held_out_prompts, load_prompts_file
+    from gspo.train.tasks import held_out_prompts, load_dataset_prompts, load_prompts_file
 
-    if config.dataset is not None:
-        from gspo.train.local_dataset import load_dataset_prompts
-
-        rows, held_out = load_dataset_prompts(config.dataset, task=config.task,
-                                              split=config.dataset_split,
-                                              prompt_field=config.prompt_field,
-                                              answer_field=config.answer_field)  # fmt: skip
-        return rows if held_out is None or config.dataset_split is not None else held_out
-    if config.prompts is None:  # the held-out prompts gspo train evaluates on
-        return held_out_prompts(config.task, config.questions, config.seed, config.task_levels)
-    return load_prompts_file(config.prompts, config.task)
+    d = config.data
+    if d.dataset is not None:
+        rows, held_out = load_dataset_prompts(d.dataset, task=d.task, split=d.dataset_split,
+                                              prompt_field=d.prompt_field,
+                                              answer_field=d.answer_field)  # fmt: skip
+        return rows if held_out is None or d.dataset_split is not None else held_out
+    if d.prompts is None:  # the held-out prompts gspo train evaluates on
+        return held_out_prompts(d.task, d.eval_prompts, config.seed, d.task_levels)
+    return load_prompts_file(d.prompts, d.task)
 
 
-def _generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler=None):
-    """Completions for every prompt (``group_size`` each, groups contiguous): from
-    ``sampler`` (a rollout engine) when given, else with ``generate`` in batches."""
-    from tqdm import tqdm
-
-    from gspo.train.rollout import generate
-
-    if sampler is not None:
-        return sampler.sample(prompts, group_size=group_size, greedy=greedy).completions
-
-    per_batch = max(1, config.batch_size // group_size)
-    texts = []
-    bar = tqdm(total=len(prompts), desc="greedy" if greedy else f"{group_size} samples",
-               unit="q", file=sys.stderr, leave=False)  # fmt: skip
-    for start in range(0, len(prompts), per_batch):
-        chunk = prompts[start : start + per_batch]
-        rollout = generate(model, tokenizer, chunk, group_size=group_size, greedy=greedy,
-                           max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature,
-                           system_prompt=config.system_prompt)  # fmt: skip
-        texts += rollout.completions
-        bar.update(len(chunk))
-    bar.close()
-    return texts
+def _generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler):
+    """Completions for every prompt (``group_size`` each, groups contiguous) from the
+    engine ``sampler`` (gspo.train.engines: one generation path for train and eval)."""
+    return sampler.sample(prompts, group_size=group_size, greedy=greedy).completions
 
 
 def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
              sampler=None) -> tuple[dict, list]:  # fmt: skip
     """(summary, records): score greedy and sampled completions of every question."""
-    from gspo.train.arith import has_format, last_number, parse_number
-    from gspo.train.rewards import TASKS, score
+    from gspo.train.rewards import load_rewards, score
+    from gspo.train.tasks import get
 
-    _, reward_fn = TASKS[config.task]
+    task, d = get(config.data.task), config.data
+    reward_fn = load_rewards(d.reward, d.reward_weights) if d.reward else task.reward
     greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True,
                        sampler=sampler)  # fmt: skip
     greedy_rewards = score(reward_fn, questions, greedy)
@@ -159,19 +107,18 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
                             greedy=False, sampler=sampler)  # fmt: skip
         repeated = [q for q in questions for _ in range(config.n)]
         sampled_rewards = score(reward_fn, repeated, sampled)
-    records, arith = [], config.task == "arith"
+    records = []
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
         rewards = sampled_rewards[i * config.n : (i + 1) * config.n]
+        checks = task.eval_metrics(question, greedy[i])  # e.g. arith: format, last number
         records.append({
             "question": question.get("question", question["prompt"]),
             "answer": question.get("answer"),
             "category": str(question.get("category", "all")),
             "greedy": greedy[i], "greedy_reward": greedy_rewards[i],
             "greedy_correct": greedy_rewards[i] == 1.0,
-            "greedy_format": has_format(greedy[i]) if arith else None,
-            "greedy_last_number_correct": (last_number(greedy[i]) == parse_number(
-                str(question["answer"]))) if arith else None,  # fmt: skip
+            **{f"greedy_{name}": value for name, value in checks.items()},
             "samples": samples, "sample_rewards": rewards,
             "samples_correct": sum(r == 1.0 for r in rewards),
         })  # fmt: skip
@@ -189,12 +136,16 @@ def summarize(records: Sequence[dict], n: int) -> dict:
     return summary
 
 
+# The summary's name for each rate of a task's eval_metrics (the share of greedy completions
+# for which the check holds).
+CHECK_NAMES = {"format": "format_rate", "last_number_correct": "last_number_accuracy"}
+
+
 def _metrics(rows: Sequence[dict], n: int) -> dict:
     out = {"questions": len(rows),
            "greedy_accuracy": sum(r["greedy_correct"] for r in rows) / len(rows)}  # fmt: skip
-    for key, name in (("greedy_format", "format_rate"),
-                      ("greedy_last_number_correct", "last_number_accuracy")):  # fmt: skip
-        values = [r[key] for r in rows if r.get(key) is not None]
+    for check_name, name in CHECK_NAMES.items():
+        values = [r[f"greedy_{check_name}"] for r in rows if f"greedy_{check_name}" in r]
         out[name] = sum(values) / len(values) if values else None
     if n:
         out["pass@1"] = sum(pass_at_k(n, r["samples_correct"], 1) for r in rows) / len(rows)
@@ -228,10 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # What `gspo eval` reads from a training config, so that a model is asked exactly as it
-# was trained (held-out questions come from the same seed and split either way). A run's
-# --prompts/--dataset are not taken: training held out only their last rows.
-SHARED_WITH_TRAIN = ("model", "task", "task_levels", "system_prompt", "max_new_tokens",
-                     "temperature", "vllm_memory")  # fmt: skip
+# was trained (held-out questions come from the same seed and split either way): the model,
+# the task's name and levels and prompt filter, and every sampling option. A run's
+# --prompts/--dataset (and so its --reward) are not taken: training held out only their last
+# rows.
+SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
+                     "max_prompt_tokens", *(f.name for f in dataclasses.fields(SamplingConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--run", metavar="RUN_DIR", help="a training run: its config.json as with --config, "
         "its trained model (RUN_DIR/model), completions to RUN_DIR/eval-completions.jsonl")
-    add_arguments(parser, EvalConfig)
+    add_arguments(parser, EvalConfig, aliases=EvalConfig.aliases)
     parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
     return parser
 
@@ -266,64 +219,47 @@ def parse_config(argv: Sequence[str]) -> EvalConfig:
 
 
 def train_fields(path: str | Path) -> dict:
-    """The fields of a `gspo train` config file that `gspo eval` shares (its ``rollout``
-    engine included), checked as `gspo train` would check them."""
-    from gspo.config import TrainConfig, coerce, load_file
-
+    """The fields of a `gspo train` config file that `gspo eval` shares (SHARED_WITH_TRAIN),
+    checked as `gspo train` would check them."""
     if not Path(path).is_file():
         raise ValueError(f"config file {str(path)!r} not found")
     values = coerce(TrainConfig, load_file(path), str(path))
-    train = TrainConfig(**values)  # every check gspo train makes (a ValueError names it)
-    out = {k: getattr(train, k) for k in SHARED_WITH_TRAIN if k in values}
-    if "rollout" in values:
-        out["engine"] = train.rollout
-    return out
+    TrainConfig(**values)  # every check gspo train makes (a ValueError names it)
+    return {k: v for k, v in values.items() if k in SHARED_WITH_TRAIN}
 
 
 def run(config: EvalConfig) -> dict:
     """Load the model, answer the questions, write the completions; returns the summary."""
     import torch
 
+    from gspo.train import data, models
     from gspo.train.distributed import pick_device
-    from gspo.train.tiny import load_model_and_tokenizer
+    from gspo.train.engines.registry import engine_class
 
     questions = load_questions(config)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, layers=2, hidden=128, seed=0)
-    _check_lengths(model, tokenizer, questions, config)
+    m = config.policy
+    model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
+                                   seed=config.seed)  # fmt: skip
+    # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
+    (questions,), _ = data.fit([questions], tokenizer, model, config)
+    if not questions:
+        raise ValueError(f"--max-prompt-tokens {config.data.max_prompt_tokens} drops every "
+                         "question; raise it")  # fmt: skip
     device = pick_device(config.device)
     model.to(device).eval()
-    sampler = None
-    if config.engine == "vllm":
-        from gspo.train.engines.vllm import VLLMEngine
-
-        sampler = VLLMEngine(model, tokenizer, config=config, device=device, seed=config.seed)
+    sampler = engine_class(config.sampling.rollout).for_eval(
+        model, tokenizer, config.sampling, device=device, seed=config.seed,
+        batch_size=config.batch_size)  # fmt: skip
     start = time.perf_counter()
     try:
         summary, records = evaluate(model, tokenizer, questions, config, sampler)
     finally:
-        if sampler is not None:
-            sampler.close()
+        sampler.close()
     seconds = round(time.perf_counter() - start, 1)
-    summary = {"model": config.model, "task": config.task, "engine": config.engine, **summary,
-               "seconds": seconds,
-               "completions": config.out}  # fmt: skip
+    summary = {"model": m.model, "task": config.data.task, "engine": config.sampling.rollout,
+               **summary, "seconds": seconds, "completions": config.out}  # fmt: skip
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return summary
-
-
-def _check_lengths(model, tokenizer, questions: list[dict], config: EvalConfig) -> None:
-    """Every question with its completion must fit the model's positions (else a crash deep
-    inside torch or vLLM, halfway through the questions)."""
-    from gspo.train.data import position_limit, prompt_lengths
-
-    limit = position_limit(model)
-    longest = max(prompt_lengths(tokenizer, questions, config.system_prompt))
-    if limit is not None and longest + config.max_new_tokens > limit:
-        raise ValueError(
-            f"a question of {longest} tokens (chat template and instruction included) plus "
-            f"--max-new-tokens {config.max_new_tokens} exceeds the model's {limit} positions; "
-            "lower --max-new-tokens or ask shorter questions"
-        )

@@ -19,15 +19,13 @@ the base model), and only A and B train. What the trainer does with it:
 - ``RUN_DIR/model`` is the adapter (+ tokenizer, + ``gspo-base.json`` naming the base so
   that ``gspo eval --model RUN_DIR/model`` rebuilds it); ``--merge`` adds ``RUN_DIR/merged``.
 
-Every helper also takes a plain model (full fine-tuning) and then does what the trainer
-always did, so that ``loop.py`` reads the same with or without LoRA.
+Only PEFT's mechanics live here; gspo.train.models.LoraPolicy puts them behind the same
+calls as full fine-tuning, so that the loop reads the same with or without LoRA.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,23 +33,12 @@ from pathlib import Path
 import torch
 
 from gspo.train import distributed as dd
+from gspo.train import gguf
+from gspo.train.rollout import eval_mode
 
 ADAPTER = "default"  # PEFT's name for the one adapter we train
 BASE_FILE = "gspo-base.json"  # in an adapter directory: how to rebuild its base model
 INSTALL_HINT = "--lora-r needs PEFT: `pip install 'gspo[train]'` (or `pip install peft`)"
-
-
-def is_lora(model) -> bool:
-    """True for a PEFT model. PEFT is imported only when LoRA is asked for, so a run without
-    it never imports PEFT (nor needs it installed)."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def hf_model(model) -> torch.nn.Module:
-    """The Hugging Face model itself: inside a PeftModel, the one whose layers carry the
-    adapters (its forward and ``generate`` run them); a plain model as it is."""
-    return model.get_base_model() if is_lora(model) else model
 
 
 def alpha(config) -> float:
@@ -60,13 +47,11 @@ def alpha(config) -> float:
 
 
 def wrap(model, config):
-    """``model`` with LoRA adapters (a ``peft.PeftModel``) under ``config.lora_r``, else
-    ``model`` itself.
+    """``model`` with LoRA adapters (a ``peft.PeftModel``) as ``config`` (a TrainConfig)
+    asks: rank ``lora_r``, ``lora_alpha``, ``lora_targets``, ``lora_dropout``.
 
     The adapters' initial values come from ``config.seed`` alone, so every rank builds
     the same ones and the caller's random stream is left as it was."""
-    if not config.lora_r:
-        return model
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
@@ -114,28 +99,6 @@ def _check_layers(peft_model, config) -> None:
             )
 
 
-def frozen_copy(model, config):
-    """The KL reference's weights, taken before resuming (the reference is the initial
-    policy): a frozen deep copy under full fine-tuning with ``--kl-coef``; None without the
-    KL term, and None under LoRA, whose base weights never change."""
-    if config.kl_coef <= 0 or is_lora(model):
-        return None
-    return copy.deepcopy(model).requires_grad_(False)
-
-
-def reference_logprobs(engine, model, frozen, config, *, device, compute_dtype):
-    """The KL reference's log-prob module: the frozen copy's ``CausalLMLogprobs``, or under
-    LoRA the policy's own log-prob module (``engine``: DDP- or FSDP-wrapped, so that the
-    wrapper gathers what it must) with the adapters disabled. None without the KL term."""
-    from gspo.causal_lm import CausalLMLogprobs
-
-    if config.kl_coef <= 0:
-        return None
-    if is_lora(model):
-        return AdapterDisabled(engine, model)
-    return CausalLMLogprobs(frozen.to(device).eval(), compute_dtype=compute_dtype)
-
-
 class AdapterDisabled:
     """Calls ``logprobs`` with the PEFT model's adapters switched off: the base model's
     log-probs (``peft.PeftModel.disable_adapter``), in eval mode (the reference runs
@@ -146,19 +109,11 @@ class AdapterDisabled:
         self.logprobs, self.peft_model = logprobs, peft_model
 
     def __call__(self, *args, **kwargs):
-        from gspo.train.rollout import eval_mode
-
         with self.peft_model.disable_adapter(), eval_mode(self.peft_model):
             return self.logprobs(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- weights for the sampler
-
-
-def sampler_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, full tensor) of the policy's weights, one at a time: the model's
-    own (``dd.full_params``), or under LoRA the merged ones (``merged_params``)."""
-    return merged_params(model) if is_lora(model) else dd.full_params(model)
 
 
 def merged_params(peft_model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -201,11 +156,9 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- save and load
 
 
-def state_dict(model, world: dd.World) -> dict[str, torch.Tensor] | None:
-    """What a checkpoint saves of the model, full tensors on rank 0 (None elsewhere): every
-    weight (``dd.full_state_dict``), or under LoRA the adapter's A and B only."""
-    if not is_lora(model):
-        return dd.full_state_dict(model, world)
+def adapter_state_dict(model, world: dd.World) -> dict[str, torch.Tensor] | None:
+    """The adapter's A and B as full tensors on rank 0 (None elsewhere): what a checkpoint
+    saves of a LoRA policy."""
     state = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -215,14 +168,11 @@ def state_dict(model, world: dd.World) -> dict[str, torch.Tensor] | None:
     return state if world.main else None
 
 
-def save_pretrained(model, directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write ``state`` (from ``state_dict``) as a Hugging Face directory: the model
-    (model.safetensors + config.json) or the adapter (adapter_model.safetensors +
-    adapter_config.json, which ``peft.PeftModel.from_pretrained`` loads onto the base)."""
+def save_adapter(model, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (from ``adapter_state_dict``) as PEFT's adapter directory
+    (adapter_model.safetensors + adapter_config.json, which ``peft.PeftModel.from_pretrained``
+    loads onto the base) with ``BASE_FILE`` naming the base."""
     directory = Path(directory)
-    if not is_lora(model):
-        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-        return
     # save_embedding_layers=False: "auto" would look the base model up on the Hub
     model.save_pretrained(directory, state_dict=state, safe_serialization=True,
                           save_embedding_layers=False)  # fmt: skip
@@ -231,16 +181,11 @@ def save_pretrained(model, directory: Path, state: dict[str, torch.Tensor]) -> N
         (directory / BASE_FILE).write_text(json.dumps(model.gspo_base, indent=1) + "\n")
 
 
-def load_checkpoint(model, path: Path) -> None:
-    """Load a checkpoint's weights into ``model`` in place: all of them
-    (``checkpoint.load_model_weights``), or under LoRA the adapter onto the base."""
-    from gspo.train import checkpoint as ckpt
-
+def load_adapter(model, path: Path) -> None:
+    """Load a checkpoint's adapter into ``model`` (a PeftModel) in place, after checking
+    that its rank, alpha and targets are this run's."""
     path = Path(path)
-    if not is_lora(model):
-        ckpt.load_model_weights(model, path)
-        return
-    if not (path / "adapter_config.json").exists():
+    if not is_adapter_dir(path):
         raise ValueError(f"checkpoint {path} holds a whole model, not a LoRA adapter; resume "
                          "it without --lora-r (as its run was started)")  # fmt: skip
     saved = json.loads((path / "adapter_config.json").read_text())
@@ -266,37 +211,13 @@ def load_checkpoint(model, path: Path) -> None:
                          f"{missing[:4]}, unexpected {result.unexpected_keys[:4]}")  # fmt: skip
 
 
-def save_final(run_dir: Path, model, tokenizer, world: dd.World, *, merge: bool) -> None:
-    """RUN_DIR/model: the trained model as a Hugging Face directory, or under LoRA the
-    adapter; with ``merge`` also RUN_DIR/merged, the merged model (transformers loads it
-    without PEFT). Every rank calls this (the full tensors are collectives under FSDP2)."""
-    run_dir = Path(run_dir)
-    state = state_dict(model, world)
-    if world.main:
-        save_pretrained(model, run_dir / "model", state)
-        tokenizer.save_pretrained(run_dir / "model")
-    if merge:
-        merged = {}
-        for name, value in merged_params(model):  # every rank: all-gathers under FSDP2
-            if world.main:
-                merged[name] = value.cpu().clone()
-        if world.main:
-            hf_model(model).save_pretrained(run_dir / "merged", state_dict=merged,
-                                            safe_serialization=True)  # fmt: skip
-            tokenizer.save_pretrained(run_dir / "merged")
-    dd.barrier(world)
-
-
 def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_adapter_dir(path: Path):
-    """(model, tokenizer) of an adapter directory (a LoRA run's ``model/`` or checkpoint):
-    its base model, rebuilt from ``gspo-base.json`` (or PEFT's ``base_model_name_or_path``),
-    with the adapter merged in (float32: exact to rounding), and the base's tokenizer."""
-    from gspo.train.tiny import load_model_and_tokenizer
-
+def read_base(path: Path) -> dict:
+    """How to rebuild an adapter directory's base model: ``BASE_FILE``, or else PEFT's
+    ``base_model_name_or_path``."""
     path = Path(path)
     base_file = path / BASE_FILE
     if base_file.exists():
@@ -308,25 +229,24 @@ def load_adapter_dir(path: Path):
         raise ValueError(f"--model {str(path)!r} is a LoRA adapter whose base model is not "
                          f"recorded (no {BASE_FILE}, no base_model_name_or_path); load it "
                          "with peft onto its base yourself")  # fmt: skip
+    return base
+
+
+def merge_adapter(model, path: Path):
+    """``model`` (the base) with the adapter of ``path`` merged in, as a plain model whose
+    parameters all train (PEFT leaves the base frozen; as ``--model`` it trains whole)."""
     try:
         from peft import PeftModel
     except ImportError as err:
         raise ValueError(f"--model {str(path)!r} is a LoRA adapter; {INSTALL_HINT}; "
                          f"import failed: {err}") from None
-    model, tokenizer = load_model_and_tokenizer(
-        base["model"], layers=base.get("tiny_layers", 2), hidden=base.get("tiny_hidden", 128),
-        seed=base.get("seed", 0),
-    )  # fmt: skip
     model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    # PEFT leaves the base frozen; as a plain model it trains whole (gspo train --model)
-    return model.requires_grad_(True), tokenizer
+    return model.requires_grad_(True)
 
 
 def base_description(config) -> dict:
-    """``BASE_FILE``'s content: what ``load_model_and_tokenizer`` needs to rebuild the base
+    """``BASE_FILE``'s content: what ``gspo.train.models.load`` needs to rebuild the base
     (a path made absolute, so the adapter still finds it from another directory)."""
-    from gspo.train import gguf
-
     model = config.model
     if model != "tiny" and model not in gguf.PACKAGED:
         model = str(Path(model).resolve())

@@ -1,4 +1,5 @@
-"""What a run shows while it trains: metrics.jsonl, samples.jsonl, TensorBoard and W&B.
+"""What a run shows while it trains: the step's metrics reduced over minibatches and ranks,
+metrics.jsonl, samples.jsonl, the progress bar and printed samples, TensorBoard and W&B.
 
 Everything is written by rank 0 only. On resume, lines past the checkpoint's step are
 dropped from both JSONL files, so they read as if the run had never stopped.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SINKS = ("tensorboard", "wandb")
+from gspo.train import distributed as dd
 
 
 class Report:
@@ -32,8 +34,12 @@ class Report:
         report_to: Sequence[str] = (),
         config: dict | None = None,
         samples_per_step: int = 2,
+        total_steps: int = 0,
+        progress: bool = False,
     ) -> None:
         self.main, self.samples_per_step = main, samples_per_step
+        self.progress = progress and main
+        self.bar = _progress(total_steps, truncate_after, show=self.progress)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.samples_path = run_dir / "samples.jsonl"
         self.last_eval = math.nan
@@ -63,6 +69,19 @@ class Report:
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
+    def step_done(self, record: dict, groups: list[dict], *, show_sample: bool) -> None:
+        """One finished step: its metrics, its sample groups, the progress bar; at a held-out
+        evaluation (``show_sample``) the step's first group printed above the bar."""
+        self.samples(record["step"], groups)
+        if show_sample and self.progress:
+            for group in groups[:1]:
+                self.bar.write(f"step {record['step']}:\n{format_group(group)}")
+        self.metrics(record)
+        self.bar.update(1)
+        self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                             clip=f"{record['clip_frac']:.3f}",
+                             eval=f"{self.last_eval:.3f}")  # fmt: skip
+
     def samples(self, step: int, groups: list[dict]) -> None:
         """The step's first groups, as built by :func:`sample_groups`."""
         if self.main and groups:
@@ -72,10 +91,64 @@ class Report:
                 self._tb.add_text("samples", text, step)
 
     def close(self) -> None:
+        self.bar.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+# Metrics whose extremes (not means) describe a step: min or max over minibatches and ranks.
+EXTREMES = {"ratio_min": False, "ratio_max": True}
+EXTREME_SUFFIXES = {"_max_abs": True, "_ratio_min": False, "_ratio_max": True}
+
+
+def largest(key: str) -> bool | None:
+    """True: the step's value is the max of ``key`` over minibatches and ranks; False: the
+    min; None: the mean."""
+    if key in EXTREMES:
+        return EXTREMES[key]
+    return next((big for suffix, big in EXTREME_SUFFIXES.items() if key.endswith(suffix)), None)
+
+
+def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr: float,
+                 world: dd.World) -> dict:  # fmt: skip
+    """One step's record: rewards over all ranks, the minibatches' metrics (means, or the
+    extremes of ``largest``), each reward function's mean, lengths, lr and timing."""
+    n = float(len(rewards))
+    lengths = rollout.response_mask.sum(dim=1).float()
+    s, s2, tokens, count = dd.all_sum(
+        [sum(rewards), sum(r * r for r in rewards), float(lengths.sum()), n], world
+    )
+    mean = s / count
+    local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    extremes = {k: big for k in local if (big := largest(k)) is not None}
+    for key, big in extremes.items():
+        local[key] = (max if big else min)(h[key] for h in history)
+    # several reward functions: each one's mean on its own (rewards.Scores.parts)
+    local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
+    merged = dd.all_mean(local, world)
+    for key, big in extremes.items():
+        merged[key] = dd.all_extreme(local[key], world, largest=big)
+    elapsed = time.perf_counter() - t0
+    return {
+        "step": step,
+        "reward_mean": mean,
+        "reward_std": max(0.0, s2 / count - mean * mean) ** 0.5,
+        **merged,
+        "clip_frac": merged["clip_frac_low"] + merged["clip_frac_high"],
+        "response_len": tokens / count,
+        "lr": lr,
+        "step_time": elapsed,
+        "tokens_per_s": tokens / elapsed,
+    }
+
+
+def _progress(total: int, initial: int, *, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="gspo train", unit="step", disable=not show,
+                dynamic_ncols=True)  # fmt: skip
 
 
 def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count: int) -> list:

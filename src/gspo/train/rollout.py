@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gspo.train.rewards import Prompt
+from gspo.train.tasks.base import Prompt
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Rollout:
     completions: list[str]  # [B] decoded responses, specials removed
     # [B, T] float32: the sampler's log-prob of each sampled token, under the distribution it
     # sampled from (after temperature and top-p); 0 where response_mask is False.
-    sampler_logp: torch.Tensor | None = None
+    logp_sampler: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -43,7 +43,7 @@ class Rollout:
             response_mask=self.response_mask[index],
             prompt_len=self.prompt_len,
             completions=self.completions[index],
-            sampler_logp=None if self.sampler_logp is None else self.sampler_logp[index],
+            logp_sampler=None if self.logp_sampler is None else self.logp_sampler[index],
         )
 
 
@@ -154,12 +154,35 @@ def assemble(
         response_mask=mask.to(device),
         prompt_len=P,
         completions=completions,
-        sampler_logp=None if logps is None else logp.to(device),
+        logp_sampler=None if logps is None else logp.to(device),
     )
 
 
-def generate(model, tokenizer, prompts: Sequence[Prompt], *, group_size: int, **options):
-    """Hugging Face ``generate`` rollouts from ``model`` itself (``engines.hf.generate``)."""
-    from gspo.train.engines.hf import generate as hf_generate
+def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One Rollout of several, rows in order: prompts left-padded to the longest P,
+    responses right-padded to the longest T (as ``assemble`` lays out one)."""
+    P = max(r.prompt_len for r in parts)
+    T = max(r.response_mask.shape[1] for r in parts)
+    pad = torch.nn.functional.pad
 
-    return hf_generate(model, tokenizer, prompts, group_size=group_size, **options)
+    def widen(x: torch.Tensor, p: int, left: int, right: int, value) -> torch.Tensor:
+        return torch.cat([pad(x[:, :p], (left, 0), value=value),
+                          pad(x[:, p:], (0, right), value=value)], dim=1)  # fmt: skip
+
+    ids, attn, mask, logp = [], [], [], []
+    for r in parts:
+        left, right = P - r.prompt_len, T - r.response_mask.shape[1]
+        ids.append(widen(r.input_ids, r.prompt_len, left, right, pad_id))
+        attn.append(widen(r.attention_mask, r.prompt_len, left, right, 0))
+        mask.append(pad(r.response_mask, (0, right), value=False))
+        if r.logp_sampler is not None:
+            logp.append(pad(r.logp_sampler, (0, right), value=0.0))
+    return Rollout(
+        prompts=[p for r in parts for p in r.prompts],
+        input_ids=torch.cat(ids),
+        attention_mask=torch.cat(attn),
+        response_mask=torch.cat(mask),
+        prompt_len=P,
+        completions=[c for r in parts for c in r.completions],
+        logp_sampler=torch.cat(logp) if len(logp) == len(parts) else None,
+    )

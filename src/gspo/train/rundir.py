@@ -13,16 +13,18 @@ import json
 import time
 from pathlib import Path
 
-from gspo.config import TrainConfig, to_dict
+from gspo.config import to_dict
 from gspo.train import distributed as dd
+from gspo.train.config import TrainConfig
 
 
 def resolve(config: TrainConfig, world: dd.World) -> Path:
     """RUN_DIR for this run (not created yet); rank 0 decides, every rank gets its answer."""
-    if config.resume:
-        return Path(config.resume)
-    if config.run_dir:
-        path = Path(config.run_dir)
+    run = config.run
+    if run.resume:
+        return Path(run.resume)
+    if run.run_dir:
+        path = Path(run.run_dir)
     else:
         path = Path("runs") / dd.broadcast_object(time.strftime("%Y%m%d-%H%M%S"), world)
     error = None

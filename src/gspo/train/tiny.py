@@ -8,7 +8,6 @@ over a ``tokenizers`` WordLevel vocabulary of single characters, so ``save_pretr
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import torch
 
@@ -69,12 +68,12 @@ def _byte_symbols() -> dict[str, str]:
 _BYTE_SYMBOLS = _byte_symbols()
 
 
-def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: int | None = None):
+def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0):
     """A randomly initialised Qwen2ForCausalLM; the same seed gives the same weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=vocab_size or len(VOCAB),
+        vocab_size=len(VOCAB),
         hidden_size=hidden,
         intermediate_size=hidden * 4,
         num_hidden_layers=layers,
@@ -95,34 +94,3 @@ def tiny_model(*, layers: int = 2, hidden: int = 64, seed: int = 0, vocab_size: 
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.bos_token_id = config.bos_token_id
     return model
-
-
-def load_model_and_tokenizer(name: str, *, layers: int, hidden: int, seed: int):
-    """'tiny' builds the built-in pair; a GGUF file or 'smollm2' is dequantized once into a
-    cached directory (gguf.py); anything else is a local Hugging Face directory, or a LoRA
-    adapter directory (gspo.train.lora: its base model with the adapter merged in)."""
-    if name == "tiny":
-        return tiny_model(layers=layers, hidden=hidden, seed=seed), tiny_tokenizer()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gspo.train import gguf
-
-    path = Path(gguf.resolve(name))
-    if not path.is_dir():
-        raise ValueError(
-            f"--model / model = {name!r} is not a directory; give 'tiny', 'smollm2', a .gguf "
-            "file or a local directory written by save_pretrained (this trainer never "
-            "downloads weights)"
-        )
-    from gspo.train import lora
-
-    if lora.is_adapter_dir(path):  # a LoRA run's model/: its base with the adapter merged in
-        return lora.load_adapter_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"--model {name!r}: the tokenizer has no EOS token; set eos_token")
-    return model, tokenizer

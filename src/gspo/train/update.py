@@ -25,13 +25,11 @@ import time
 
 import torch
 
+from gspo.loss import gspo_loss, k3
+from gspo.masking import masked_mean
 from gspo.train import correction
 from gspo.train import microbatch as mb
 from gspo.train.rollout import Rollout, eval_mode
-
-# --dtype: the compute dtype of the forward/backward; weights, gradients, optimizer state,
-# log-probs and the loss stay float32 (CausalLMLogprobs casts its inputs, not its parameters).
-COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def response_logprobs(
@@ -58,35 +56,9 @@ def response_logprobs(
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B] per-sequence mean of the k3 estimator exp(d) - d - 1, d = ref_logp - logp (>= 0)."""
-    d = torch.where(mask, ref_logp - logp, torch.zeros_like(logp)).clamp(-20.0, 20.0)
-    kl = torch.where(mask, torch.exp(d) - d - 1.0, torch.zeros_like(logp))
-    return kl.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-
-
-def enable_grad_checkpointing(model, *, keep_dropout: bool = True) -> None:
-    """Recompute each decoder layer's activations in the backward (transformers' own
-    checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs).
-
-    transformers checkpoints a layer only in training mode, so the model is put in it;
-    unless ``keep_dropout``, every dropout probability is set to 0 first, so that the
-    model computes what it does in eval mode (the trainer's default: no dropout).
-    """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"--grad-checkpointing: {type(model).__name__} does not support it")
-    if not keep_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            for name, value in vars(module).items():  # e.g. Qwen2Attention.attention_dropout
-                if "dropout" in name and isinstance(value, float):
-                    setattr(module, name, 0.0)
-    model.train()
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """[B] per-sequence mean of k3 (gspo.loss.k3) with log r = ref_logp - logp: an estimate
+    of KL(policy || reference) from the policy's own samples, >= 0."""
+    return masked_mean(k3(torch.where(mask, ref_logp - logp, 0.0)), mask, dim=1)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -117,10 +89,10 @@ def minibatch_loss(
     ``num_sequences``: the divisor, the global sequence count of the whole minibatch when
     ``batch`` is one micro-batch of it; default ``len(batch) * world_size``.
     """
-    from gspo.loss import gspo_loss
-
+    objective = config.objective
     mask = batch.response_mask
-    logp, ent = response_logprobs(logprobs, batch, temperature=config.temperature, entropy=True)
+    logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
+                                  entropy=True)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
     loss, metrics = gspo_loss(
@@ -128,17 +100,16 @@ def minibatch_loss(
         logp_old,
         mask,
         advantages=adv,
-        eps_low=config.eps_low,
-        eps_high=config.eps_high,
-        variant=config.loss,
+        eps_low=objective.eps_low,
+        eps_high=objective.eps_high,
+        variant=objective.loss,
         num_sequences=num_sequences,
     )
-    if ref_logp is not None and config.kl_coef > 0:
+    if ref_logp is not None and objective.kl_coef > 0:
         kl = k3_kl(logp, ref_logp, mask)
-        loss = loss + config.kl_coef * kl.sum() / num_sequences
+        loss = loss + objective.kl_coef * kl.sum() / num_sequences
         metrics["kl_ref"] = (kl.sum() / len(batch)).detach()
-    ent_mean = torch.where(mask, ent, torch.zeros_like(ent)).sum() / mask.sum().clamp(min=1)
-    metrics["entropy"] = ent_mean.detach()
+    metrics["entropy"] = masked_mean(ent, mask).detach()
     metrics["loss"] = loss.detach()
     metrics["logp"] = logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
     # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
@@ -158,11 +129,11 @@ def update(
 ) -> list[dict[str, float]]:
     """All minibatch steps for one rollout batch; returns one metrics dict per step.
 
-    With ``config.max_tokens_per_microbatch`` each forward (old log-probs, and each
+    With ``--max-tokens-per-microbatch`` each forward (old log-probs, and each
     minibatch's forward + backward) runs on micro-batches of at most that many padded
     tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
     """
-    budget = config.max_tokens_per_microbatch
+    budget, optim = config.optim.max_tokens_per_microbatch, config.optim
     start = time.perf_counter()
     with torch.no_grad():
         logp_old, mismatch, adv = old_logprobs(logprobs, rollout, adv, config, budget, world_size)
@@ -170,13 +141,13 @@ def update(
         if ref_logprobs is not None:
             ref_logp = trainer_logprobs(ref_logprobs, rollout, config, budget, world_size)
     seconds_old = time.perf_counter() - start  # old (and reference) log-probs
-    size = len(rollout) // config.minibatches
+    size = len(rollout) // optim.minibatches
     # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
     # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
     # then silently skip the embeddings.
     params = [p for group in optimizer.param_groups for p in group["params"]]
     history = []
-    for k in range(config.minibatches):
+    for k in range(optim.minibatches):
         part = slice(k * size, (k + 1) * size)
         optimizer.zero_grad(set_to_none=True)
         metrics = accumulate_gradients(
@@ -189,7 +160,7 @@ def update(
             world_size=world_size,
             budget=budget,
         )
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         metrics["grad_norm"] = grad_norm.detach()
@@ -204,12 +175,13 @@ def update(
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
+    temperature = config.sampling.temperature
     if not budget:
-        return response_logprobs(logprobs, rollout, temperature=config.temperature)[0]
+        return response_logprobs(logprobs, rollout, temperature=temperature)[0]
     pieces = []
     for part in mb.plan_everywhere(rollout, budget, world_size):
         piece, width = mb.trim(rollout.select(part))
-        logp, _ = response_logprobs(logprobs, piece, temperature=config.temperature)
+        logp, _ = response_logprobs(logprobs, piece, temperature=temperature)
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
@@ -238,30 +210,32 @@ def accumulate_gradients(
             loss.backward()
         logps.append(mb.padded(metrics.pop("logp"), batch.response_mask.shape[1]))
         pieces.append((metrics, len(piece), int(piece.response_mask.sum())))
-    metrics = mb.merge_metrics(pieces, sequence_level=config.loss == "gspo")
+    metrics = mb.merge_metrics(pieces, sequence_level=config.objective.loss == "gspo")
     metrics["logp"] = torch.cat(logps)  # [b, T] for the sampler mismatch (update())
     if len(pieces) > 1:  # these three are not means of their pieces: take them whole
         metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
                        zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
     return metrics
+
+
 def old_logprobs(
     logprobs, rollout: Rollout, adv: torch.Tensor, config, budget=None, world_size: int = 1
 ):
     """``logp_old`` [B, T] (the trainer's forward in eval mode, or the sampler's own), the
     sampler-vs-trainer mismatch metrics (None: measure them on the first minibatch), and
     the advantages weighted by ``--rollout-correction``."""
-    sampler = rollout.sampler_logp
-    if config.old_logprobs == "sampler":
-        if sampler is None:
+    objective, logp_sampler = config.objective, rollout.logp_sampler
+    if objective.old_logprobs == "sampler":
+        if logp_sampler is None:
             raise ValueError("--old-logprobs sampler: this engine returned no log-probs")
-        return sampler, None, adv
+        return logp_sampler, None, adv
     with eval_mode(logprobs):  # dropout off: the sampler ran without it
         logp_old = trainer_logprobs(logprobs, rollout, config, budget, world_size)
-    if sampler is None:
+    if logp_sampler is None:
         return logp_old, {}, adv
     mask = rollout.response_mask
-    w, frac = correction.weights(config.rollout_correction, logp_old, sampler, mask,
-                                 low=config.correction_low, high=config.correction_high,
-                                 cap=config.correction_cap)  # fmt: skip
-    found = {**correction.mismatch(logp_old, sampler, mask), "correction_frac": frac}
+    w, frac = correction.weights(objective.rollout_correction, logp_old, logp_sampler, mask,
+                                 low=objective.correction_low, high=objective.correction_high,
+                                 cap=objective.correction_cap)  # fmt: skip
+    found = {**correction.mismatch(logp_old, logp_sampler, mask), "correction_frac": frac}
     return logp_old, found, correction.weigh(adv, w)

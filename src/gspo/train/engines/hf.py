@@ -15,32 +15,67 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from gspo.train.rewards import Prompt
-from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids, eval_mode
+from gspo.train import distributed as dd
+from gspo.train.rollout import Rollout, assemble, concat, encode_prompts, eos_ids, eval_mode
 
 
 class HFEngine:
     """Samples with ``model.generate``. It holds the policy itself, so there are no weights
-    to copy: ``load_weights`` has nothing to do."""
+    to copy: ``load_weights`` has nothing to do.
 
-    def __init__(self, model, tokenizer, *, config, synced: bool = False, gathered=None):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    ``sampling`` is a SamplingConfig; ``batch_size``: sequences per ``generate`` call (0:
+    all of a call's at once); ``progress``: a bar over the prompts (``gspo eval``)."""
+
+    def __init__(self, model, tokenizer, sampling, *, synced: bool = False, gathered=None,
+                 batch_size: int = 0, progress: bool = False):  # fmt: skip
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
+        self.batch_size, self.progress = batch_size, progress
 
-    def sample(self, prompts: Sequence[Prompt], *, group_size: int, greedy: bool) -> Rollout:
-        c = self.config
+    @classmethod
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
+        # under LoRA the HF model inside the PeftModel: its layers run the adapters, and
+        # generate() must see its own generation_config (swapped in generate below)
+        fsdp = world.distributed and dd.is_fsdp(logprobs)
+        return cls(policy.hf_model, policy.tokenizer, sampling, synced=fsdp,
+                   gathered=lambda: dd.gathered(logprobs))  # fmt: skip
+
+    @classmethod
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
+        """`gspo eval`'s engine: ``batch_size`` sequences per call, a progress bar."""
+        return cls(model, tokenizer, sampling, batch_size=batch_size, progress=True)
+
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+        c = self.sampling
+        per_call = max(1, self.batch_size // group_size) if self.batch_size else len(prompts)
+        parts = []
+        bar = _bar(len(prompts), "greedy" if greedy else f"{group_size} samples", self.progress)
         with self.gathered():
-            return generate(self.model, self.tokenizer, prompts, group_size=group_size,
-                            max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                            top_p=c.top_p, greedy=greedy, synced=self.synced,
-                            system_prompt=c.system_prompt)  # fmt: skip
+            for start in range(0, len(prompts), per_call):
+                chunk = prompts[start : start + per_call]
+                parts.append(generate(self.model, self.tokenizer, chunk, group_size=group_size,
+                                      max_new_tokens=c.max_new_tokens,
+                                      temperature=c.temperature, top_p=c.top_p, greedy=greedy,
+                                      synced=self.synced,
+                                      system_prompt=c.system_prompt))  # fmt: skip
+                bar.update(len(chunk))
+        bar.close()
+        return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         pass  # generate() runs the policy module: it is always current
 
     def close(self) -> None:
         pass
+
+
+def _bar(total: int, desc: str, show: bool):
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, leave=False, disable=not show)
 
 
 def fresh_generation_config(model, tokenizer, *, max_new_tokens, temperature, top_p, greedy):
@@ -66,7 +101,7 @@ def fresh_generation_config(model, tokenizer, *, max_new_tokens, temperature, to
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[dict],
     *,
     group_size: int,
     max_new_tokens: int,

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gspo.train import checkpoint as ckpt
-from gspo.train.rewards import Prompt
 from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
@@ -45,10 +44,11 @@ def check_available() -> None:
 
 
 class VLLMEngine:
-    def __init__(self, model, tokenizer, *, config, device: torch.device, seed: int = 0,
+    def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None):  # fmt: skip
-        """``weights``: the initial weights under ``model``'s names (default: its own);
-        under LoRA the merged ones, while ``model`` is the HF model holding the adapters."""
+        """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
+        names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
+        holding the adapters."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -56,7 +56,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.sampling = tokenizer, sampling
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
@@ -64,7 +64,7 @@ class VLLMEngine:
         model.save_pretrained(self.dir, state_dict=state, safe_serialization=True)  # current
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
-        memory = config.vllm_memory
+        memory = sampling.vllm_memory
         if cuda and memory is not None and memory > 1:
             raise ValueError(f"--vllm-memory {memory}: on CUDA it is the fraction of GPU "
                              "memory vLLM may take, in (0, 1]; e.g. --vllm-memory 0.4")  # fmt: skip
@@ -78,7 +78,7 @@ class VLLMEngine:
             self.llm = LLM(
                 model=self.dir,
                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                max_model_len=_max_len(model, config),
+                max_model_len=_max_len(model),
                 generation_config="vllm",  # ignore generation_config.json's sampling defaults
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
                 enforce_eager=not cuda,  # CPU: no compile time for the tiny model
@@ -94,11 +94,27 @@ class VLLMEngine:
             torch.set_num_threads(threads)
             ckpt.set_rng_state(rng)
 
-    def sample(self, prompts: Sequence[Prompt], *, group_size: int, greedy: bool) -> Rollout:
+    @classmethod
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> VLLMEngine:
+        if world.distributed:
+            raise ValueError(
+                f"--rollout vllm runs one vLLM engine in a single process; under torchrun "
+                f"({world.size} ranks) use --rollout hf (vLLM's own tensor/data parallelism "
+                "inside one trainer process is not wired up yet)"
+            )
+        return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
+                   seed=seed + 7919 * world.rank, weights=policy.sampler_weights())  # fmt: skip
+
+    @classmethod
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
+        """`gspo eval`'s engine (vLLM schedules its own batches)."""
+        return cls(model, tokenizer, sampling, device=device, seed=seed)
+
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        c = self.config
+        c = self.sampling
         ids = encode_prompts(self.tokenizer, prompts, c.system_prompt)
         params = SamplingParams(
             n=group_size,
@@ -162,7 +178,7 @@ def tied_aliases(model) -> dict[str, list[str]]:
     return aliases
 
 
-def _max_len(model, config) -> int:
+def _max_len(model) -> int:
     """Room for the longest prompt the model takes plus the response."""
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
     return int(min(limit, 4096))

@@ -31,6 +31,8 @@ import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 
+from gspo.train.tasks.base import HELD_OUT_SEED_OFFSET, Prompt, Task
+
 # Short, because every token of the prompt is paid for again in each forward and backward
 # (14 SmolLM2 tokens; a first version of 41 was half the prompt), and without a sample number:
 # SmolLM2 copied its example "-7/9" into answers, and after "as a fraction like 2/3" GSPO
@@ -276,3 +278,32 @@ def last_number(completion: str) -> Fraction | None:
 def has_format(completion: str) -> bool:
     """Whether the completion ends its reasoning with a readable ``Answer: <number>``."""
     return final_answer(completion) is not None
+
+
+class Arith(Task):
+    """School arithmetic for pretrained chat models (module docstring); reads a user's
+    ``{"question", "answer"}`` rows itself, and `gspo eval` reports the format rate and the
+    last-number accuracy beside the strict one."""
+
+    name = "arith"
+    levels = LEVELS
+    question_field = "question"
+
+    def prompts(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
+        return arith_prompts(n, seed, split="train", levels=tuple(levels) or LEVELS)
+
+    def held_out(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
+        # Split by the question's text (split_of), so no held-out question is trained on.
+        return arith_prompts(n, seed + HELD_OUT_SEED_OFFSET, split="test",
+                             levels=tuple(levels) or LEVELS)  # fmt: skip
+
+    def reward(self, prompts, completions, **fields) -> list[float]:
+        return arith_reward(prompts, completions, **fields)
+
+    def from_row(self, row: dict, where: str) -> Prompt:
+        return from_row(row, where)
+
+    def eval_metrics(self, prompt: Prompt, completion: str) -> dict[str, bool]:
+        right = parse_number(str(prompt["answer"]))
+        return {"format": has_format(completion), "last_number_correct":
+                last_number(completion) == right}  # fmt: skip

@@ -1,4 +1,10 @@
-"""``--dataset PATH``: prompts from a local data set, read with Hugging Face ``datasets``.
+"""Prompts from the user's files: ``--prompts FILE.jsonl`` and ``--dataset PATH``.
+
+``--prompts`` is read line by line here, not through ``datasets``: a JSONL file may mix
+text prompts and chat-message prompts from line to line, which one Arrow column cannot
+hold. Both turn each row into a prompt with the same ``task_prompt``.
+
+``--dataset PATH``: prompts from a local data set, read with Hugging Face ``datasets``.
 
     gspo train --dataset data.parquet --prompt-field text --reward myrewards:score
     gspo train --dataset questions.csv --task arith --answer-field solution
@@ -11,7 +17,7 @@ while it reads (otherwise even a local json file makes it send a download-count 
 Files are prepared in a temporary cache that is removed afterwards, so a run leaves nothing
 in ``~/.cache/huggingface``.
 
-Each row becomes a prompt exactly as a line of ``--prompts`` would (rewards.task_prompt):
+Each row becomes a prompt exactly as a line of ``--prompts`` would (``task_prompt``):
 the ``--prompt-field`` column is renamed ``prompt`` and ``--answer-field`` is renamed
 ``answer``; every other column goes to the reward as a field. With ``--task arith`` the
 prompt field is the *question*, to which arith appends its instruction; a column already
@@ -26,19 +32,74 @@ split) and holds out the first ``--eval-prompts`` rows of its ``test`` (else
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from pathlib import Path
 
-from gspo.train.rewards import ROW_FORMATS, Prompt, task_prompt
+from gspo.train.tasks.base import Prompt, Task
+from gspo.train.tasks.registry import get
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SPLITS = ("test", "validation")  # the first one a saved DatasetDict has
 
 
+def load_prompts_file(path: str | Path, task: str | Task | None = None) -> list[Prompt]:
+    """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects, or of the rows
+    ``task`` formats itself (arith: ``{"question", "answer"}``); a UTF-8 byte order mark is
+    allowed; errors name the line."""
+    rows = []
+    try:
+        # utf-8-sig: editors on Windows (and pandas' to_json) may write a byte order mark
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {str(path)!r} cannot be read ({err}); fix the path") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
+        rows.append(task_prompt(row, task, f"--prompts {path}: line {number}"))
+    if len(rows) < 2:
+        raise ValueError(f"--prompts {path}: need at least 2 prompts, found {len(rows)}")
+    return rows
+
+
+def task_prompt(row, task: str | Task | None, where: str) -> Prompt:
+    """One row of the user's data as a prompt: formatted by ``task`` if it reads rows
+    itself (arith: ``{"question", "answer"}``), then checked; ``where`` starts the error."""
+    task = None if task is None else get(task)
+    if isinstance(row, dict) and task is not None and task.question_field is not None:
+        row = task.from_row(row, where)
+    if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
+        got = f"got {type(row.get('prompt')).__name__}" if isinstance(row, dict) else \
+            f"got {type(row).__name__}"  # fmt: skip
+        raise ValueError(
+            f'{where} must be an object with a "prompt" that is a string or a list of chat '
+            f'messages [{{"role": "user", "content": "..."}}] ({got})'
+        )
+    return row
+
+
+def _is_prompt(value) -> bool:
+    if isinstance(value, str):
+        return True
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )  # fmt: skip
+
+
 def load_dataset_prompts(
     path: str | Path,
     *,
-    task: str | None = None,
+    task: str | Task | None = None,
     prompt_field: str | None = None,
     answer_field: str | None = None,
     split: str | None = None,
@@ -111,14 +172,14 @@ def _from_disk(datasets, where: Path, path, split: str | None):
     return loaded[split], None if held is None else loaded[held]
 
 
-def as_prompts(table, *, source: str, task: str | None, prompt_field: str | None,
+def as_prompts(table, *, source: str, task: str | Task | None, prompt_field: str | None,
                answer_field: str | None) -> list[Prompt]:  # fmt: skip
     """The rows of a ``datasets.Dataset`` as task prompts, columns renamed (module docstring)."""
     columns = list(table.column_names)
-    formats_rows = ROW_FORMATS.get(task) is not None
-    if prompt_field is None:  # arith's own rows: {"question", "answer"}
-        prompt_field = "question" if formats_rows and "question" in columns else "prompt"
-    target = "question" if formats_rows and prompt_field != "prompt" else "prompt"
+    question = None if task is None else get(task).question_field  # arith: "question"
+    if prompt_field is None:  # the task's own rows, e.g. arith's {"question", "answer"}
+        prompt_field = question if question is not None and question in columns else "prompt"
+    target = question if question is not None and prompt_field != "prompt" else "prompt"
     renames = {prompt_field: target}
     if answer_field is not None:
         if answer_field == prompt_field:

@@ -1,0 +1,298 @@
+"""The one place that turns ``--model`` into what the loop trains: the policy, its
+tokenizer, the KL reference, the weights the sampler gets, and saving and loading them.
+
+``--model`` is ``tiny`` (the built-in random Qwen2, gspo.train.tiny), ``smollm2`` or a
+``.gguf`` file (dequantized once into a cache, gspo.train.gguf), a local Hugging Face
+directory, or a LoRA adapter directory (a LoRA run's ``model/``: its base with the adapter
+merged in). ``build`` loads it and, under ``--lora-r``, wraps it in PEFT adapters
+(gspo.train.lora); the loop then talks to a ``Policy`` (full fine-tuning) or a
+``LoraPolicy``, which answer the same calls:
+
+    policy = build(config)                     # model, tokenizer, frozen KL reference
+    policy.load(checkpoint)                    # resume: the weights, or the adapter
+    policy.prepare(device)                     # dropout off, grad checkpointing
+    policy.reference(logprobs, device)         # the KL reference's log-prob module
+    policy.sampler_weights()                   # (name, full tensor) for vLLM's reload
+    policy.state_dict(world); policy.save(dir, state)   # what a checkpoint holds
+    policy.save_final(run_dir, world)          # RUN_DIR/model (and merged/ under --merge)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from gspo.train import distributed as dd
+from gspo.train import gguf, lora
+from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+# --dtype: the compute dtype of the forward/backward; weights, gradients, optimizer state,
+# log-probs and the loss stay float32 (CausalLMLogprobs casts its inputs, not its parameters).
+COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(name: str, *, layers: int = 2, hidden: int = 128, seed: int = 0):
+    """(model, tokenizer) for ``--model name``: 'tiny' builds the built-in pair (``layers``,
+    ``hidden``, ``seed``); a GGUF file or 'smollm2' is dequantized once into a cached
+    directory; anything else is a local Hugging Face directory, or a LoRA adapter directory
+    (its base model with the adapter merged in). Never downloads."""
+    if name == "tiny":
+        return tiny_model(layers=layers, hidden=hidden, seed=seed), tiny_tokenizer()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf.resolve(name))
+    if not path.is_dir():
+        raise ValueError(
+            f"--model / model = {name!r} is not a directory; give 'tiny', 'smollm2', a .gguf "
+            "file or a local directory written by save_pretrained (this trainer never "
+            "downloads weights)"
+        )
+    if lora.is_adapter_dir(path):  # a LoRA run's model/: its base with the adapter merged in
+        return load_adapter_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {name!r}: the tokenizer has no EOS token; set eos_token")
+    return model, tokenizer
+
+
+def load_adapter_dir(path: Path):
+    """(model, tokenizer) of an adapter directory (a LoRA run's ``model/`` or checkpoint):
+    its base model, rebuilt from ``gspo-base.json`` (or PEFT's ``base_model_name_or_path``),
+    with the adapter merged in (float32: exact to rounding), and the base's tokenizer."""
+    path = Path(path)
+    base = lora.read_base(path)
+    model, tokenizer = load(base["model"], layers=base.get("tiny_layers", 2),
+                            hidden=base.get("tiny_hidden", 128),
+                            seed=base.get("seed", 0))  # fmt: skip
+    return lora.merge_adapter(model, path), tokenizer
+
+
+def position_limit(model) -> int | None:
+    """The most positions the model has (None if its config does not say)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build(config):
+    """The policy of a run (``config``: a TrainConfig): the model of ``--model`` under the
+    run's seed, wrapped in LoRA adapters under ``--lora-r``, with the frozen KL reference
+    copied now (the reference is the initial policy: before any checkpoint is loaded)."""
+    m, optim = config.policy, config.optim
+    model, tokenizer = load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
+                            seed=config.run.seed)  # fmt: skip
+    kl = config.objective.kl_coef > 0
+    compute_dtype = COMPUTE_DTYPES[optim.dtype]
+    if optim.lora_r:
+        return LoraPolicy(lora.wrap(model, config), tokenizer, optim, compute_dtype, kl=kl)
+    frozen = frozen_copy(model) if kl else None
+    return Policy(model, tokenizer, optim, compute_dtype, frozen=frozen)
+
+
+def frozen_copy(model) -> torch.nn.Module:
+    """The KL reference's weights under full fine-tuning: a frozen deep copy."""
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+# ---------------------------------------------------------------- the policy
+
+
+class Policy:
+    """A model trained whole (full fine-tuning). ``model`` is the Hugging Face model;
+    ``frozen`` its initial weights for the KL reference (None without ``--kl-coef``)."""
+
+    def __init__(self, model, tokenizer, optim, compute_dtype, *, frozen=None):
+        self.model, self.tokenizer, self.optim = model, tokenizer, optim
+        self.compute_dtype, self.frozen = compute_dtype, frozen
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model that ``generate`` runs."""
+        return self.model
+
+    def prepare(self, device: torch.device) -> None:
+        """On ``device``, dropout off (eval mode) unless ``--keep-dropout`` (its noise alone
+        moves on-policy ratios off 1), and ``--grad-checkpointing``."""
+        self.model.to(device).train(self.optim.keep_dropout)
+        if self.optim.grad_checkpointing:
+            enable_grad_checkpointing(self.hf_model, keep_dropout=self.optim.keep_dropout)
+
+    def reference(self, logprobs, device: torch.device):
+        """The KL reference's log-prob module: the frozen initial weights'. None without KL."""
+        from gspo.causal_lm import CausalLMLogprobs
+
+        if self.frozen is None:
+            return None
+        return CausalLMLogprobs(self.frozen.to(device).eval(), compute_dtype=self.compute_dtype)
+
+    def sampler_weights(self):
+        """(Hugging Face name, full tensor) of the policy's weights, one at a time."""
+        return dd.full_params(self.model)
+
+    def state_dict(self, world: dd.World) -> dict[str, torch.Tensor] | None:
+        """What a checkpoint saves of the model: full tensors on rank 0 (None elsewhere)."""
+        return dd.full_state_dict(self.model, world)
+
+    def save(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
+        """``state`` as a Hugging Face directory (model.safetensors + config.json)."""
+        self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def load(self, path: Path) -> None:
+        """A checkpoint's weights into the model, in place (strict)."""
+        load_model_weights(self.model, Path(path))
+
+    def save_final(self, run_dir: Path, world: dd.World) -> None:
+        """RUN_DIR/model: the trained model as a Hugging Face directory. Every rank calls
+        this (full tensors are collectives under FSDP2)."""
+        state = self.state_dict(world)
+        if world.main:
+            self.save(Path(run_dir) / "model", state)
+            self.tokenizer.save_pretrained(Path(run_dir) / "model")
+        dd.barrier(world)
+
+
+class LoraPolicy(Policy):
+    """A PEFT model whose adapters alone train (gspo.train.lora). The KL reference is the
+    same model with its adapters disabled, so no copy of the base is kept; checkpoints and
+    ``RUN_DIR/model`` hold the adapter; the sampler gets the merged weights."""
+
+    def __init__(self, peft_model, tokenizer, optim, compute_dtype, *, kl: bool):
+        super().__init__(peft_model, tokenizer, optim, compute_dtype)
+        self.kl = kl
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        return self.model.get_base_model()  # its layers run the adapters
+
+    def reference(self, logprobs, device: torch.device):
+        """The policy's own log-prob module (DDP/FSDP-wrapped, so the wrapper gathers what
+        it must) with the adapters disabled."""
+        return lora.AdapterDisabled(logprobs, self.model) if self.kl else None
+
+    def sampler_weights(self):
+        return lora.merged_params(self.model)
+
+    def state_dict(self, world: dd.World) -> dict[str, torch.Tensor] | None:
+        return lora.adapter_state_dict(self.model, world)
+
+    def save(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
+        lora.save_adapter(self.model, directory, state)
+
+    def load(self, path: Path) -> None:
+        lora.load_adapter(self.model, Path(path))
+
+    def save_final(self, run_dir: Path, world: dd.World) -> None:
+        """RUN_DIR/model (the adapter) and, with ``--merge``, RUN_DIR/merged: the base with
+        the adapters merged, which transformers loads without PEFT."""
+        super().save_final(run_dir, world)
+        if self.optim.merge:
+            merged = {}
+            for name, value in lora.merged_params(self.model):  # every rank: all-gathers
+                if world.main:
+                    merged[name] = value.cpu().clone()
+            if world.main:
+                self.hf_model.save_pretrained(Path(run_dir) / "merged", state_dict=merged,
+                                              safe_serialization=True)  # fmt: skip
+                self.tokenizer.save_pretrained(Path(run_dir) / "merged")
+            dd.barrier(world)
+
+
+# ---------------------------------------------------------------- the model's forward
+
+
+def enable_grad_checkpointing(model, *, keep_dropout: bool = True) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers' own
+    checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs).
+
+    transformers checkpoints a layer only in training mode, so the model is put in it;
+    unless ``keep_dropout``, every dropout probability is set to 0 first, so that the
+    model computes what it does in eval mode (the trainer's default: no dropout).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--grad-checkpointing: {type(model).__name__} does not support it")
+    if not keep_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            for name, value in vars(module).items():  # e.g. Qwen2Attention.attention_dropout
+                if "dropout" in name and isinstance(value, float):
+                    setattr(module, name, 0.0)
+    model.train()
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# ---------------------------------------------------------------- full-model checkpoints
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a save_pretrained directory: ``model.safetensors``, or the shards that
+    ``model.safetensors.index.json`` lists (large models, or any ``max_shard_size``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        single = path / "model.safetensors"
+        if not single.exists():
+            raise ValueError(f"{path}: neither model.safetensors nor its sharded index is there")
+        return load_file(single)
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state = {}
+    for name in files:
+        state.update(load_file(path / name))
+    return state
+
+
+# The HF config keys that decide the shapes of the weights (names differ by architecture).
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers",
+               "n_layer", "intermediate_size", "n_inner", "num_attention_heads", "n_head",
+               "num_key_value_heads")  # fmt: skip
+
+
+def load_model_weights(model, path: Path) -> None:
+    """Copy the checkpoint's weights into ``model`` in place (strict); a checkpoint of
+    another model is refused with both models described."""
+    if lora.is_adapter_dir(path):
+        raise ValueError(f"checkpoint {path} holds a LoRA adapter, not a whole model; resume "
+                         "it with its run's --lora-r (as its config.json says)")  # fmt: skip
+    saved = json.loads((path / "config.json").read_text())
+    built = model.config.to_dict()
+    differ = [k for k in _SHAPE_KEYS if k in saved and k in built and saved[k] != built[k]]
+    if differ:
+        raise ValueError(
+            f"checkpoint {path} holds another model than this run's config builds: "
+            f"checkpoint {_describe(saved, differ)}, config {_describe(built, differ)}; "
+            "resume with the run's own --model (and --tiny-* sizes), or start a new --run-dir"
+        )
+    state = read_safetensors(path)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not fit this run's model: {err}") from None
+    missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")  # fmt: skip
+
+
+def _describe(config: dict, keys: list[str]) -> str:
+    return f"{config.get('model_type', '?')} (" + ", ".join(f"{k} {config[k]}" for k in keys) + ")"
