@@ -65,7 +65,13 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
     """The text the model sees: a text prompt is the user message of the tokenizer's chat
     template when it has one (after ``system_prompt``, if given; none leaves the template's
     own default), else the text itself. Chat messages ``[{"role", "content"}]`` go through the
-    template as they are (``system_prompt`` is put first if they bring no system message)."""
+    template as they are (``system_prompt`` is put first if they bring no system message);
+    messages that end with an assistant message are a prefill: the model continues that
+    message (``continue_final_message``, as TRL's conversational format means), no new turn
+    is opened after it.
+
+    A template that fails (Gemma's refuses a system message, Llama 2's wants user and
+    assistant to alternate) is a one-line ValueError naming the prompt and what to change."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
         if not has_template:
@@ -77,9 +83,31 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
                              "template to render them; give text prompts or a tokenizer with "
                              "a chat_template")  # fmt: skip
         messages = list(prompt)
-    if system_prompt is not None and messages[0]["role"] != "system":
+    added_system = system_prompt is not None and messages[0]["role"] != "system"
+    if added_system:
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prefill = messages[-1]["role"] == "assistant"
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=not prefill,
+                                             continue_final_message=prefill)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the template is the user's code: any error
+        text = repr(prompt)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        reason = " ".join(str(err).split())  # jinja's messages may span lines
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        if added_system:  # the prompt alone: its own error if it fails too, else the flag's
+            render_prompt(tokenizer, prompt)
+            fix = ("drop --system-prompt (the prompt renders without its system message; put "
+                   "the instruction in the prompts instead)")
+        elif prefill:
+            fix = ("end the prompt's messages with a user message (this template cannot "
+                   "continue an assistant message), or use a model whose template can")
+        else:
+            fix = ("change the prompt's messages to roles and an order the template accepts "
+                   "(--prompts / --dataset), or use a model whose template takes them")
+        raise ValueError(f"the tokenizer's chat template fails on prompt {text}: "
+                         f"{type(err).__name__}: {reason}; {fix}") from None
 
 
 def encode_prompts(
