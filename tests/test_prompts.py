@@ -125,7 +125,7 @@ def test_a_final_assistant_message_is_continued_not_closed():
     text = render_prompt(tok, prompt)
     assert text == "<user>what is 2 plus 2?</user><assistant>Answer:"
     closed = tok.apply_chat_template(prompt, tokenize=False)
-    assert closed.startswith(text) and closed[len(text):] == "</assistant>"
+    assert closed.startswith(text) and closed[len(text) :] == "</assistant>"
     # The system prompt still goes first; the ids the engines feed are this text's.
     with_system = render_prompt(tok, prompt, "Be brief.")
     assert with_system == f"<system>Be brief.</system>{text}"

@@ -98,16 +98,24 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
         reason = reason if len(reason) <= 200 else reason[:197] + "..."
         if added_system:  # the prompt alone: its own error if it fails too, else the flag's
             render_prompt(tokenizer, prompt)
-            fix = ("drop --system-prompt (the prompt renders without its system message; put "
-                   "the instruction in the prompts instead)")
+            fix = (
+                "drop --system-prompt (the prompt renders without its system message; put "
+                "the instruction in the prompts instead)"
+            )
         elif prefill:
-            fix = ("end the prompt's messages with a user message (this template cannot "
-                   "continue an assistant message), or use a model whose template can")
+            fix = (
+                "end the prompt's messages with a user message (this template cannot "
+                "continue an assistant message), or use a model whose template can"
+            )
         else:
-            fix = ("change the prompt's messages to roles and an order the template accepts "
-                   "(--prompts / --dataset), or use a model whose template takes them")
-        raise ValueError(f"the tokenizer's chat template fails on prompt {text}: "
-                         f"{type(err).__name__}: {reason}; {fix}") from None
+            fix = (
+                "change the prompt's messages to roles and an order the template accepts "
+                "(--prompts / --dataset), or use a model whose template takes them"
+            )
+        raise ValueError(
+            f"the tokenizer's chat template fails on prompt {text}: "
+            f"{type(err).__name__}: {reason}; {fix}"
+        ) from None
 
 
 def encode_prompts(
