@@ -7,6 +7,14 @@ tensors the same way for every engine, and decodes the completions for the rewar
 Shapes (one letter key): B = prompts x G sequences, P prompt tokens (left-padded),
 T response tokens, L = P + T. ``response_mask`` [B, T] is True for the response tokens up to
 and including the first EOS; anything generated after EOS is padding and is masked out.
+
+What the reward reads (``Rollout.completions``): the text of every token the model wrote
+before its first EOS, special tokens the user added included (a ``</answer>`` declared as an
+added special token is in the text, so a reward can check for it), with the tokenizer's own
+BOS, EOS, pad and UNK tokens and every EOS id of the model removed. An added token that is
+also an EOS id therefore ends the response and is not in the text. (Decoding with
+``skip_special_tokens=True``, as before, removed every special token, added ones too: a
+reward that looked for one scored 0 on every sample without a word.)
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ class Rollout:
     attention_mask: torch.Tensor  # [B, L] 1 = real token (prompt or response up to EOS)
     response_mask: torch.Tensor  # [B, T] bool, True = a token the policy chose
     prompt_len: int  # P
-    completions: list[str]  # [B] decoded responses, specials removed
+    completions: list[str]  # [B] decoded responses (module docstring: which tokens)
     # [B, T] float32: the sampler's log-prob of each sampled token, under the distribution it
     # sampled from (after temperature and top-p); 0 where response_mask is False.
     sampler_logp: torch.Tensor | None = None
@@ -180,8 +188,12 @@ def assemble(
     mask = response_mask_after_eos(response, eos) & sampled
     response = torch.where(mask, response, torch.full_like(response, pad))
     logp = torch.where(mask, logp, torch.zeros_like(logp))
-    keep = mask & ~torch.isin(response, torch.tensor(list(eos)))
-    completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
+    # The model's own markers go; the user's added special tokens stay (module docstring).
+    own = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id)  # fmt: skip
+    strip = torch.tensor(sorted({*eos, *(i for i in own if i is not None)}), dtype=torch.long)
+    keep = mask & ~torch.isin(response, strip)
+    completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=False)
                    for r, m in zip(response, keep, strict=True)]  # fmt: skip
     return Rollout(
         prompts=list(prompts),
