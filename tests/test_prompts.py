@@ -78,7 +78,7 @@ def test_a_template_that_cannot_be_rendered_is_one_line_too():
     # An undefined filter is a Jinja error raised while the template compiles.
     tok = tokenizer("{{ messages | no_such_filter }}")
     message = one_line_error(lambda: render_prompt(tok, "sum 07:"))
-    assert "'sum 07:'" in message and "no_such_filter" in message
+    assert "'sum 07:'" in message and "no_such_filter" in message and "(--model)" in message
 
 
 def test_template_errors_surface_when_prompts_are_first_fitted():

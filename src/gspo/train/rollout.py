@@ -99,7 +99,7 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=not prefill,
                                              continue_final_message=prefill)  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - the template is the user's code: any error
+    except Exception as err:  # noqa: BLE001 - the template is code from the model's files
         text = repr(prompt)
         text = text if len(text) <= 80 else text[:77] + "..."
         reason = " ".join(str(err).split())  # jinja's messages may span lines
@@ -110,6 +110,8 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
                 "drop --system-prompt (the prompt renders without its system message; put "
                 "the instruction in the prompts instead)"
             )
+        elif isinstance(prompt, str):
+            fix = "use a model whose chat template renders a user message (--model)"
         elif prefill:
             fix = (
                 "end the prompt's messages with a user message (this template cannot "
