@@ -7,6 +7,14 @@ tensors the same way for every engine, and decodes the completions for the rewar
 Shapes (one letter key): B = prompts x G sequences, P prompt tokens (left-padded),
 T response tokens, L = P + T. ``response_mask`` [B, T] is True for the response tokens up to
 and including the first EOS; anything generated after EOS is padding and is masked out.
+
+What the reward reads (``Rollout.completions``): the text of every token the model wrote
+before its first EOS, special tokens the user added included (a ``</answer>`` declared as an
+added special token is in the text, so a reward can check for it), with the tokenizer's own
+BOS, EOS, pad and UNK tokens and every EOS id of the model removed. An added token that is
+also an EOS id therefore ends the response and is not in the text. (Decoding with
+``skip_special_tokens=True``, as before, removed every special token, added ones too: a
+reward that looked for one scored 0 on every sample without a word.)
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ class Rollout:
     attention_mask: torch.Tensor  # [B, L] 1 = real token (prompt or response up to EOS)
     response_mask: torch.Tensor  # [B, T] bool, True = a token the policy chose
     prompt_len: int  # P
-    completions: list[str]  # [B] decoded responses, specials removed
+    completions: list[str]  # [B] decoded responses (module docstring: which tokens)
     # [B, T] float32: the sampler's log-prob of each sampled token, under the distribution it
     # sampled from (after temperature and top-p); 0 where response_mask is False.
     logp_sampler: torch.Tensor | None = None
@@ -65,7 +73,13 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
     """The text the model sees: a text prompt is the user message of the tokenizer's chat
     template when it has one (after ``system_prompt``, if given; none leaves the template's
     own default), else the text itself. Chat messages ``[{"role", "content"}]`` go through the
-    template as they are (``system_prompt`` is put first if they bring no system message)."""
+    template as they are (``system_prompt`` is put first if they bring no system message);
+    messages that end with an assistant message are a prefill: the model continues that
+    message (``continue_final_message``, as TRL's conversational format means), no new turn
+    is opened after it.
+
+    A template that fails (Gemma's refuses a system message, Llama 2's wants user and
+    assistant to alternate) is a one-line ValueError naming the prompt and what to change."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
         if not has_template:
@@ -77,9 +91,41 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
                              "template to render them; give text prompts or a tokenizer with "
                              "a chat_template")  # fmt: skip
         messages = list(prompt)
-    if system_prompt is not None and messages[0]["role"] != "system":
+    added_system = system_prompt is not None and messages[0]["role"] != "system"
+    if added_system:
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prefill = messages[-1]["role"] == "assistant"
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=not prefill,
+                                             continue_final_message=prefill)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the template is code from the model's files
+        text = repr(prompt)
+        text = text if len(text) <= 80 else text[:77] + "..."
+        reason = " ".join(str(err).split())  # jinja's messages may span lines
+        reason = reason if len(reason) <= 200 else reason[:197] + "..."
+        if added_system:  # the prompt alone: its own error if it fails too, else the flag's
+            render_prompt(tokenizer, prompt)
+            fix = (
+                "drop --system-prompt (the prompt renders without its system message; put "
+                "the instruction in the prompts instead)"
+            )
+        elif isinstance(prompt, str):
+            fix = "use a model whose chat template renders a user message (--model)"
+        elif prefill:
+            fix = (
+                "end the prompt's messages with a user message (this template cannot "
+                "continue an assistant message), or use a model whose template can"
+            )
+        else:
+            fix = (
+                "change the prompt's messages to roles and an order the template accepts "
+                "(--prompts / --dataset), or use a model whose template takes them"
+            )
+        raise ValueError(
+            f"the tokenizer's chat template fails on prompt {text}: "
+            f"{type(err).__name__}: {reason}; {fix}"
+        ) from None
 
 
 def encode_prompts(
@@ -144,8 +190,12 @@ def assemble(
     mask = response_mask_after_eos(response, eos) & sampled
     response = torch.where(mask, response, torch.full_like(response, pad))
     logp = torch.where(mask, logp, torch.zeros_like(logp))
-    keep = mask & ~torch.isin(response, torch.tensor(list(eos)))
-    completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=True)
+    # The model's own markers go; the user's added special tokens stay (module docstring).
+    own = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id)  # fmt: skip
+    strip = torch.tensor(sorted({*eos, *(i for i in own if i is not None)}), dtype=torch.long)
+    keep = mask & ~torch.isin(response, strip)
+    completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=False)
                    for r, m in zip(response, keep, strict=True)]  # fmt: skip
     return Rollout(
         prompts=list(prompts),

@@ -1,4 +1,4 @@
-"""The ``arith`` task: school arithmetic as people phrase it, scored by its exact final answer.
+r"""The ``arith`` task: school arithmetic as people phrase it, scored by its exact final answer.
 
 Questions mix integers, decimals and fractions, negative numbers included, in five
 categories (``add``, ``sub``, ``mul``, ``div``, ``expr``) and three levels:
@@ -12,10 +12,28 @@ categories (``add``, ``sub``, ``mul``, ``div``, ``expr``) and three levels:
 One kind of number per question; expressions use signed one-digit integers.
 
 Every prompt ends with one fixed instruction asking for a last line ``Answer: <number>``.
-The reward parses the number after the *last* ``Answer:`` and compares it with the true
+The reward reads the answer after the *last* ``Answer:`` and compares it with the true
 value as an exact rational (``fractions.Fraction``): ``-7/9``, ``-14/18`` and ``-0.7777...``
 rounded are different claims, and only the first two are right. Nothing is compared as a
 float, so ``0.1 + 0.2`` is ``0.3`` exactly.
+
+What reads as a number (:func:`parse_number`; the same rule for a completion's answer, a
+user's ``answer`` field and `gspo eval`):
+
+* the answer is the rest of the ``Answer:`` line (the next line if that one is empty), and
+  it must *start* with the number: ``Answer: x = 5`` reads nothing;
+* the number: a sign (``-``, ``+``, or the Unicode minus), digits with optional ``,``
+  thousands groups, decimals, ``/ denominator``, scientific notation read exactly
+  (``1e-05`` is 1/100000; an exponent beyond +-1000 or a number of over 4000 digits
+  reads nothing rather than being computed), or LaTeX ``\frac{a}{b}``;
+* decorations: markup (``**``, ``$``, backticks, ``\(``, ``\[``, ``\boxed{}``,
+  ``\text{...}``) is removed, a leading ``=`` is allowed, and so is any text after the
+  number that names no other number: a full stop, a unit word (``5 apples``, ``12 cm``),
+  ``%`` (``50%`` reads 50);
+* the answer names *one* value: any other number in it that differs makes it unreadable
+  (``5 or 6``, ``5, 6``, ``3 1/2``, ``12 cm^2``, ``7 since 3 + 4 = 7`` read nothing, scoring
+  0 rather than full credit for the first number), while the same value again is allowed
+  (``1/2 = 0.5``). Numbers spelled in words are not read (``5 or six`` reads 5).
 
 A prompt is ``{"prompt": str, "question": str, "answer": str, "category": str,
 "level": int}``; ``answer`` is the canonical spelling of the value (integer, terminating
@@ -83,8 +101,9 @@ def spell(value: Fraction) -> str:
 
 
 # A number as a person or a model writes it: sign (ASCII or Unicode minus), digits with
-# optional thousands groups, optional decimals, optional "/ denominator"; or LaTeX \frac.
-_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+"
+# optional thousands groups, optional decimals, optional exponent ("1e-05": a data set's
+# answer written by Python or pandas), optional "/ denominator"; or LaTeX \frac.
+_NUM = r"(?:[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER = re.compile(rf"\s*=?\s*(?P<num>{_NUM})(?:\s*/\s*(?P<den>{_NUM}))?")
 _FRAC = re.compile(
     r"\s*=?\s*(?P<sign>[+-]?)\s*\\d?frac\{\s*(?P<num>[+-]?\d+)\s*\}\{\s*(?P<den>[+-]?\d+)\s*\}"
@@ -92,40 +111,69 @@ _FRAC = re.compile(
 _ANSWER = re.compile(r"answer\s*\**\s*[:：]", re.IGNORECASE)
 # Markup that models wrap answers in; removed before the number is read.
 _MARKUP = re.compile(r"\*\*|__|`|\$|\\\(|\\\)|\\\[|\\\]|\\boxed\{|\\text\{[^}]*\}")
+# Any number in the rest of an answer (a \frac, or digits with their "/ den" attached).
+_ANY_VALUE = re.compile(
+    rf"[+-]?\s*\\d?frac\{{[^}}]*\}}\{{[^}}]*\}}|(?:{_NUM})(?:\s*/\s*(?:{_NUM}))?"
+)
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The exact value of the number that ``text`` starts with, else None.
+    """The exact value of ``text`` read as one number (module docstring: the rule), else None.
 
-    The number must stand alone: ``"5."`` or ``"5 apples"`` read as 5, but ``"3 1/2"``
-    (a mixed number) and ``"5/0"`` read as None rather than as a wrong value.
+    ``"5."`` and ``"5 apples"`` read as 5 and ``"1/2 = 0.5"`` as 1/2, but ``"5 or 6"``,
+    ``"3 1/2"`` (a mixed number) and ``"5/0"`` read as None rather than as a wrong value.
     """
     text = text.replace("\u2212", "-")  # Unicode minus
     text = _MARKUP.sub("", text)
     match = _FRAC.match(text)
     if match:
+        if len(match["num"]) > 4000 or len(match["den"]) > 4000:
+            return None  # Python refuses to read longer integers: refused, not an error
         num, den = int(match["num"]), int(match["den"])
         if den == 0:
             return None
         value = Fraction(num, den)
-        return -value if match["sign"] == "-" else value
-    match = _NUMBER.match(text)
-    if not match:
+        value = -value if match["sign"] == "-" else value
+    else:
+        match = _NUMBER.match(text)
+        if not match:
+            return None
+        try:
+            parts = [_exact(match["num"]), _exact(match["den"] or "1")]
+        except ValueError:  # too long to read: refused, not computed
+            return None
+        if parts[1] == 0:
+            return None
+        value = parts[0] / parts[1]
+    rest = text[match.end() :]
+    if rest.lstrip()[:1] == "/":  # "5/x": a fraction whose denominator is not a number
         return None
-    rest = text[match.end() :].lstrip()
-    if rest[:1].isdigit() or rest[:1] == "/":
-        return None
-    num = Fraction(match["num"].replace(",", ""))
-    if match["den"] is None:
-        return num
-    den = Fraction(match["den"].replace(",", ""))
-    return None if den == 0 else num / den
+    # Every other number in the answer must be this one again ("1/2 = 0.5"): "5 or 6" names
+    # two values and is not an answer of 5 (nor is "3 1/2" one of 3).
+    for other in _ANY_VALUE.finditer(rest):
+        if parse_number(other.group()) != value:
+            return None
+    return value
+
+
+def _exact(number: str) -> Fraction:
+    """The exact value of one ``_NUM`` match; ValueError for an exponent beyond +-1000 or
+    over 4000 digits (``10**exponent`` would be computed; Python refuses longer digits)."""
+    digits, _, exponent = number.replace(",", "").lower().partition("e")
+    if (exponent and abs(int(exponent)) > 1000) or len(digits) > 4000:
+        raise ValueError(f"{number[:20]!r} is too long to read")
+    return Fraction(digits) * Fraction(10) ** int(exponent or 0)
 
 
 def final_answer(completion: str) -> Fraction | None:
-    """The number after the last ``Answer:`` (any case, markdown bold allowed), else None."""
+    """The number after the last ``Answer:`` (any case, markdown bold allowed), read from the
+    rest of that line (the next line if it is empty) by :func:`parse_number`, else None."""
     ends = [match.end() for match in _ANSWER.finditer(completion)]
-    return parse_number(completion[ends[-1] :]) if ends else None
+    if not ends:
+        return None
+    # Markup first: a display "$$\n\\frac{1}{2}\n$$" puts the number on the next line.
+    rest = _MARKUP.sub("", completion[ends[-1] :].replace("\u2212", "-")).lstrip()
+    return parse_number(rest.partition("\n")[0])
 
 
 # ---------------------------------------------------------------- questions
@@ -196,7 +244,8 @@ def as_prompt(question_text: str, answer: str | Fraction, **fields) -> dict:
     if isinstance(answer, Fraction):
         answer = spell(answer)
     elif parse_number(str(answer)) is None:
-        raise ValueError(f"answer {answer!r} of question {question_text!r} is not a number")
+        raise ValueError(f"answer {answer!r} of question {question_text!r} is not a number: "
+                         "give one number, e.g. 7, -0.25, 3/4 or 1e-05")  # fmt: skip
     return {"prompt": f"{question_text}\n{INSTRUCTION}", "question": question_text,
             "answer": str(answer), **fields}  # fmt: skip
 
@@ -219,7 +268,10 @@ def from_row(row: dict, where: str) -> dict:
     if "question" not in row or "answer" not in row:
         raise ValueError(f"{where} needs 'question' and 'answer' (or 'prompt') for task arith")
     fields = {k: v for k, v in row.items() if k not in ("question", "answer", "prompt")}
-    return as_prompt(str(row["question"]), str(row["answer"]), **fields)
+    try:
+        return as_prompt(str(row["question"]), str(row["answer"]), **fields)
+    except ValueError as err:  # name the row: a file of thousands has one bad answer
+        raise ValueError(f"{where}: {err}") from None
 
 
 def arith_prompts(
