@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gspo.train.arith import (
+from gspo.train.tasks.arith import (
     arith_reward,
     final_answer,
     from_row,
@@ -40,7 +40,7 @@ def test_scientific_notation_in_a_rows_answer_is_exact():
 
 
 def test_a_row_whose_answer_is_not_one_number_is_refused_naming_the_row(tmp_path):
-    from gspo.train.rewards import load_prompts_file
+    from gspo.train.tasks import load_prompts_file
 
     path = tmp_path / "q.jsonl"
     path.write_text('{"question": "What is 2 plus 3?", "answer": "5"}\n'

@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from gspo.config import TrainConfig
+from gspo.train.config import TrainConfig
 from gspo.train.data import fit_prompts
 from gspo.train.rollout import encode_prompts, render_prompt
 from gspo.train.tiny import tiny_model, tiny_tokenizer

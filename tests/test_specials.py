@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from gspo.train.engines.hf import generate
 from gspo.train.rewards import score
-from gspo.train.rollout import assemble, generate
+from gspo.train.rollout import assemble
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 
 
@@ -74,7 +75,8 @@ def test_the_hf_engine_hands_the_tag_to_the_reward():
     """Through generate (the HF engine; vLLM's samples go through the same assemble): a
     model whose head always picks '</answer>' writes it, and the reward sees it."""
     tok = tokenizer_with_answer_tag()
-    model = tiny_model(layers=1, hidden=32, vocab_size=len(tok))
+    model = tiny_model(layers=1, hidden=32)
+    model.resize_token_embeddings(len(tok))  # room for the added token
     tag = tok.convert_tokens_to_ids("</answer>")
     head = torch.nn.Linear(32, len(tok), bias=True)
     with torch.no_grad():
