@@ -185,9 +185,14 @@ class SamplingConfig:
     vllm_memory: float | None = option(
         None, "vLLM memory: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU (none = 1)"
     )
+    generation_batch_size: int = option(
+        0, "--rollout hf: sequences per generate() call (memory: their KV cache and one "
+        "step's B x V scores); 0 = all of a call's at once (vLLM schedules its own)")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check(self.generation_batch_size >= 0, "generation_batch_size",
+              self.generation_batch_size, "use >= 0 (0 = all sequences at once)")  # fmt: skip
         check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
               "it must be a positive integer")  # fmt: skip
         check(self.temperature > 0, "temperature", self.temperature, "it must be > 0")

@@ -41,21 +41,22 @@ class EvalConfig(Composite):
 
     policy: ModelConfig = field(default_factory=lambda: ModelConfig(model="smollm2"))
     data: TaskConfig = field(default_factory=lambda: TaskConfig(task="arith", eval_prompts=100))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=256, generation_batch_size=32))
     n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
-    batch_size: int = option(32, "sequences generated together (hf; vLLM schedules its own)")
     seed: int = option(0, "seed of the built-in questions and of sampling")
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
 
     # Other spellings of shared options: `gspo eval --engine vllm` is --rollout;
-    # --questions is --eval-prompts (the held-out questions asked).
-    aliases = {"engine": "rollout", "questions": "eval_prompts"}
+    # --questions is --eval-prompts (the held-out questions asked); --batch-size (its name
+    # before gspo train shared it) is --generation-batch-size.
+    aliases = {"engine": "rollout", "questions": "eval_prompts",
+               "batch_size": "generation_batch_size"}  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
-        check(self.batch_size >= 1, "batch_size", self.batch_size, "use >= 1")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -182,9 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 # was trained (held-out questions come from the same seed and split either way): the model,
 # the task's name and levels and prompt filter, and every sampling option. A run's
 # --prompts/--dataset (and so its --reward) are not taken: training held out only their last
-# rows.
+# rows. Nor is --generation-batch-size, a memory setting sized for the training batch (a
+# run's 0, all at once, would generate every question's n samples in one call).
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", *(f.name for f in dataclasses.fields(SamplingConfig)))
+                     "max_prompt_tokens", *(f.name for f in dataclasses.fields(SamplingConfig)
+                                            if f.name != "generation_batch_size"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,8 +252,7 @@ def run(config: EvalConfig) -> dict:
     device = pick_device(config.device)
     model.to(device).eval()
     sampler = engine_class(config.sampling.rollout).for_eval(
-        model, tokenizer, config.sampling, device=device, seed=config.seed,
-        batch_size=config.batch_size)  # fmt: skip
+        model, tokenizer, config.sampling, device=device, seed=config.seed)
     start = time.perf_counter()
     try:
         summary, records = evaluate(model, tokenizer, questions, config, sampler)

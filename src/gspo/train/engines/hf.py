@@ -3,9 +3,20 @@
 The sampler is the old policy: ``generate`` runs with a generation config built here from
 our own settings only (the model's ``generation_config.json`` may carry a repetition
 penalty, top-k or a no-repeat n-gram size, none of which the trainer's log-probs know of),
-stops at every EOS id of the model, runs in eval mode (dropout off), and keeps the
-processed scores (logits / temperature, then top-p), whose log-softmax at the sampled token
-is the sampler's log-prob.
+stops at every EOS id of the model, and runs in eval mode (dropout off).
+
+The sampler's log-prob of each sampled token is the log-softmax of the processed scores
+(logits / temperature, then top-p) at that token. ``generate(output_scores=True)`` would keep
+every step's scores, T x B x V float32 (80 GB for 128 sequences of 1,024 tokens at
+V = 151,936) to read B x T numbers; instead ``_Recorder`` holds the current step's processed
+scores only, and reads the sampled token's log-prob out of them as soon as the token is
+drawn (a stopping criterion sees the new token before the next step starts). Temperature
+and top-p are therefore passed as our own processors, ahead of the recorder (generate would
+apply its own warpers after every custom processor); they are the classes generate builds,
+in its order, so the samples are bit-identical to generate's own sampling.
+
+A call generates ``batch_size`` sequences at a time (``--generation-batch-size``; 0 = all
+of a call's at once).
 """
 
 from __future__ import annotations
@@ -23,15 +34,16 @@ class HFEngine:
     """Samples with ``model.generate``. It holds the policy itself, so there are no weights
     to copy: ``load_weights`` has nothing to do.
 
-    ``sampling`` is a SamplingConfig; ``batch_size``: sequences per ``generate`` call (0:
-    all of a call's at once); ``progress``: a bar over the prompts (``gspo eval``)."""
+    ``sampling`` is a SamplingConfig (its ``generation_batch_size``: sequences per
+    ``generate`` call, 0 = all of a call's at once); ``progress``: a bar over the sequences
+    (``gspo eval``)."""
 
     def __init__(self, model, tokenizer, sampling, *, synced: bool = False, gathered=None,
-                 batch_size: int = 0, progress: bool = False):  # fmt: skip
+                 progress: bool = False):  # fmt: skip
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
-        self.batch_size, self.progress = batch_size, progress
+        self.progress = progress
 
     @classmethod
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
@@ -42,19 +54,23 @@ class HFEngine:
                    gathered=lambda: dd.gathered(logprobs))  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
-        """`gspo eval`'s engine: ``batch_size`` sequences per call, a progress bar."""
-        return cls(model, tokenizer, sampling, batch_size=batch_size, progress=True)
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int):
+        """`gspo eval`'s engine: ``sampling.generation_batch_size`` sequences per call, a
+        progress bar."""
+        return cls(model, tokenizer, sampling, progress=True)
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+        """``group_size`` samples per prompt, groups contiguous; ``generation_batch_size``
+        rows per ``generate`` call (a group may span two calls: rows are independent)."""
         c = self.sampling
-        per_call = max(1, self.batch_size // group_size) if self.batch_size else len(prompts)
+        rows = [p for p in prompts for _ in range(group_size)]
+        per_call = c.generation_batch_size or len(rows)
         parts = []
-        bar = _bar(len(prompts), "greedy" if greedy else f"{group_size} samples", self.progress)
+        bar = _bar(len(rows), "greedy" if greedy else f"{group_size} samples", self.progress)
         with self.gathered():
-            for start in range(0, len(prompts), per_call):
-                chunk = prompts[start : start + per_call]
-                parts.append(generate(self.model, self.tokenizer, chunk, group_size=group_size,
+            for start in range(0, len(rows), per_call):
+                chunk = rows[start : start + per_call]
+                parts.append(generate(self.model, self.tokenizer, chunk, group_size=1,
                                       max_new_tokens=c.max_new_tokens,
                                       temperature=c.temperature, top_p=c.top_p, greedy=greedy,
                                       synced=self.synced,
@@ -78,23 +94,71 @@ def _bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, leave=False, disable=not show)
 
 
-def fresh_generation_config(model, tokenizer, *, max_new_tokens, temperature, top_p, greedy):
-    """Only what we choose: sampling at ``temperature`` with nucleus ``top_p`` (top-k off),
-    or greedy; every EOS id of the model; no penalties, no n-gram bans."""
+def fresh_generation_config(model, tokenizer, *, max_new_tokens, greedy):
+    """Only what we choose: sampling (temperature and top-p come as our own processors,
+    ``_Recorder.processors``; top-k off) or greedy; every EOS id of the model; no
+    penalties, no n-gram bans; no scores kept."""
     from transformers import GenerationConfig
 
     sampling = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
+        "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
     }  # fmt: skip
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        output_scores=not greedy,
         return_dict_in_generate=True,
         **sampling,
     )
+
+
+class _Recorder:
+    """The sampled token's log-prob at each step, holding one step's scores at most.
+
+    As the last logits processor it keeps a reference to the step's processed scores
+    [B, V] (the tensor generate samples from); as a stopping criterion, called right after
+    the token is drawn (``input_ids[:, -1]``), it reads log_softmax(scores)[token] into a
+    [B] column and drops the reference. ``logp()`` is [B, steps] float32 (garbage after a
+    row's EOS, where generate pads; ``assemble`` masks it)."""
+
+    def __init__(self) -> None:
+        self.scores: torch.Tensor | None = None
+        self.columns: list[torch.Tensor] = []
+
+    def processors(self, temperature: float, top_p: float):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        # generate's own warpers, in its order (temperature, then top-p), built as it builds
+        # them: only when they change anything.
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        warpers += [TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)] if top_p < 1.0 else []
+        return LogitsProcessorList([*warpers, self._keep])
+
+    def stopping(self):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        recorder = self
+
+        class _Read(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                recorder._read(input_ids[:, -1])
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([_Read()])
+
+    def _keep(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.scores = scores
+        return scores
+
+    def _read(self, token: torch.Tensor) -> None:
+        logp = torch.log_softmax(self.scores.float(), dim=-1).gather(-1, token[:, None])[:, 0]
+        self.columns.append(logp)
+        self.scores = None
+
+    def logp(self, steps: int) -> torch.Tensor:
+        """[B, steps]: generate may undo steps it ran past a stop, so keep the first ones."""
+        return torch.stack(self.columns[:steps], dim=1)
 
 
 @torch.no_grad()
@@ -122,21 +186,21 @@ def generate(
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     enc = {k: v.to(device) for k, v in enc.items()}
     gen_config = fresh_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_p=top_p, greedy=greedy)
+                                         greedy=greedy)  # fmt: skip
+    recorder = None if greedy else _Recorder()
+    hooks = {} if greedy else {"logits_processor": recorder.processors(temperature, top_p),
+                               "stopping_criteria": recorder.stopping()}  # fmt: skip
     # generate() fills whatever our config leaves unset from model.generation_config (a
     # saved repetition_penalty=1.3 would otherwise come back); swap in the fresh one.
     saved, model.generation_config = model.generation_config, gen_config
     try:
         with eval_mode(model):  # dropout off: the sampler is the policy the log-probs describe
-            out = model.generate(**enc, generation_config=gen_config, synced_gpus=synced)
+            out = model.generate(**enc, generation_config=gen_config, synced_gpus=synced,
+                                 **hooks)  # fmt: skip
     finally:
         model.generation_config = saved
     P = enc["input_ids"].shape[1]
     response = out.sequences[:, P:]
-    logps = None
-    if not greedy:  # scores[t] [B, V]: the processed logits step t sampled from
-        steps = [torch.log_softmax(s.float(), dim=-1).gather(-1, response[:, t, None])[:, 0]
-                 for t, s in enumerate(out.scores)]  # fmt: skip
-        logps = torch.stack(steps, dim=1).cpu().tolist()
+    logps = None if greedy else recorder.logp(response.shape[1]).cpu().tolist()
     return assemble(tokenizer, rows, ids, response.cpu().tolist(), logps,
                     eos=gen_config.eos_token_id, device=device)  # fmt: skip

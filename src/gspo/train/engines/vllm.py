@@ -106,7 +106,7 @@ class VLLMEngine:
                    seed=seed + 7919 * world.rank, weights=policy.sampler_weights())  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int):
         """`gspo eval`'s engine (vLLM schedules its own batches)."""
         return cls(model, tokenizer, sampling, device=device, seed=seed)
 
