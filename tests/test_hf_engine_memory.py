@@ -79,3 +79,11 @@ def test_default_batch_is_one_call_and_bit_identical_to_generate():
     engine = HFEngine(model, tok, sampling).sample(prompts, group_size=4, greedy=False)
     assert torch.equal(direct.input_ids, engine.input_ids)
     assert torch.equal(direct.logp_sampler, engine.logp_sampler)
+
+
+def test_eval_batch_size_is_an_alias_of_generation_batch_size():
+    from gspo.train.evaluate import parse_config
+
+    assert parse_config([]).sampling.generation_batch_size == 32  # gspo eval's default
+    assert parse_config(["--batch-size", "7"]).sampling.generation_batch_size == 7
+    assert parse_config(["--generation-batch-size", "5"]).batch_size == 5

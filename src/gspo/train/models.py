@@ -55,7 +55,20 @@ def load(name: str, *, layers: int = 2, hidden: int = 128, seed: int = 0):
         )
     if lora.is_adapter_dir(path):  # a LoRA run's model/: its base with the adapter merged in
         return load_adapter_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                       output_loading_info=True)  # fmt: skip
+    # transformers prints a table of the weights the checkpoint lacks and initialises them
+    # at random: a run would train (and save) a random LM head with exit 0.
+    missing = sorted(info["missing_keys"]) + sorted(info.get("mismatched_keys") or ())
+    if missing:
+        raise ValueError(
+            f"--model {name!r}: the checkpoint in {path} leaves {len(missing)} of the model's "
+            f"weights uninitialised ({', '.join(map(str, missing[:5]))}"
+            f"{', ...' if len(missing) > 5 else ''}); its config.json describes another model "
+            "than its weights (e.g. tie_word_embeddings false without an lm_head.weight): "
+            "fix the config or save the model again with save_pretrained"
+        )
+    check_logprobs(model, name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # many causal LMs ship without one; EOS is the usual stand-in
@@ -75,6 +88,44 @@ def load_adapter_dir(path: Path):
                             hidden=base.get("tiny_hidden", 128),
                             seed=base.get("seed", 0))  # fmt: skip
     return lora.merge_adapter(model, path), tokenizer
+
+
+# Log-probs of the trainer's path and of model.forward agree to float32 rounding (measured:
+# 4.8e-7 for the tiny model, 1.5e-5 for SmolLM2-135M; larger heads round more); a logit
+# transform the trainer does not apply moves them by far more (x2 logits: ~1).
+LOGPROB_TOLERANCE = 1e-3
+
+
+def check_logprobs(model, name: str, *, length: int = 8) -> float:
+    """The largest |difference| between the trainer's log-probs (``CausalLMLogprobs``: the
+    decoder, then the LM head with the logit transforms it knows) and
+    ``log_softmax(model(ids).logits)`` on one batch [2, ``length``] of random token ids, in
+    float32 on the model's device. Raises ValueError, naming the difference, above
+    LOGPROB_TOLERANCE: the model's forward does something to its logits that the trainer
+    would not, and training on the wrong log-probs must not start. The model's own train /
+    eval modes and the global RNG are left as they were."""
+    from gspo.causal_lm import CausalLMLogprobs
+    from gspo.train.rollout import eval_mode
+
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    device = head.weight.device
+    ids = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    with torch.no_grad(), eval_mode(model):
+        ours = CausalLMLogprobs(model)(ids, mask)  # [2, length - 1]
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        theirs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    diff = float((ours - theirs).abs().max())
+    if not diff <= LOGPROB_TOLERANCE:  # NaN fails too
+        raise ValueError(
+            f"--model {name!r}: the trainer's log-probs (decoder, then the LM head) differ from "
+            f"log_softmax of the model's own logits by up to {diff:.3g} on a test batch "
+            f"(float rounding is < {LOGPROB_TOLERANCE:g}): {type(model).__name__}'s forward "
+            "transforms its logits in a way gspo.causal_lm does not reproduce; training on "
+            "these log-probs would be wrong (report the architecture)"
+        )
+    return diff
 
 
 def position_limit(model) -> int | None:
