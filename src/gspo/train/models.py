@@ -20,6 +20,7 @@ merged in). ``build`` loads it and, under ``--lora-r``, wraps it in PEFT adapter
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -175,8 +176,9 @@ class Policy:
         return self.model
 
     def prepare(self, device: torch.device) -> None:
-        """On ``device``, dropout off (eval mode) unless ``--keep-dropout`` (its noise alone
-        moves on-policy ratios off 1), and ``--grad-checkpointing``."""
+        """On ``device``, in eval mode (dropout and every other training-only behaviour off:
+        its noise alone moves on-policy ratios off 1) unless ``--keep-dropout``, and
+        ``--grad-checkpointing`` (which keeps that mode)."""
         self.model.to(device).train(self.optim.keep_dropout)
         if self.optim.grad_checkpointing:
             enable_grad_checkpointing(self.hf_model, keep_dropout=self.optim.keep_dropout)
@@ -268,25 +270,62 @@ def enable_grad_checkpointing(model, *, keep_dropout: bool = True) -> None:
     """Recompute each decoder layer's activations in the backward (transformers' own
     checkpointing; non-reentrant, which works under DDP and FSDP2 and with frozen inputs).
 
-    transformers checkpoints a layer only in training mode, so the model is put in it;
-    unless ``keep_dropout``, every dropout probability is set to 0 first, so that the
-    model computes what it does in eval mode (the trainer's default: no dropout).
+    transformers checkpoints a layer (``GradientCheckpointingLayer``) only in training
+    mode, and training mode switches on everything a model does only while training:
+    dropout, but also e.g. the router jitter of MoE models (Mixtral's and Qwen2-MoE's
+    ``router_jitter_noise`` scales the router's input by noise), which moves the ratio of
+    on-policy samples off 1. So unless ``keep_dropout`` (the trainer's opt-in to train mode)
+    the model stays in eval mode, computing exactly what the sampler computes, and each
+    checkpointing layer is given a ``__call__`` that also checkpoints in eval mode whenever
+    gradients are on (``_checkpoint_in_eval``). With ``keep_dropout`` the model trains in
+    train mode, as transformers checkpoints it.
     """
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--grad-checkpointing: {type(model).__name__} does not support it")
-    if not keep_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            for name, value in vars(module).items():  # e.g. Qwen2Attention.attention_dropout
-                if "dropout" in name and isinstance(value, float):
-                    setattr(module, name, 0.0)
-    model.train()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train(keep_dropout)
+    if keep_dropout:
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:  # e.g. remote code that checks self.training inside its own loop
+        raise ValueError(
+            f"--grad-checkpointing: {type(model).__name__} checkpoints only in training mode, "
+            "which also turns on its training-only behaviour (dropout, router noise); add "
+            "--keep-dropout to train in that mode, or drop --grad-checkpointing"
+        )
+    for layer in layers:
+        layer.__class__ = _checkpoint_in_eval(type(layer))
+
+
+_EVAL_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpoint_in_eval(cls: type) -> type:
+    """A subclass of the layer class ``cls`` (same name) whose ``__call__`` checkpoints in
+    eval mode too. transformers' own ``__call__`` also drops a KV cache before
+    checkpointing; there is none here: the trainer's forward passes ``use_cache=False``
+    and generate() runs without gradients, where this falls back to ``cls.__call__``."""
+    if getattr(cls, "_gspo_checkpoints_in_eval", False):
+        return cls
+    if cls not in _EVAL_CHECKPOINTED:
+
+        def __call__(self, *args, **kwargs):
+            if self.gradient_checkpointing and not self.training and torch.is_grad_enabled():
+                call = functools.partial(torch.nn.Module.__call__, self, **kwargs)
+                return self._gradient_checkpointing_func(call, *args)
+            return cls.__call__(self, *args, **kwargs)
+
+        _EVAL_CHECKPOINTED[cls] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "_gspo_checkpoints_in_eval": True,
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })  # fmt: skip
+    return _EVAL_CHECKPOINTED[cls]
 
 
 # ---------------------------------------------------------------- full-model checkpoints
