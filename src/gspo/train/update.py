@@ -213,9 +213,21 @@ def accumulate_gradients(
     metrics = mb.merge_metrics(pieces, sequence_level=config.objective.loss == "gspo")
     metrics["logp"] = torch.cat(logps)  # [b, T] for the sampler mismatch (update())
     if len(pieces) > 1:  # these three are not means of their pieces: take them whole
-        metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
-                       zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
+        metrics.update(advantage_metrics(adv, batch.response_mask))
     return metrics
+
+
+def advantage_metrics(adv: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """adv_mean, adv_std (population) and zero_adv_frac of a minibatch, as gspo_loss reports
+    them: over sequences for advantages [b], over response tokens for per-token advantages
+    [b, T] (token-tis), whose padded slots hold the unweighted advantage and may hold
+    anything (``mask`` [b, T], True = a response token)."""
+    if adv.dim() == 1:
+        return {"adv_mean": adv.mean(), "adv_std": adv.std(unbiased=False),
+                "zero_adv_frac": (adv == 0).float().mean()}  # fmt: skip
+    mean = masked_mean(adv, mask)
+    return {"adv_mean": mean, "adv_std": masked_mean((adv - mean).square(), mask).sqrt(),
+            "zero_adv_frac": masked_mean((adv == 0).to(adv.dtype), mask)}  # fmt: skip
 
 
 def old_logprobs(
