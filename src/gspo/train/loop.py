@@ -37,7 +37,7 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, models, rundir
+from gspo.train import data, engines, models, resume, rundir
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
@@ -92,6 +92,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     _check_world(config, world)
     run_dir = rundir.resolve(config, world)  # created only once every check has passed
     resume_from = ckpt.latest(run_dir) if run.resume else None
+    if resume_from is not None:  # only what may change on resume differs from its settings
+        resume.check(config, resume_from)
     if run.threads or config.policy.model == "tiny":  # the tiny model's ops are too small
         torch.set_num_threads(run.threads or 1)
     # Per-rank seeds: ranks must sample different completions for their prompts.
@@ -131,15 +133,25 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     if resume_from is not None:
         start, position = ckpt.restore(resume_from, logprobs=logprobs, optimizer=optimizer,
                                        scheduler=scheduler, world=world)  # fmt: skip
+        resume.retime(optimizer, scheduler, optim.lr)  # this launch's --lr and --steps
     # the sampler (--rollout): built once, from the current (resumed) weights
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
     cleanup.callback(sampler.close)
     group_size = run.group_size
 
-    def evaluate() -> float:
+    def evaluate(record: dict | None = None, groups: list | None = None) -> float:
+        """The held-out reward. On a reward error the run checkpoints at ``step`` (its
+        update is done), so the step's own ``record`` is written first: the resumed run
+        starts after it, and would otherwise never have that step's metrics line."""
+
+        def on_error() -> None:
+            if record is not None:
+                log.step_done(record, groups or [], show_sample=False)
+            save(step, position)
+
         mine = held_out[world.rank :: world.size]
         rollout = sampler.sample(mine, group_size=1, greedy=True)
-        rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
+        rewards = _score_all(reward_fn, rollout, world, on_error)
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
@@ -191,7 +203,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
                                    count=run.samples_per_step)  # fmt: skip
             evaluating = step % run.eval_every == 0 or step == run.steps
             if evaluating:
-                record["eval_reward"] = evaluate()
+                record["eval_reward"] = evaluate(record, groups)
             log.step_done(record, groups, show_sample=evaluating)
             interrupted = dd.any_rank(stop.requested or step == stop_after, world)
             if step % run.checkpoint_every == 0 or step == run.steps or interrupted:
