@@ -87,3 +87,15 @@ def test_eval_batch_size_is_an_alias_of_generation_batch_size():
     assert parse_config([]).sampling.generation_batch_size == 32  # gspo eval's default
     assert parse_config(["--batch-size", "7"]).sampling.generation_batch_size == 7
     assert parse_config(["--generation-batch-size", "5"]).batch_size == 5
+
+
+def test_a_batch_size_vllm_would_ignore_is_refused():
+    import pytest
+
+    from gspo.train.config import TrainConfig
+
+    TrainConfig(generation_batch_size=8)  # hf: generates 8 rows at a time
+    with pytest.raises(ValueError, match="generation-batch-size .* schedules its own"):
+        TrainConfig(rollout="vllm", generation_batch_size=8)
+    with pytest.raises(ValueError, match="use >= 0"):
+        TrainConfig(generation_batch_size=-1)

@@ -386,3 +386,9 @@ class TrainConfig(Composite):
         n_seq = self.run.prompts_per_step * self.run.group_size
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
+        # vLLM schedules its own batches (within --vllm-memory): a batch size it would
+        # ignore is refused. (gspo eval keeps its default for hf and says vLLM ignores it.)
+        check(self.sampling.generation_batch_size == 0 or self.sampling.rollout != "vllm",
+              "generation_batch_size", self.sampling.generation_batch_size,
+              "--rollout vllm schedules its own batches (size its KV cache with "
+              "--vllm-memory); drop it or use --rollout hf")  # fmt: skip
