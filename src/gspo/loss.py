@@ -84,13 +84,13 @@ def gspo_loss(
                     "gspo" in value and gradient when A_it = A_i
         "grpo"      token-level ratio r_it = exp(logp_t - logp_old_t),
                     L_i = mean_t min(r_it A_it, clip(r_it) A_it) (for A/B tests)
-        "sapo"      SAPO (arXiv 2511.20347, section 3): L_i = mean_t g(r_it) A_i,
+        "sapo"      SAPO (arXiv 2511.20347, its objective J): L_i = mean_t g(r_it) A_i,
                     g(r) = (4/tau) sigmoid(tau (r - 1)), tau = tau_pos if A_i > 0
                     else tau_neg (defaults 1.0, 1.05)
-        "cispo"     CISPO (MiniMax-M1, arXiv 2506.13585, section 3.1):
+        "cispo"     CISPO (MiniMax-M1, arXiv 2506.13585, J_CISPO):
                     L = sum_i sum_t sg(w_it) A_i logp_it / num_tokens,
                     w_it = min(r_it, 1 + eps_high) (and >= 1 - eps_low if given)
-        "gmpo"      GMPO (arXiv 2507.20673, section 3): L_i = A_i exp(mean_t m_it),
+        "gmpo"      GMPO (arXiv 2507.20673, J_GMPO): L_i = A_i exp(mean_t m_it),
                     m_it = s min(s d_it, s clip(d_it, -eps_low, eps_high)),
                     d_it = logp_t - logp_old_t, s = sign(A_i)
     docs/spec.md works an example of each; docs/objectives.md says how peers differ.
@@ -154,9 +154,10 @@ def gspo_loss(
     group_ids = group_as_tensor("group_ids", group_ids, getattr(logp, "device", None))
     dtype = _compute_dtype(logp, logp_old)
     _check_names(variant, adv_norm)
-    objectives.check_arguments(variant, eps_low=eps_low, eps_high=eps_high, tau_pos=tau_pos,
-                               tau_neg=tau_neg, num_sequences=num_sequences,
-                               num_tokens=num_tokens)  # fmt: skip
+    if variant in objectives.VARIANTS or (tau_pos, tau_neg, num_tokens) != (None, None, None):
+        objectives.check_arguments(variant, eps_low=eps_low, eps_high=eps_high, tau_pos=tau_pos,
+                                   tau_neg=tau_neg, num_sequences=num_sequences,
+                                   num_tokens=num_tokens)  # fmt: skip
     if variant in objectives.VARIANTS:
         params = objectives.resolve(variant, eps_low, eps_high, tau_pos, tau_neg, max_log_ratio)
     else:
@@ -502,18 +503,21 @@ def _check_valid(
     """
     # NaN and inf survive a sum (inf - inf is NaN), so one sum of the [B] sums and
     # the advantages tells whether any of them is non-finite.
-    checks = [seq_log_ratio.sum() + adv.sum(), layout.count.min()]
-    if num_tokens is not None:
-        checks.append(layout.count.sum())
-    total, fewest, *tokens = torch.stack(checks).tolist()
-    too_few = bool(tokens) and tokens[0] > num_tokens
-    if math.isfinite(total) and fewest > 0 and not too_few:  # the one host sync of a valid call
-        return
-    if too_few:
-        raise ValueError(
-            f"num_tokens={num_tokens} is smaller than this batch's {int(tokens[0])} valid tokens; "
-            "pass the global count across data-parallel ranks"
-        )
+    if num_tokens is None:
+        total, fewest = torch.stack([seq_log_ratio.sum() + adv.sum(), layout.count.min()]).tolist()
+        if math.isfinite(total) and fewest > 0:  # the one host sync of a valid call
+            return
+    else:
+        total, fewest, tokens = torch.stack(
+            [seq_log_ratio.sum() + adv.sum(), layout.count.min(), layout.count.sum()]
+        ).tolist()
+        if tokens > num_tokens:
+            raise ValueError(
+                f"num_tokens={num_tokens} is smaller than this batch's {int(tokens)} valid "
+                "tokens; pass the global count across data-parallel ranks"
+            )
+        if math.isfinite(total) and fewest > 0:
+            return
     if layout.mask is not None and not (layout.count > 0).all():
         i = int((layout.count <= 0).nonzero()[0])
         raise ValueError(f"mask row {i} has 0 valid tokens; every sequence needs >= 1")

@@ -110,7 +110,7 @@ def token_loss(
     ratio = x.exp()  # exp(0) = 1 on masked slots: finite, selected below
     adv_tok = layout.expand(adv) if adv.dim() == 1 else adv
     if variant == "sapo":
-        # SAPO section 3: g(r) = (4/tau) sigmoid(tau (r - 1)), tau by the sign of A.
+        # SAPO objective (docs/spec.md): g(r) = (4/tau) sigmoid(tau (r - 1)), tau by the sign of A.
         tau = torch.where(adv_tok > 0, adv_tok.new_tensor(params["tau_pos"]),
                           adv_tok.new_tensor(params["tau_neg"]))  # fmt: skip
         s = torch.sigmoid(tau * (ratio - 1.0))
@@ -123,7 +123,7 @@ def token_loss(
             "gate_weight_low_frac": layout.token_mean(layout.select((weight < 0.5).to(s.dtype))),
         }
     elif variant == "cispo":
-        # MiniMax-M1 section 3.1: sg(w_t) A logp_t over all tokens, w_t the capped ratio.
+        # CISPO objective (docs/spec.md): sg(w_t) A logp_t over all tokens, w_t the capped ratio.
         hi, eps_low = 1.0 + params["eps_high"], params["eps_low"]
         weight = ratio.detach().clamp(min=None if eps_low is None else 1.0 - eps_low, max=hi)
         term = layout.select(weight * adv_tok * layout.select(logp.to(log_ratio.dtype)))
@@ -135,7 +135,7 @@ def token_loss(
             "bound_frac_low": layout.token_mean(layout.select(low.to(r.dtype))),
         }
     else:
-        # GMPO section 3: m_t = s min(s d_t, s clip(d_t)), L_i = A_i exp(mean_t m_t).
+        # GMPO objective (docs/spec.md): m_t = s min(s d_t, s clip(d_t)), L_i = A_i exp(mean_t m_t).
         c = x.clamp(-params["eps_low"], params["eps_high"])  # gradient 0 where it clips
         sign = torch.sign(layout.expand(adv))
         cut = layout.select(sign * c.detach() < sign * x.detach(), False)

@@ -226,7 +226,7 @@ def sapo_terms(
     tau_neg: float = SAPO_TAU_NEG,
     max_log_ratio: float = MAX_LOG_RATIO,
 ) -> list[TokenTerms]:
-    """SAPO (arXiv 2511.20347, section 3): L_i = (1/T_i) sum_t g(r_t) A_i, L = mean_i L_i.
+    """SAPO (arXiv 2511.20347, its objective J): L_i = (1/T_i) sum_t g(r_t) A_i, L = mean_i L_i.
 
     g(r) = (4/tau) sigmoid(tau (r - 1)), tau = tau_pos if A_i > 0 else tau_neg (> 0).
     dL/dlogp_t = 4 s (1 - s) r_t A_i / (T_i N) with s = sigmoid(tau (r_t - 1)): at
@@ -261,7 +261,7 @@ def cispo_terms(
     num_tokens: int | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
 ) -> list[TokenTerms]:
-    """CISPO (MiniMax-M1, arXiv 2506.13585, section 3.1):
+    """CISPO (MiniMax-M1, arXiv 2506.13585, J_CISPO):
     L = (sum_i sum_t sg(w_t) A_i logp_t) / num_tokens, num_tokens = sum_i T_i by default.
 
     w_t = min(r_t, 1 + eps_high), and max(w_t, 1 - eps_low) only when eps_low is given
@@ -302,7 +302,7 @@ def gmpo_terms(
     eps_high: float | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
 ) -> list[TokenTerms]:
-    """GMPO (arXiv 2507.20673, section 3): L_i = A_i exp((1/T_i) sum_t m_t), L = mean_i L_i.
+    """GMPO (arXiv 2507.20673, J_GMPO): L_i = A_i exp((1/T_i) sum_t m_t), L = mean_i L_i.
 
     c_t = clip(d_t, -eps_low, eps_high) (log space, both > 0), s = sign(A_i),
     m_t = s min(s d_t, s c_t): the pessimistic side of the clip, as PPO's min. A token
