@@ -175,6 +175,7 @@ def test_cispo_spec_example():
     assert want == pytest.approx(-0.23385713455028917, abs=1e-15)
     got = objective(NEW, OLD, REWARDS, "cispo", eps_high=0.2, eps_low=0.2)
     assert got == pytest.approx(-0.2, abs=1e-15)
+    assert objective(NEW, OLD, REWARDS, "cispo") == pytest.approx(-0.2888771554797967, abs=1e-15)
     # the gradient is w A / sum T, also where w is capped: [[0.3, 0.25], [-0.151633, -0.3]]
     grads = [x for t in objective_terms(NEW, OLD, [1.0, -1.0], "cispo", eps_high=0.2) for x in t.gradient]
     assert grads == pytest.approx([0.3, 0.25, -math.exp(-0.5) / 4, -0.3], abs=1e-15)
@@ -183,10 +184,12 @@ def test_cispo_spec_example():
 def test_gmpo_spec_example():
     # eps 0.4: A = 1: m = min(d, clip d) = [0.4, 0] (0.5 cut) -> L_0 = e^0.2 = 1.221403;
     # A = -1: m = max(d, clip d) = [-0.4, 0.2] (-0.5 cut) -> L_1 = -e^-0.1 = -0.904837;
-    # L = 0.158283. Without the clip (plain geometric mean): (e^0.25 - e^-0.15) / 2 = 0.1617.
+    # L = 0.158283. Without the clip (plain geometric mean): (e^0.25 - e^-0.15) / 2 = 0.211659.
     want = (math.exp(0.2) - math.exp(-0.1)) / 2
     assert objective(NEW, OLD, REWARDS, "gmpo") == pytest.approx(want, abs=1e-15)
     assert want == pytest.approx(0.15828267006210517, abs=1e-15)
+    no_clip = objective(NEW, OLD, REWARDS, "gmpo", eps_low=100.0)
+    assert no_clip == pytest.approx((math.exp(0.25) - math.exp(-0.15)) / 2, abs=1e-15)
     # cut tokens pass no gradient; the others A exp(mean m) / (T_i N)
     grads = [x for t in objective_terms(NEW, OLD, [1.0, -1.0], "gmpo") for x in t.gradient]
     assert grads == pytest.approx([0.0, math.exp(0.2) / 4, 0.0, -math.exp(-0.1) / 4], abs=1e-15)
@@ -230,6 +233,7 @@ def test_tied_groups_give_exactly_zero(variant):
     loss.backward()
     assert loss.item() == 0.0 and (logp.grad == 0).all() and m["zero_adv_frac"].item() == 1.0
     assert objective(new[:4], old[:4], [0.1] * 4, variant) == 0.0
+    assert objective(NEW, OLD, [0.5, 0.5], variant) == 0.0  # docs/spec.md's tie example
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
