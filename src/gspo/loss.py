@@ -21,7 +21,7 @@ from gspo.advantages import NORMS
 from gspo.advantages import advantages as group_advantages
 from gspo.advantages import as_tensor as group_as_tensor
 from gspo.masking import Layout, packed_layout, padded_layout
-from gspo.reference import MAX_LOG_RATIO, check_clip_range
+from gspo.reference import MAX_LOG_RATIO, check_arguments, check_clip_range
 
 # the values of `gspo train --loss`
 VARIANTS = ("gspo", "gspo-token", "grpo", *objectives.VARIANTS)
@@ -155,9 +155,9 @@ def gspo_loss(
     dtype = _compute_dtype(logp, logp_old)
     _check_names(variant, adv_norm)
     if variant in objectives.VARIANTS or (tau_pos, tau_neg, num_tokens) != (None, None, None):
-        objectives.check_arguments(variant, eps_low=eps_low, eps_high=eps_high, tau_pos=tau_pos,
-                                   tau_neg=tau_neg, num_sequences=num_sequences,
-                                   num_tokens=num_tokens)  # fmt: skip
+        check_arguments(variant, eps_low=eps_low, eps_high=eps_high, tau_pos=tau_pos,
+                        tau_neg=tau_neg, num_sequences=num_sequences,
+                        num_tokens=num_tokens)  # fmt: skip
     if variant in objectives.VARIANTS:
         params = objectives.resolve(variant, eps_low, eps_high, tau_pos, tau_neg, max_log_ratio)
     else:

@@ -24,33 +24,6 @@ from gspo.reference import CISPO_EPS_HIGH, GMPO_EPS, SAPO_TAU_NEG, SAPO_TAU_POS,
 VARIANTS = ("sapo", "cispo", "gmpo")
 PER_TOKEN_ADVANTAGES = ("sapo", "cispo")  # GMPO's sign(A_i) and exp(mean) are per sequence
 
-# Which keyword of gspo_loss each variant takes (None: it does not apply; refused if given).
-_APPLIES = {
-    "tau_pos": ("sapo",),
-    "tau_neg": ("sapo",),
-    "eps_low": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
-    "eps_high": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
-    "num_sequences": ("gspo", "gspo-token", "grpo", "sapo", "gmpo"),
-    "num_tokens": ("cispo",),
-}
-_WHY = {
-    "num_sequences": "CISPO divides by the batch's token count: pass num_tokens instead",
-    "num_tokens": "this variant averages per sequence: pass num_sequences instead",
-    "eps_low": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
-    "eps_high": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
-}
-
-
-def check_arguments(variant: str, **given) -> None:
-    """Refuse a keyword of gspo_loss that the variant does not use (given = not None)."""
-    for name, value in given.items():
-        if value is not None and variant not in _APPLIES[name]:
-            users = ", ".join(repr(v) for v in _APPLIES[name])
-            why = _WHY.get(name, f"it applies to variant={users} only")
-            raise ValueError(f"{name}={value!r} does not apply to variant={variant!r}: {why}; "
-                             f"remove it")  # fmt: skip
-
-
 def resolve(variant, eps_low, eps_high, tau_pos, tau_neg, max_log_ratio) -> dict:
     """The variant's parameters with defaults filled in and validated (errors name them)."""
     _positive("max_log_ratio", max_log_ratio)

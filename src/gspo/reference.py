@@ -392,6 +392,34 @@ def explain_token_objective(
     return "\n".join(lines)
 
 
+# Which keyword of gspo_loss each variant takes (None: it does not apply; refused if given).
+# Here, in pure Python, so that `gspo train`'s config checks the same table without torch.
+APPLIES = {
+    "tau_pos": ("sapo",),
+    "tau_neg": ("sapo",),
+    "eps_low": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
+    "eps_high": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
+    "num_sequences": ("gspo", "gspo-token", "grpo", "sapo", "gmpo"),
+    "num_tokens": ("cispo",),
+}
+WHY = {
+    "num_sequences": "CISPO divides by the batch's token count: pass num_tokens instead",
+    "num_tokens": "this variant averages per sequence: pass num_sequences instead",
+    "eps_low": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
+    "eps_high": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
+}
+
+
+def check_arguments(variant: str, **given) -> None:
+    """Refuse a keyword of gspo_loss that the variant does not use (given = not None)."""
+    for name, value in given.items():
+        if value is not None and variant not in APPLIES[name]:
+            users = ", ".join(repr(v) for v in APPLIES[name])
+            why = WHY.get(name, f"it applies to variant={users} only")
+            raise ValueError(f"{name}={value!r} does not apply to variant={variant!r}: {why}; "
+                             f"remove it")  # fmt: skip
+
+
 def _check_positive(name: str, value) -> None:
     _check_number(name, value)
     if not value > 0:

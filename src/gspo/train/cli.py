@@ -143,7 +143,8 @@ def _compare(config: TrainConfig) -> int:
         seconds = time.perf_counter() - t0
         runs[name] = summary["run_dir"]
         evals = [r["eval_reward"] for r in read_metrics(summary["run_dir"]) if "eval_reward" in r]
-        eps = f"{run.objective.eps_low:g}/{run.objective.eps_high:g}"
+        clip = run.objective.gspo_loss_options()
+        eps = f"{clip.get('eps_low', '-')}/{clip.get('eps_high', '-')}"
         lines.append(f"{name:<12} eps {eps}  held-out first "
                      f"{evals[0]:.3f} best {max(evals):.3f} last {evals[-1]:.3f}  "
                      f"{seconds:.0f} s")  # fmt: skip

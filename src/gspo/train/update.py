@@ -83,11 +83,14 @@ def minibatch_loss(
     config,
     world_size: int,
     num_sequences: int | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to backpropagate on this rank (already scaled for gradient averaging).
 
     ``num_sequences``: the divisor, the global sequence count of the whole minibatch when
-    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``.
+    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``. ``num_tokens``:
+    CISPO's divisor, the minibatch's valid tokens over every micro-batch and rank
+    (``global_tokens``); default this batch's alone.
     """
     objective = config.objective
     mask = batch.response_mask
@@ -95,16 +98,12 @@ def minibatch_loss(
                                   entropy=True)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
-    loss, metrics = gspo_loss(
-        logp,
-        logp_old,
-        mask,
-        advantages=adv,
-        eps_low=objective.eps_low,
-        eps_high=objective.eps_high,
-        variant=objective.loss,
-        num_sequences=num_sequences,
-    )
+    # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
+    # over its sequences
+    divisor = ({"num_tokens": num_tokens or int(mask.sum())} if objective.loss == "cispo"
+               else {"num_sequences": num_sequences})  # fmt: skip
+    loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
+                              **objective.gspo_loss_options(), **divisor)  # fmt: skip
     if ref_logp is not None and objective.kl_coef > 0:
         kl = k3_kl(logp, ref_logp, mask)
         loss = loss + objective.kl_coef * kl.sum() / num_sequences
@@ -192,6 +191,7 @@ def accumulate_gradients(
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics."""
     parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
     num_sequences = len(batch) * world_size
+    num_tokens = global_tokens(batch.response_mask, world_size)
     pieces, logps = [], []
     for j, part in enumerate(parts):
         piece, width = mb.trim(batch.select(part)) if budget else (batch.select(part), None)
@@ -206,6 +206,7 @@ def accumulate_gradients(
                 config=config,
                 world_size=world_size,
                 num_sequences=num_sequences,
+                num_tokens=num_tokens,
             )
             loss.backward()
         logps.append(mb.padded(metrics.pop("logp"), batch.response_mask.shape[1]))
@@ -216,6 +217,16 @@ def accumulate_gradients(
         metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
                        zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
     return metrics
+
+
+def global_tokens(mask: torch.Tensor, world_size: int) -> int:
+    """The valid tokens of ``mask`` [B, T] summed over data-parallel ranks."""
+    count = mask.sum()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(count)
+    return int(count)
 
 
 def old_logprobs(
