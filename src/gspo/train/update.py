@@ -35,13 +35,14 @@ COMPUTE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def response_logprobs(
-    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
     so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
-    (``target_mask``): the LM head never projects a prompt position.
+    (``target_mask``): the LM head never projects a prompt position. ``top_p`` < 1: under
+    the nucleus the engines sample from (gspo.nucleus), so that trainer and sampler agree.
     """
     start = rollout.prompt_len - 1
     mask = rollout.response_mask
@@ -52,6 +53,7 @@ def response_logprobs(
         temperature=temperature,
         return_entropy=entropy,
         target_mask=target,
+        top_p=top_p,
     )
     logp, ent = out if entropy else (out, None)
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
@@ -120,7 +122,8 @@ def minibatch_loss(
     from gspo.loss import gspo_loss
 
     mask = batch.response_mask
-    logp, ent = response_logprobs(logprobs, batch, temperature=config.temperature, entropy=True)
+    logp, ent = response_logprobs(logprobs, batch, temperature=config.temperature, entropy=True,
+                                  top_p=config.top_p)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
     loss, metrics = gspo_loss(
@@ -205,11 +208,13 @@ def update(
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
     if not budget:
-        return response_logprobs(logprobs, rollout, temperature=config.temperature)[0]
+        return response_logprobs(logprobs, rollout, temperature=config.temperature,
+                                 top_p=config.top_p)[0]  # fmt: skip
     pieces = []
     for part in mb.plan_everywhere(rollout, budget, world_size):
         piece, width = mb.trim(rollout.select(part))
-        logp, _ = response_logprobs(logprobs, piece, temperature=config.temperature)
+        logp, _ = response_logprobs(logprobs, piece, temperature=config.temperature,
+                                    top_p=config.top_p)  # fmt: skip
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
