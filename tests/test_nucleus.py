@@ -85,9 +85,14 @@ def score(logits: torch.Tensor, labels: torch.Tensor, top_p: float, *, fn=token_
     top_p=st.floats(0.01, 1.0),
     chunk=st.integers(1, 16),
     ties=st.booleans(),
+    first_k=st.sampled_from([1, 2, 5, nucleus.FIRST_K]),
     seed=st.integers(0, 2**16),
 )
-def test_logp_entropy_and_gradient_equal_the_plain_reference(n, v, top_p, chunk, ties, seed):
+def test_logp_entropy_and_gradient_equal_the_plain_reference(
+    n, v, top_p, chunk, ties, first_k, seed
+):
+    """first_k < V: the top-k search widens for rows whose top k hold < top_p, and counts
+    a tie group that runs past the top k in the whole row."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
     if ties:  # whole numbers: tied values everywhere, the cut often inside a tie group
@@ -96,7 +101,10 @@ def test_logp_entropy_and_gradient_equal_the_plain_reference(n, v, top_p, chunk,
     ignored = torch.rand(n, generator=g) < 0.25
     labels[ignored] = -100
     logits[ignored] = float("nan")  # rows of ignored labels are never read
-    logp, ent, grad = score(logits, labels, top_p, chunk_size=chunk)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nucleus, "FIRST_K", first_k)
+        patch.setattr(nucleus, "K_GROWTH", 2)
+        logp, ent, grad = score(logits, labels, top_p, chunk_size=chunk)
     assert torch.equal(logp[ignored], torch.zeros(int(ignored.sum()), dtype=torch.float64))
     assert torch.equal(grad[ignored], torch.zeros_like(grad[ignored]))
     for i in (~ignored).nonzero()[:, 0].tolist():
@@ -182,6 +190,25 @@ def test_hand_worked_ties_and_a_label_outside_the_nucleus():
         assert grad[4].tolist() == pytest.approx([0.0] * 4, abs=1e-15)
 
 
+def test_top_k_search_widens_and_counts_a_tie_group_past_it(monkeypatch):
+    """nucleus_bounds looks at the top FIRST_K tokens, widening by K_GROWTH; here 1 and 2.
+    Row 0: z = [3, 3, 0, 0], top_p 0.3: each 3 has p = e^3 / (2 e^3 + 2) = 0.4763 >= 0.3, so
+    the top 1 settles it, but the tie runs past it: 1 of the 2 tied tokens is kept, each
+    label has logp = 3 - 3 = 0, and dlogp/dz for label 0 is [1/2, -1/2, 0, 0]. Counting the
+    tie only inside the top 1 would keep both: logp -log 2.
+    Row 1: z = [1, 1, 1, 1, 0], top_p 0.9: each 1 has p = e / (4e + 1) = 0.2290; the top 1,
+    2 hold 0.229, 0.458 < 0.9, the top 4 hold 0.916: the four 1s, logp = -log 4."""
+    monkeypatch.setattr(nucleus, "FIRST_K", 1)
+    monkeypatch.setattr(nucleus, "K_GROWTH", 2)
+    logits = torch.tensor([[3.0, 3.0, 0.0, 0.0, -30.0], [1.0, 1.0, 1.0, 1.0, 0.0]],
+                          dtype=torch.float64)  # fmt: skip
+    logp, _, grad = score(logits[:1], torch.tensor([0]), 0.3)
+    assert logp.item() == pytest.approx(0.0, abs=1e-15)
+    assert grad[0].tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0, 0.0], abs=1e-15)
+    logp, _, _ = score(logits[1:], torch.tensor([2]), 0.9)
+    assert logp.item() == pytest.approx(-math.log(4), abs=1e-15)
+
+
 def hf_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     from transformers.generation.logits_process import TopPLogitsWarper
 
@@ -210,6 +237,8 @@ def test_equals_the_samplers_log_probs_of_every_token_they_keep(sampler, ties, t
     kept = torch.isfinite(processed)
     want = torch.log_softmax(processed, dim=-1)
     rows, cols = kept.nonzero(as_tuple=True)
+    pick = torch.randperm(rows.shape[0], generator=g)[:1000]  # a sample of the kept tokens
+    rows, cols = rows[pick], cols[pick]
     logp, _, _ = score(logits[rows], cols, top_p, chunk_size=37)
     torch.testing.assert_close(logp, want[rows, cols], rtol=0, atol=2e-6)
     # and the set: S (without a label outside it) has as many tokens as the sampler keeps

@@ -85,8 +85,9 @@ def token_logprobs(
             before the temperature as the model's forward applies it.
         top_p: < 1 scores under the nucleus the samplers draw from (gspo.nucleus): the
             softmax renormalised over the smallest set of top tokens holding ``top_p`` of
-            the mass, plus the label; the entropy is that distribution's. Each chunk is
-            then sorted, in the forward and again in the backward. 1 = off (no sort).
+            the mass, plus the label; the entropy is that distribution's. The forward
+            sorts each chunk's logits and keeps two numbers per token, from which the
+            backward rebuilds the nucleus without sorting. 1 = off (no sort).
 
     Returns:
         ``logp`` [N], and ``entropy`` [N] when ``return_entropy``. float32 for

@@ -29,8 +29,9 @@ it was), a label with ``z_y < t`` is added with weight 1. With ``m`` [C,V] these
     d entropy / dz_j = -q_j (z_j - lse + entropy)
 
 Without ties (almost surely) every weight is 0 or 1 and this is the plain truncated softmax.
-The cost is a sort of each [C,V] chunk (and its backward recomputes it), on top of the
-log-sum-exp; ``top_p == 1`` skips all of it.
+The forward finds t from the top tokens only (``nucleus_bounds``: a top-64, widened for
+the rows whose nucleus is larger, a full sort only for near-flat rows); the backward
+rebuilds m from the saved t and w by comparisons. ``top_p == 1`` skips all of it.
 
 Shapes: C positions (a chunk), V vocabulary size.
 """
@@ -42,9 +43,11 @@ import math
 import torch
 from torch import Tensor
 
-# Rows sorted at once: a sort holds its values and int64 indices ([R,V] each) plus the
-# cumulative softmax, so a whole chunk at a time would add ~4 chunk-sized buffers.
-SORT_ROWS = 64
+# Top tokens looked at first; rows whose top K do not hold top_p of the mass look at
+# K_GROWTH times more, up to the whole (sorted) vocabulary. A full sort of a [C,V] chunk
+# costs ~20-70x a top-64 (measured on CPU: 1.16 s vs 0.03 s at C = 256, V = 49152), and a
+# trained model's nucleus is usually tens to hundreds of tokens.
+FIRST_K, K_GROWTH = 64, 8
 
 
 def check_top_p(top_p: float) -> None:
@@ -57,31 +60,45 @@ def check_top_p(top_p: float) -> None:
 def nucleus_bounds(z: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """(t, w), each [C]: the smallest kept logit and the kept share of the logits equal to it.
 
-    ``z`` [C,V] is left unchanged. The cumulative softmax is the samplers' own expression
-    (``sorted.softmax(-1).cumsum(-1) <= 1 - top_p``), so that S agrees with theirs to the
-    rounding of their own logits.
+    ``z`` [C,V] is left unchanged. The samplers' rule read from the top: in descending order
+    a token is kept iff the mass strictly before it is < top_p (ascending, its cumulative
+    mass is > 1 - top_p: the same set, up to the rounding of the two sums). When the top K
+    tokens hold >= top_p of the mass, every token past them is cut, so only they are needed.
     """
     c, v = z.shape
-    t = z.new_empty(c)
-    kept = z.new_empty(c, dtype=torch.long)  # tokens the samplers keep, V - removed
-    for r in range(0, c, SORT_ROWS):
-        s = z[r : r + SORT_ROWS].sort(dim=1).values
-        cum = s.softmax(dim=1)
-        torch.cumsum(cum, dim=1, out=cum)
-        removed = (cum <= 1 - top_p).sum(1).clamp_(max=v - 1)  # keep at least the top token
-        del cum
-        t[r : r + SORT_ROWS] = s.gather(1, removed[:, None])[:, 0]
-        kept[r : r + SORT_ROWS] = v - removed
-        del s
-    above = (z > t[:, None]).sum(1)
-    equal = (z == t[:, None]).sum(1)
-    return t, (kept - above).to(z.dtype) / equal.to(z.dtype)
+    lse = torch.logsumexp(z, dim=1)  # the whole vocabulary's normaliser
+    t, w = z.new_empty(c), z.new_ones(c)
+    todo, k = torch.arange(c, device=z.device), min(FIRST_K, v)
+    while todo.numel():
+        rows = z if todo.numel() == c else z[todo]
+        vals = rows.topk(k, dim=1).values  # [R,k] descending
+        probs = (vals - lse[todo, None]).exp()
+        cum = probs.cumsum(dim=1)
+        done = (cum[:, -1] >= top_p) if k < v else torch.ones_like(cum[:, -1], dtype=torch.bool)
+        before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+        kept = (before < top_p).sum(1)  # >= 1: nothing is before the top token
+        t_rows = vals.gather(1, kept[:, None] - 1)[:, 0]
+        above = (vals > t_rows[:, None]).sum(1)
+        equal = (vals == t_rows[:, None]).sum(1)
+        # the tie group may run past the top k: count it in the whole row (rarely needed)
+        spill = (done & (vals[:, -1] == t_rows)).nonzero()[:, 0] if k < v else todo[:0]
+        if spill.numel():
+            equal[spill] = (rows[spill] == t_rows[spill, None]).sum(1)
+        ok = done.nonzero()[:, 0]
+        t[todo[ok]] = t_rows[ok]
+        w[todo[ok]] = ((kept - above)[ok]).to(z.dtype) / equal[ok].to(z.dtype)
+        # past half the vocabulary a top-k costs about a full sort: go straight to it
+        todo, k = todo[~done], (v if 2 * k * K_GROWTH > v else k * K_GROWTH)
+    return t, w
 
 
 def nucleus_weights(z: Tensor, labels: Tensor, t: Tensor, w: Tensor) -> Tensor:
     """m [C,V]: 1 above ``t``, ``w`` at ``t``, 0 below, and 1 at a label below ``t``."""
-    m = (z > t[:, None]).to(z.dtype)
-    m.add_((z == t[:, None]).to(z.dtype).mul_(w[:, None]))
+    m = (z >= t[:, None]).to(z.dtype)
+    tied = (w < 1).nonzero()[:, 0]  # rows whose cut splits a tie group (rare off tests)
+    if tied.numel():
+        zt, tt = z[tied], t[tied, None]
+        m[tied] = torch.where(zt == tt, w[tied, None], (zt > tt).to(z.dtype))
     outside = z.gather(1, labels[:, None]) < t[:, None]  # [C,1]: the label left the nucleus
     return m.scatter_(1, labels[:, None], torch.where(outside, 1.0, m.gather(1, labels[:, None])))
 
