@@ -33,13 +33,14 @@ from gspo.train.rollout import Rollout, eval_mode
 
 
 def response_logprobs(
-    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
     so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
-    (``target_mask``): the LM head never projects a prompt position.
+    (``target_mask``): the LM head never projects a prompt position. ``top_p`` < 1: under
+    the nucleus the engines sample from (gspo.nucleus), so that trainer and sampler agree.
     """
     start = rollout.prompt_len - 1
     mask = rollout.response_mask
@@ -50,6 +51,7 @@ def response_logprobs(
         temperature=temperature,
         return_entropy=entropy,
         target_mask=target,
+        top_p=top_p,
     )
     logp, ent = out if entropy else (out, None)
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
@@ -94,8 +96,9 @@ def minibatch_loss(
     """
     objective = config.objective
     mask = batch.response_mask
-    logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
-                                  entropy=True)  # fmt: skip
+    sampling = config.sampling
+    logp, ent = response_logprobs(logprobs, batch, temperature=sampling.temperature,
+                                  entropy=True, top_p=sampling.top_p)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
     # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
@@ -174,13 +177,15 @@ def update(
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
-    temperature = config.sampling.temperature
+    sampling = config.sampling
     if not budget:
-        return response_logprobs(logprobs, rollout, temperature=temperature)[0]
+        return response_logprobs(logprobs, rollout, temperature=sampling.temperature,
+                                 top_p=sampling.top_p)[0]  # fmt: skip
     pieces = []
     for part in mb.plan_everywhere(rollout, budget, world_size):
         piece, width = mb.trim(rollout.select(part))
-        logp, _ = response_logprobs(logprobs, piece, temperature=temperature)
+        logp, _ = response_logprobs(logprobs, piece, temperature=sampling.temperature,
+                                    top_p=sampling.top_p)  # fmt: skip
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
