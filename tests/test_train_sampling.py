@@ -87,7 +87,9 @@ class RuleSampler:
 
     def sample(self, prompts, *, group_size, greedy):
         self.calls.append([p["id"] for p in prompts])
-        return fake_rollout(list(prompts), group_size, [1 + i % 3 for i in range(len(prompts) * group_size)])
+        return fake_rollout(
+            list(prompts), group_size, [1 + i % 3 for i in range(len(prompts) * group_size)]
+        )
 
 
 def rule_score(informative):
@@ -226,8 +228,9 @@ def batch_of(dtype=torch.float64):
     gen = torch.Generator().manual_seed(3)
     lengths = [4, 2, 4, 3, 1, 4, 2, 3]
     rollout = fake_rollout([{"prompt": "a"}, {"prompt": "b"}], G, lengths)
-    rollout.input_ids[:, 2:] = torch.where(rollout.response_mask,
-                                           torch.randint(4, 50, (8, 4), generator=gen), PAD)
+    rollout.input_ids[:, 2:] = torch.where(
+        rollout.response_mask, torch.randint(4, 50, (8, 4), generator=gen), PAD
+    )
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.9, -1.2, 0.1, 0.4], dtype=dtype)
     return model, rollout, adv
 
@@ -332,6 +335,15 @@ def test_resume_with_dynamic_sampling_equals_the_straight_run(tmp_path):
     assert [r["step"] for r in b] == list(range(6))
     assert max(r.get("sampling_rounds", 0) for r in a) > 1  # the refill acted in this run
     for x, y in zip(a, b, strict=True):
-        for key in ("reward_mean", "reward_all_mean", "sampling_rounds", "prompts_consumed",
-                    "tied_frac", "truncated_frac", "loss", "eval_reward", "informative_groups"):
+        for key in (
+            "reward_mean",
+            "reward_all_mean",
+            "sampling_rounds",
+            "prompts_consumed",
+            "tied_frac",
+            "truncated_frac",
+            "loss",
+            "eval_reward",
+            "informative_groups",
+        ):
             assert x.get(key) == y.get(key), (x["step"], key)
