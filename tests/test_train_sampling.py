@@ -6,7 +6,13 @@ overlong penalty at its boundaries, and a resumed dynamic-sampling run equals a 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +29,7 @@ from gspo.train.sampling import collect, overlong_penalty, tied_groups, truncate
 from gspo.train.tiny import tiny_model
 from gspo.train.update import minibatch_loss, response_logprobs, update
 
+REPO = Path(__file__).resolve().parents[1]
 EOS, PAD = 2, 0
 G = 4
 
@@ -303,6 +310,42 @@ def test_update_without_any_kept_sequence_makes_no_step_and_reports_nan():
     assert all(torch.equal(start[k], v) for k, v in model2.state_dict().items())
 
 
+def updated(config, keep, budget=0):
+    model, rollout, adv = batch_of()
+    config = config.replace(max_tokens_per_microbatch=budget)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    history = update(CausalLMLogprobs(model), None, optimizer, scheduler, rollout, adv,
+                     config=config, keep=keep)  # fmt: skip
+    return model.state_dict(), history
+
+
+@pytest.mark.parametrize("budget", [4, 9, 13])
+def test_kept_sequences_in_micro_batches_give_the_whole_minibatch_update(budget):
+    """float64, 2 minibatches of 4, 5 of 8 kept: micro-batches of at most ``budget`` padded
+    tokens (pieces with no kept row included) give the unsplit update's weights to 1e-10
+    and its metrics."""
+    config = TrainConfig(minibatches=2, lr=1e-2, max_grad_norm=0.5, mask_truncated=True)
+    keep = torch.tensor([False, True, False, True, True, False, True, True])
+    want, want_hist = updated(config, keep)
+    got, got_hist = updated(config, keep, budget)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-10, msg=name)
+    for a, b in zip(got_hist, want_hist, strict=True):
+        for key in ("loss", "grad_norm", "clip_frac_low", "ratio_max", "entropy", "adv_std"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), key
+
+
+def test_keeping_every_sequence_is_the_plain_update():
+    """--dynamic-sampling on a batch whose groups all differ (keep all True) updates exactly
+    as the plain trainer: the same divisor, the same weights bit for bit."""
+    plain, _ = updated(TrainConfig(minibatches=2, lr=1e-2), None)
+    dynamic, _ = updated(TrainConfig(minibatches=2, lr=1e-2, dynamic_sampling=True),
+                         torch.ones(8, dtype=torch.bool))  # fmt: skip
+    for name in plain:
+        assert torch.equal(plain[name], dynamic[name]), name
+
+
 # ---------------------------------------------------------------- a real run, resumed
 
 
@@ -347,3 +390,43 @@ def test_resume_with_dynamic_sampling_equals_the_straight_run(tmp_path):
             "informative_groups",
         ):
             assert x.get(key) == y.get(key), (x["step"], key)
+
+
+# ---------------------------------------------------------------- two ranks
+
+
+def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(port), "-m", "gspo", "train", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_fill_their_own_groups_and_resume_exactly(tmp_path, fsdp):
+    """Under torchrun every rank samples every round (FSDP2's generate is a collective) and
+    fills its own quota, so both hold 2 groups x 4 each step and agree on the rounds; the
+    run resumed from step 2 reproduces the straight one."""
+    extra = ["--fsdp"] if fsdp else []
+    # pairs tie more often than fours (both without a digit: 0 and 0); no penalty, which
+    # would make rewards differ by length
+    args = [*TINY[: TINY.index("--overlong-penalty")], *extra, "--group-size", "2",
+            "--steps", "4", "--checkpoint-every", "2"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = torchrun([*args, "--run-dir", str(straight)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    again = torchrun(["--resume", str(resumed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = rows(straight), rows(resumed)
+    assert [r["step"] for r in b] == list(range(5))
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward_mean", "sampling_rounds", "prompts_consumed", "loss", "tied_frac"):
+            assert x.get(key) == y.get(key), (x["step"], key)
+    assert all(r["prompts_consumed"] == 4 * r["sampling_rounds"] for r in a[1:])
+    assert max(r["sampling_rounds"] for r in a[1:]) > 1  # a refill happened on two ranks

@@ -96,9 +96,13 @@ def run_compare(config: TrainConfig, specs: Sequence[str], seeds: Sequence[int] 
         raise ValueError(f"--compare-seeds {seeds}: a seed is listed twice")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(config.run.run_dir or Path("runs") / f"compare-{stamp}")
-    jobs = {(v.label, s): config.replace(**v.changes, seed=s, resume=None,
-                                         run_dir=str(base / v.dirname / f"seed{s}"))
-            for v in variants for s in seeds}  # fmt: skip (TrainConfig checks each)
+    jobs = {
+        (v.label, s): config.replace(
+            **v.changes, seed=s, resume=None, run_dir=str(base / v.dirname / f"seed{s}")
+        )
+        for v in variants
+        for s in seeds
+    }  # fmt: skip (TrainConfig checks each)
     results: dict[str, list[dict]] = {v.label: [] for v in variants}
     for (label, seed), job in jobs.items():
         t0 = time.perf_counter()
