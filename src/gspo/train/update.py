@@ -192,7 +192,7 @@ def update(
             config=config,
             world_size=world_size,
             budget=budget,
-            keep=None if divisors is None else _kept(keep, part, size),
+            keep=None if divisors is None else _kept(keep, part, size, adv.device),
             num_sequences=None if divisors is None else divisors[k],
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
@@ -238,8 +238,8 @@ def kept_counts(keep, config, size: int, world_size: int, rows: int) -> list[int
     return [int(c) for c in counts.tolist()]
 
 
-def _kept(keep, part: slice, size: int) -> torch.Tensor:
-    return torch.ones(size, dtype=torch.bool) if keep is None else keep[part]
+def _kept(keep, part: slice, size: int, device) -> torch.Tensor:
+    return torch.ones(size, dtype=torch.bool, device=device) if keep is None else keep[part]
 
 
 def loss_metric_names(config) -> list[str]:
