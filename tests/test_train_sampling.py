@@ -263,8 +263,7 @@ def test_dropped_sequences_get_zero_gradient_and_the_loss_is_gspo_loss_over_the_
                                    config=config, world_size=1, num_sequences=5, keep=keep)  # fmt: skip
     logp = response_logprobs(engine, rollout, temperature=1.0)[0]
     want, _ = gspo_loss(logp[keep], logp_old[keep], rollout.response_mask[keep],
-                        advantages=adv[keep], eps_low=config.eps_low,
-                        eps_high=config.eps_high)  # fmt: skip
+                        advantages=adv[keep], **config.objective.gspo_loss_options())  # fmt: skip
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-12)
     got = grads(model, minibatch_loss(engine, rollout, logp_old=logp_old, adv=adv, ref_logp=None,
                                       config=config, world_size=1, num_sequences=5,

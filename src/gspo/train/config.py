@@ -21,10 +21,16 @@ import warnings
 from dataclasses import dataclass, field
 
 from gspo.config import Composite, check, check_choices, check_dataset_fields, option
+from gspo.reference import APPLIES, WHY
 
+# Losses that take per-token advantages (token-tis weights): gspo_loss's rule.
+PER_TOKEN_ADVANTAGES = ("gspo-token", "grpo", "sapo", "cispo")
 # gspo_loss's variants (gspo.loss.VARIANTS; a test holds the two equal): written out so
 # that `gspo train --help` does not import torch.
-LOSSES = ("gspo", "gspo-token", "grpo")
+LOSSES = ("gspo", "gspo-token", "grpo", "sapo", "cispo", "gmpo")
+# The trainer's clip range for the ratio-clipping losses when --eps-low/--eps-high are not
+# given (the default run's tuning; the GSPO paper's is 3e-4 / 4e-4, gspo_loss's default).
+CLIP_RANGE = {"gspo": (0.003, 0.004), "gspo-token": (0.003, 0.004), "grpo": (0.003, 0.004)}
 
 
 class TrainWarning(UserWarning):
@@ -205,11 +211,23 @@ class LossConfig:
 
     loss: str = option(
         "gspo",
-        "gspo (sequence ratio), gspo-token, or grpo (token ratios): gspo_loss's variant",
+        "the objective (gspo_loss's variant, docs/spec.md): gspo (sequence ratio), gspo-token, "
+        "grpo (token ratios), sapo (soft gate), cispo (clipped weight on REINFORCE), gmpo "
+        "(geometric mean of clipped token ratios)",
         choices=LOSSES,
     )
-    eps_low: float = option(0.003, "clip range below 1: ratio >= 1 - eps_low")
-    eps_high: float = option(0.004, "clip range above 1: ratio <= 1 + eps_high")
+    eps_low: float | None = option(
+        None, "clip range below: ratio >= 1 - eps_low (gmpo: log-ratio >= -eps_low); none = "
+        "the loss's own: 0.003 for gspo, gspo-token, grpo; no lower bound for cispo; 0.4 for "
+        "gmpo; sapo has none")  # fmt: skip
+    eps_high: float | None = option(
+        None, "clip range above: ratio <= 1 + eps_high (cispo: the weight's cap - 1; gmpo: "
+        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo; 4.0 "
+        "for cispo; eps_low for gmpo; sapo has none")  # fmt: skip
+    tau_pos: float | None = option(
+        None, "sapo: the gate's temperature for positive advantages; none = 1.0")
+    tau_neg: float | None = option(
+        None, "sapo: the gate's temperature for negative advantages; none = 1.05")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
     adv_norm: str = option(
         "population",
@@ -228,18 +246,36 @@ class LossConfig:
     correction_high: float = option(1.01, "seq-mask: drop sequences whose mean ratio is above")
     correction_cap: float = option(2.0, "seq-tis / token-tis: truncate importance weights at this")
 
+    def gspo_loss_options(self) -> dict:
+        """The keywords of ``gspo_loss`` this objective takes: the variant, and its clip
+        range or gate temperatures (those not given left to the loss's own defaults)."""
+        low, high = CLIP_RANGE.get(self.loss, (None, None))
+        options = {"variant": self.loss,
+                   "eps_low": low if self.eps_low is None else self.eps_low,
+                   "eps_high": high if self.eps_high is None else self.eps_high,
+                   "tau_pos": self.tau_pos, "tau_neg": self.tau_neg}  # fmt: skip
+        return {k: v for k, v in options.items() if v is not None}
+
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("eps_low", "eps_high"):
-            check(getattr(self, name) > 0, name, getattr(self, name), "it must be > 0")
+        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "it must be > 0, or none")
+            users = APPLIES[name]
+            check(value is None or self.loss in users, name, value,
+                  f"--loss {self.loss} does not use it ({WHY.get(name, 'it applies to')}); "
+                  f"it applies to --loss {' / '.join(users)}: drop it")  # fmt: skip
+        check(self.eps_low is None or self.loss == "gmpo" or self.eps_low < 1, "eps_low",
+              self.eps_low, "the lower bound 1 - eps_low must be a positive ratio: use (0, 1)")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
         check(0 < self.correction_low < 1, "correction_low", self.correction_low, "use (0, 1)")
         check(self.correction_high > 1, "correction_high", self.correction_high, "use > 1")
         check(self.correction_cap >= 1, "correction_cap", self.correction_cap, "use >= 1")
-        check(self.rollout_correction != "token-tis" or self.loss != "gspo",
+        check(self.rollout_correction != "token-tis" or self.loss in PER_TOKEN_ADVANTAGES,
               "rollout_correction", self.rollout_correction,
-              "per-token weights need a per-token loss: add --loss gspo-token or --loss grpo "
-              "(GSPO's ratio is one per sequence; use seq-tis or seq-mask with it)")  # fmt: skip
+              "per-token weights need a per-token loss (one that takes per-token advantages): "
+              f"--loss {' / '.join(PER_TOKEN_ADVANTAGES)} (a sequence-level ratio, as gspo's or "
+              "gmpo's, takes seq-tis or seq-mask)")  # fmt: skip
         check(self.rollout_correction == "none" or self.old_logprobs == "trainer",
               "rollout_correction", self.rollout_correction,
               "a correction weighs the trainer's old log-probs against the sampler's: it needs "

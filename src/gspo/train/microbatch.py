@@ -127,7 +127,8 @@ def merge_metrics(pieces: list[tuple[dict, int, int]], sequence_level: bool) -> 
         return pieces[0][0]
     token_keys = {"entropy", "approx_kl"}
     if not sequence_level:
-        token_keys |= {"clip_frac_low", "clip_frac_high", "ratio_mean"}
+        token_keys |= {"clip_frac_low", "clip_frac_high", "ratio_mean", "gate_weight_mean",
+                       "gate_weight_low_frac", "bound_frac_high", "bound_frac_low"}
     seqs = [s for _, s, _ in pieces]
     toks = [t for _, _, t in pieces]
     out = {}

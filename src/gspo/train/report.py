@@ -78,9 +78,9 @@ class Report:
                 self.bar.write(f"step {record['step']}:\n{format_group(group)}")
         self.metrics(record)
         self.bar.update(1)
-        self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                             clip=f"{record['clip_frac']:.3f}",
-                             eval=f"{self.last_eval:.3f}")  # fmt: skip
+        shown = {"reward": record["reward_mean"], "clip": record.get("clip_frac"),
+                 "eval": self.last_eval}  # fmt: skip
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 
     def samples(self, step: int, groups: list[dict]) -> None:
         """The step's first groups, as built by :func:`sample_groups`."""
@@ -136,13 +136,14 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
         value = local[key] if not math.isnan(local[key]) else bound
         value = dd.all_extreme(value, world, largest=big)
         merged[key] = value if math.isfinite(value) else math.nan
+    if "clip_frac_low" in merged:  # the losses that clip (not sapo's gate, cispo's weight)
+        merged["clip_frac"] = merged["clip_frac_low"] + merged["clip_frac_high"]
     elapsed = time.perf_counter() - t0
     return {
         "step": step,
         "reward_mean": mean,
         "reward_std": max(0.0, s2 / count - mean * mean) ** 0.5,
         **merged,
-        "clip_frac": merged["clip_frac_low"] + merged["clip_frac_high"],
         "response_len": tokens / count,
         "lr": lr,
         "step_time": elapsed,

@@ -85,16 +85,19 @@ def minibatch_loss(
     world_size: int,
     num_sequences: int | None = None,
     keep: torch.Tensor | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to backpropagate on this rank (already scaled for gradient averaging).
 
     ``num_sequences``: the divisor, the global sequence count of the whole minibatch when
-    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``.
+    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``. ``num_tokens``:
+    CISPO's divisor, the minibatch's valid tokens over every micro-batch and rank
+    (``global_tokens``); default this batch's alone.
     ``keep`` [b] bool: only these sequences are in the loss (gspo.train.sampling: tied
     groups, truncated completions); the others are indexed away after the forward, so their
-    gradient is exactly 0, and ``num_sequences`` then counts the kept ones. The forward still
-    runs on every row, so that ranks and micro-batches keep their shapes. With no row kept
-    the loss is an empty sum (0, zero gradient) and the metrics are NaN: nothing to measure.
+    gradient is exactly 0, and ``num_sequences`` (``num_tokens``) then counts the kept ones.
+    The forward still runs on every row, so that ranks and micro-batches keep their shapes.
+    With no row kept the loss is an empty sum (0, zero gradient) and the metrics are NaN.
     """
     objective = config.objective
     logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
@@ -110,16 +113,12 @@ def minibatch_loss(
             return loss * world_size, metrics
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
-    loss, metrics = gspo_loss(
-        logp,
-        logp_old,
-        mask,
-        advantages=adv,
-        eps_low=objective.eps_low,
-        eps_high=objective.eps_high,
-        variant=objective.loss,
-        num_sequences=num_sequences,
-    )
+    # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
+    # over its sequences
+    divisor = ({"num_tokens": num_tokens or int(mask.sum())} if objective.loss == "cispo"
+               else {"num_sequences": num_sequences})  # fmt: skip
+    loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
+                              **objective.gspo_loss_options(), **divisor)  # fmt: skip
     if ref_logp is not None and objective.kl_coef > 0:
         kl = k3_kl(logp, ref_logp, mask)
         loss = loss + objective.kl_coef * kl.sum() / num_sequences
@@ -246,8 +245,8 @@ def loss_metric_names(config) -> list[str]:
     """The names of minibatch_loss's metrics (less loss and logp), for a minibatch with no
     sequence in the loss, whose values are NaN."""
     one = torch.zeros(1, 1)
-    _, metrics = gspo_loss(one, one, torch.ones(1, 1, dtype=torch.bool),
-                           advantages=torch.zeros(1), variant=config.objective.loss)  # fmt: skip
+    _, metrics = gspo_loss(one, one, torch.ones(1, 1, dtype=torch.bool), advantages=torch.zeros(1),
+                           **config.objective.gspo_loss_options())  # fmt: skip
     names = [*metrics, "entropy"]
     return names + (["kl_ref"] if config.objective.kl_coef > 0 else [])
 
@@ -260,6 +259,9 @@ def accumulate_gradients(
     ``keep`` [b] and ``num_sequences``: see minibatch_loss (the count is the minibatch's)."""
     parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
     num_sequences = num_sequences or len(batch) * world_size
+    kept_mask = batch.response_mask if keep is None else \
+        torch.where(keep[:, None], batch.response_mask, False)  # fmt: skip
+    num_tokens = global_tokens(kept_mask, world_size)
     pieces, logps = [], []
     for j, part in enumerate(parts):
         piece, width = mb.trim(batch.select(part)) if budget else (batch.select(part), None)
@@ -276,6 +278,7 @@ def accumulate_gradients(
                 world_size=world_size,
                 num_sequences=num_sequences,
                 keep=mine,
+                num_tokens=num_tokens,
             )
             loss.backward()
         logps.append(mb.padded(metrics.pop("logp"), batch.response_mask.shape[1]))
@@ -292,6 +295,16 @@ def accumulate_gradients(
         metrics.update(adv_mean=kept_adv.mean(), adv_std=kept_adv.std(unbiased=False),
                        zero_adv_frac=(kept_adv == 0).float().mean())  # fmt: skip
     return metrics
+
+
+def global_tokens(mask: torch.Tensor, world_size: int) -> int:
+    """The valid tokens of ``mask`` [B, T] summed over data-parallel ranks."""
+    count = mask.sum()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(count)
+    return int(count)
 
 
 def old_logprobs(
