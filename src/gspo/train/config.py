@@ -6,6 +6,8 @@
     LossConfig      the objective, the KL penalty, advantages, old policy and corrections
     OptimConfig     AdamW, schedule, what trains (LoRA), memory and precision of the step
     RunConfig       steps and batch, seed, outputs, cadence, devices, logging
+    BatchConfig     which samples make a step's batch and which reach the loss (DAPO's
+                    dynamic sampling, overlong filtering and soft overlong punishment)
 
 Flags, config files and a run's config.json are flat (``--lr``, ``lr = 1e-4``): every
 field's name is unique across the concerns (gspo.config.Composite). ``gspo eval``
@@ -400,6 +402,46 @@ class RunConfig:
         check(self.samples_per_step >= 0, "samples_per_step", self.samples_per_step, "use >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Which samples make a step's batch and which reach the loss (gspo.train.sampling):
+    DAPO (arXiv 2503.14476) section 3.2's dynamic sampling and section 3.4's overlong
+    filtering and soft overlong punishment."""
+
+    dynamic_sampling: bool = option(
+        False, "drop groups whose rewards are all equal (no advantage, no gradient) and "
+        "sample more prompts until the step has --prompts-per-step groups that are not "
+        "(DAPO 3.2)")  # fmt: skip
+    max_sampling_rounds: int | None = option(
+        None, "with --dynamic-sampling: rounds of --prompts-per-step prompts at most per "
+        "step; then the step trains on the groups it has and says so; none = 4",
+        metavar="INT")  # fmt: skip
+    mask_truncated: bool = option(
+        False, "completions cut at --max-new-tokens (no EOS) get no loss: their sequences "
+        "leave the loss and its divisor (DAPO 3.4's overlong filtering)")  # fmt: skip
+    overlong_penalty: int = option(
+        0, "BUFFER: add DAPO 3.4's soft overlong punishment to the reward, 0 up to "
+        "max_new_tokens - BUFFER tokens, then falling linearly to -1 at max_new_tokens; "
+        "0 = off", metavar="BUFFER")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        rounds = self.max_sampling_rounds
+        check(rounds is None or self.dynamic_sampling, "max_sampling_rounds", rounds,
+              "it bounds --dynamic-sampling's rounds: add --dynamic-sampling, or drop "
+              "it")  # fmt: skip
+        check(rounds is None or rounds >= 1, "max_sampling_rounds", rounds,
+              "use a positive integer (1 = no refill), or none for 4")  # fmt: skip
+        check(self.overlong_penalty >= 0, "overlong_penalty", self.overlong_penalty,
+              "use a buffer of >= 1 tokens, or 0 for no penalty")  # fmt: skip
+
+    @property
+    def rounds(self) -> int:
+        """Sampling rounds at most per step (1 without dynamic sampling)."""
+        if not self.dynamic_sampling:
+            return 1
+        return 4 if self.max_sampling_rounds is None else self.max_sampling_rounds
+
+
 @dataclass(frozen=True, init=False)
 class TrainConfig(Composite):
     """Everything `gspo train` reads. Defaults are the built-in job: a tiny Qwen2-style model
@@ -412,8 +454,13 @@ class TrainConfig(Composite):
     objective: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         n_seq = self.run.prompts_per_step * self.run.group_size
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
+        limit, buffer = self.sampling.max_new_tokens, self.batch.overlong_penalty
+        check(buffer <= limit, "overlong_penalty", buffer,
+              f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "
+              f"{limit}, or 0 for no penalty")  # fmt: skip

@@ -10,8 +10,10 @@ Launch:
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 
 One step:
-    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards -> group
-    advantages -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
+    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards (and,
+    with --dynamic-sampling, more rounds until the step's groups are informative:
+    sampling.py) -> group advantages
+    -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
     (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
     -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
@@ -37,12 +39,13 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, models, rundir
+from gspo.train import data, engines, models, rundir, sampling
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
 from gspo.train.rewards import RewardError, score
-from gspo.train.tasks import build_task, prompts_at
+from gspo.train.rollout import eos_ids
+from gspo.train.tasks import build_task
 from gspo.train.update import lr_lambda, update
 
 
@@ -135,11 +138,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
     cleanup.callback(sampler.close)
     group_size = run.group_size
+    eos = eos_ids(policy.hf_model, policy.tokenizer)  # what ends a response (--mask-truncated)
 
     def evaluate() -> float:
         mine = held_out[world.rank :: world.size]
         rollout = sampler.sample(mine, group_size=1, greedy=True)
-        rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
+        rewards = _score_all(reward_fn, rollout, world=world, on_error=lambda: save(step, position))
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
@@ -162,22 +166,25 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     with Stop() as stop:
         for step in range(start + 1, run.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
-            # prompts -> rollouts: this rank's contiguous share of the step's prompts
-            prompts = prompts_at(pool, run.seed, position, run.prompts_per_step)
-            rollout = sampler.sample(dd.shard(prompts, world), group_size=group_size,
-                                     greedy=False)  # fmt: skip
-            times = {"time_rollout": time.perf_counter() - t0}
-            # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
+            # prompts -> rollouts -> rewards: this rank's contiguous share of the step's
+            # prompts (more rounds under --dynamic-sampling), and the sequences in the loss
             # on a reward error, save the state this step started from (RNG included)
             on_error = functools.partial(save, step - 1, position, rng_before)
-            rewards = _score_all(reward_fn, rollout, world, on_error)
-            position += run.prompts_per_step
+            batch = sampling.collect(
+                sampler, pool, position=position, config=config, world=world, eos=eos,
+                score=functools.partial(_score_all, reward_fn, world=world, on_error=on_error),
+                pad_id=policy.tokenizer.pad_token_id, step=step,
+            )  # fmt: skip
+            rollout, rewards = batch.rollout, batch.rewards
+            times = {"time_rollout": time.perf_counter() - t0}  # rewards included
+            position += batch.consumed  # every prompt sampled, so resume samples the same
+            # advantages over whole groups, once per rollout batch (spec step 1)
             reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
             adv = advantages(reward_t, group_size=group_size, norm=config.objective.adv_norm)
             # old log-probs once, then the minibatch optimizer steps
             t1 = time.perf_counter()
             history = update(logprobs, ref_logprobs, optimizer, scheduler, rollout, adv,
-                             config=config, world_size=world.size)  # fmt: skip
+                             config=config, world_size=world.size, keep=batch.keep)  # fmt: skip
             t2 = time.perf_counter()
             # the next step samples the new policy (under LoRA: W + s B A, merged on the fly)
             sampler.load_weights(policy.sampler_weights())
@@ -185,6 +192,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = step_metrics(step, rewards, rollout, history, t0,
                                   scheduler.get_last_lr()[0], world)  # fmt: skip
+            record.update(batch.metrics)
             record.update(times)
             groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
                                    group_size=group_size,
@@ -232,7 +240,7 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
                          f"rank ({world.size})")  # fmt: skip
 
 
-def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
+def _score_all(reward_fn, rollout, *, world: dd.World, on_error) -> list[float]:
     """Score this rank's rollouts; if any rank's reward fails, every rank checkpoints
     (``on_error``) and the run stops with the failing rank's message."""
     error = None

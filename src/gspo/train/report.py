@@ -121,15 +121,21 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
         [sum(rewards), sum(r * r for r in rewards), float(lengths.sum()), n], world
     )
     mean = s / count
-    local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    # A minibatch with no sequence in the loss (gspo.train.sampling: tied or truncated) has
+    # NaN loss metrics: means and extremes are over the minibatches and ranks that had some.
+    seen = {k: [h[k] for h in history if not math.isnan(h[k])] for k in history[0]}
+    local = {k: sum(v) / len(v) if v else math.nan for k, v in seen.items()}
     extremes = {k: big for k in local if (big := largest(k)) is not None}
     for key, big in extremes.items():
-        local[key] = (max if big else min)(h[key] for h in history)
+        local[key] = (max if big else min)(seen[key]) if seen[key] else math.nan
     # several reward functions: each one's mean on its own (rewards.Scores.parts)
     local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
-    merged = dd.all_mean(local, world)
+    merged = _mean_over_ranks(local, world)
     for key, big in extremes.items():
-        merged[key] = dd.all_extreme(local[key], world, largest=big)
+        bound = -math.inf if big else math.inf  # a rank with nothing to offer
+        value = local[key] if not math.isnan(local[key]) else bound
+        value = dd.all_extreme(value, world, largest=big)
+        merged[key] = value if math.isfinite(value) else math.nan
     if "clip_frac_low" in merged:  # the losses that clip (not sapo's gate, cispo's weight)
         merged["clip_frac"] = merged["clip_frac_low"] + merged["clip_frac_high"]
     elapsed = time.perf_counter() - t0
@@ -143,6 +149,17 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
         "step_time": elapsed,
         "tokens_per_s": tokens / elapsed,
     }
+
+
+def _mean_over_ranks(local: dict[str, float], world: dd.World) -> dict[str, float]:
+    """The mean of each value over the ranks where it is not NaN (NaN where it is nowhere)."""
+    if not world.distributed:
+        return dict(local)
+    keys = sorted(local)
+    present = [0.0 if math.isnan(local[k]) else 1.0 for k in keys]
+    sums = dd.all_sum([0.0 if math.isnan(local[k]) else local[k] for k in keys] + present, world)
+    return {k: sums[i] / sums[i + len(keys)] if sums[i + len(keys)] else math.nan
+            for i, k in enumerate(keys)}  # fmt: skip
 
 
 def _progress(total: int, initial: int, *, show: bool):
