@@ -15,6 +15,7 @@ One step:
     (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
     -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
+With ``--env`` a rollout is a batch of multi-turn episodes (episodes.py): the same step.
 
 Each concern is behind its own module, so this file holds no model-, task- or engine-specific
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
@@ -37,11 +38,11 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, models, rundir
+from gspo.train import data, engines, episodes, models, rundir
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
-from gspo.train.rewards import RewardError, score
+from gspo.train.rewards import RewardError
 from gspo.train.tasks import build_task, prompts_at
 from gspo.train.update import lr_lambda, update
 
@@ -134,12 +135,14 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     # the sampler (--rollout): built once, from the current (resumed) weights
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
     cleanup.callback(sampler.close)
+    # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes
+    collect = episodes.build(d, config.sampling, sampler, policy.tokenizer, policy.model,
+                             reward_fn)  # fmt: skip
     group_size = run.group_size
 
     def evaluate() -> float:
         mine = held_out[world.rank :: world.size]
-        rollout = sampler.sample(mine, group_size=1, greedy=True)
-        rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
+        _, rewards = _collect(collect, mine, 1, True, world, lambda: save(step, position))
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
@@ -164,13 +167,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
             # prompts -> rollouts: this rank's contiguous share of the step's prompts
             prompts = prompts_at(pool, run.seed, position, run.prompts_per_step)
-            rollout = sampler.sample(dd.shard(prompts, world), group_size=group_size,
-                                     greedy=False)  # fmt: skip
-            times = {"time_rollout": time.perf_counter() - t0}
-            # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
-            # on a reward error, save the state this step started from (RNG included)
+            # on a reward or environment error, save the state this step started from
             on_error = functools.partial(save, step - 1, position, rng_before)
-            rewards = _score_all(reward_fn, rollout, world, on_error)
+            rollout, rewards = _collect(collect, dd.shard(prompts, world), group_size, False,
+                                        world, on_error)  # fmt: skip
+            times = {"time_rollout": time.perf_counter() - t0}  # rewards included
+            # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
             position += run.prompts_per_step
             reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
             adv = advantages(reward_t, group_size=group_size, norm=config.objective.adv_norm)
@@ -185,10 +187,11 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = step_metrics(step, rewards, rollout, history, t0,
                                   scheduler.get_last_lr()[0], world)  # fmt: skip
+            record.update(dd.all_mean(collect.metrics(rollout), world))  # {} single-turn
             record.update(times)
             groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
-                                   group_size=group_size,
-                                   count=run.samples_per_step)  # fmt: skip
+                                   group_size=group_size, count=run.samples_per_step,
+                                   episodes=rollout.episodes)  # fmt: skip
             evaluating = step % run.eval_every == 0 or step == run.steps
             if evaluating:
                 record["eval_reward"] = evaluate()
@@ -232,17 +235,20 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
                          f"rank ({world.size})")  # fmt: skip
 
 
-def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
-    """Score this rank's rollouts; if any rank's reward fails, every rank checkpoints
-    (``on_error``) and the run stops with the failing rank's message."""
-    error = None
+def _collect(collect, prompts, group_size: int, greedy: bool, world: dd.World, on_error):
+    """(rollout, rewards) of this rank's prompts; if any rank's reward or environment fails
+    (RewardError, EnvError), every rank checkpoints (``on_error``) and the run stops with the
+    failing rank's message."""
+    error = rollout = None
     try:
-        rewards = score(reward_fn, rollout.prompts, rollout.completions)
+        rollout = collect.rollout(prompts, group_size=group_size, greedy=greedy)
+        rewards = collect.score(rollout)
     except RewardError as err:
         error, rewards = err, []
     if dd.any_rank(error is not None, world):
         on_error()
         if error is None:
-            raise RewardError("the reward function failed on another rank (see its message)")
+            raise RewardError("the reward function or environment failed on another rank (see "
+                              "its message)")  # fmt: skip
         raise error
-    return rewards
+    return rollout, rewards
