@@ -128,8 +128,9 @@ class _Parser:
         token = self.take()
         if token == "(":
             value = self.expr()
-            if self.take() != ")":
+            if self.peek() != ")":
                 raise CalcError("a parenthesis is not closed")
+            self.take()
             return value
         if token[0].isdigit() or token[0] == ".":
             return Fraction(token)
