@@ -3,8 +3,8 @@ and ``--compare``.
 
 Precedence: defaults < the resumed run's config.json < --config FILE < flags.
 Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the fix),
-3 the reward function or the --env environment failed (a checkpoint was saved first), 130 stopped by a signal
-(a checkpoint was saved; continue with --resume RUN_DIR).
+3 the reward function or the --env environment failed (a checkpoint was saved first),
+130 stopped by a signal (a checkpoint was saved; continue with --resume RUN_DIR).
 """
 
 from __future__ import annotations

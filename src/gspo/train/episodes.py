@@ -120,7 +120,8 @@ class MultiTurn:
 
     def __init__(self, sampler, tokenizer, env_class: type, *, max_turns: int,
                  system_prompt: str | None, eos: Sequence[int], max_new_tokens: int,
-                 max_len: int | None = None, device: torch.device | str = "cpu") -> None:  # fmt: skip
+                 max_len: int | None = None,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
         self.device = device
         self.sampler, self.tokenizer, self.env_class = sampler, tokenizer, env_class
         self.max_turns, self.max_new_tokens, self.max_len = max_turns, max_new_tokens, max_len
@@ -196,7 +197,8 @@ class MultiTurn:
                     for i in range(len(rows))]  # fmt: skip
         completions = [self.reply_text(r) for r in last_reply]
         return lay_out(rows, prompt_ids, segments, completions, episodes,
-                       pad=self.tokenizer.pad_token_id, greedy=greedy, device=self.device)  # fmt: skip
+                       pad=self.tokenizer.pad_token_id, greedy=greedy,
+                       device=self.device)  # fmt: skip
 
     def score(self, rollout: Rollout) -> Scores:
         return Scores([e["reward"] for e in rollout.episodes])

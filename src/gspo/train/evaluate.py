@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --prompts/--dataset (and so its --reward) are not taken: training held out only their last
 # rows.
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", "env", "max_turns", *(f.name for f in dataclasses.fields(SamplingConfig)))
+                     "max_prompt_tokens", "env", "max_turns",
+                     *(f.name for f in dataclasses.fields(SamplingConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:

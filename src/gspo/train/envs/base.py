@@ -3,7 +3,7 @@
 An environment is any class with this shape (one instance per episode)::
 
     class MyEnv:
-        def __init__(self, **fields): ...        # the prompt row's fields (prompt, question, answer, ...)
+        def __init__(self, **fields): ...        # the prompt row's fields (prompt, answer, ...)
         def reset(self) -> str: ...              # the first user message
         def step(self, reply: str) -> str | None: ...   # the model's reply -> the next message, or
                                                         # None: the episode ends

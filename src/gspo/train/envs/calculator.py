@@ -27,10 +27,12 @@ MAX_CHARS = 200  # longest expression evaluated
 MAX_EXPONENT = 64
 MAX_DIGITS = 400  # a result with more digits than this is refused, not computed further
 
+# No placeholder such as <calc>EXPRESSION</calc>: measured, SmolLM2 copied it word for word
+# (a fifth of the base model's greedy episodes called the calculator on "EXPRESSION").
 SYSTEM_PROMPT = (
-    "You can use a calculator: write <calc>EXPRESSION</calc> (numbers, + - * / and "
-    "parentheses) and you will get its exact value. For example, for 12.5 * 3 write "
-    "<calc>12.5 * 3</calc>, and you get 12.5 * 3 = 37.5. " + INSTRUCTION
+    "You have a calculator. To compute something, write it between <calc> and </calc>, "
+    "for example <calc>12.5 * 3</calc>, and you will be told the exact result, here "
+    "12.5 * 3 = 37.5. " + INSTRUCTION
 )
 
 
