@@ -125,6 +125,14 @@ class TaskConfig:
         metavar="INT",
     )
     eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
+    env: str | None = option(
+        None, "multi-turn episodes with an environment that answers the model and scores the "
+        "episode: a built-in (calculator) or your class as module:Class, imported from the "
+        "current directory (docs/environments.md); none = one prompt, one completion",
+        metavar="NAME")  # fmt: skip
+    max_turns: int | None = option(
+        None, "with --env: most replies of the model per episode (then it ends, counted as "
+        "truncated); none = 4", metavar="INT")  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
@@ -138,6 +146,7 @@ class TaskConfig:
         check(not self.reward or self.prompts is not None or self.dataset is not None,
               "reward", self.reward, "a user reward needs its prompts: add --prompts FILE.jsonl "
               "or --dataset PATH")  # fmt: skip
+        self._check_env()
         self._check_task()
         check_dataset_fields(self)
         for spec in self.reward:
@@ -149,6 +158,21 @@ class TaskConfig:
               self.reward_weights, "weights must be finite")  # fmt: skip
         check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
               self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
+
+    def _check_env(self) -> None:
+        from gspo.train.envs.registry import names
+
+        env, turns = self.env, self.max_turns
+        check(env is None or env in names() or ":" in env, "env", env,
+              f"use a built-in environment ({', '.join(names())}) or your class as "
+              "'module:Class'")  # fmt: skip
+        check(turns is None or env is not None, "max_turns", turns,
+              "it bounds the episodes of an environment: add --env NAME")  # fmt: skip
+        check(turns is None or turns >= 1, "max_turns", turns, "use a positive integer")
+        check(env is None or not self.reward, "reward", self.reward,
+              "with --env the environment's reward() scores each episode: drop --reward")
+        if env is not None and turns is None:
+            object.__setattr__(self, "max_turns", 4)
 
     def _check_task(self) -> None:
         from gspo.train.tasks.registry import TASKS
@@ -166,7 +190,8 @@ class TaskConfig:
         readers = [name for name, t in TASKS.items() if t.question_field]
         for source in ("prompts", "dataset"):
             value = getattr(self, source)
-            check(value is None or bool(self.reward) or task.question_field is not None, source,
+            check(value is None or bool(self.reward) or self.env is not None
+                  or task.question_field is not None, source,
                   value, "your prompts need your reward: add --reward module:function (or use "
                   f"--task {' / '.join(readers)} with question and answer fields)")  # fmt: skip
 
@@ -464,3 +489,7 @@ class TrainConfig(Composite):
         check(buffer <= limit, "overlong_penalty", buffer,
               f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "
               f"{limit}, or 0 for no penalty")  # fmt: skip
+        # Under FSDP every generate() is a collective, but episodes end after different
+        # numbers of turns on each rank: refused rather than left to hang.
+        check(self.data.env is None or not self.run.fsdp, "env", self.data.env,
+              "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")

@@ -23,9 +23,12 @@ from gspo.train.rollout import Rollout
 
 
 def row_spans(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: left padding of its prompt [B], and its response length [B]."""
-    pad = (rollout.attention_mask[:, : rollout.prompt_len] == 0).sum(dim=1)
-    return pad, rollout.response_mask.sum(dim=1)
+    """Per row: left padding of its prompt [B], and its response length [B]: its real
+    tokens after the prompt (a multi-turn episode's environment tokens included; for a
+    single-turn rollout the same as the response mask's count)."""
+    p = rollout.prompt_len
+    pad = (rollout.attention_mask[:, :p] == 0).sum(dim=1)
+    return pad, (rollout.attention_mask[:, p:] != 0).sum(dim=1)
 
 
 def plan(rollout: Rollout, max_tokens: int | None, *, count: int | None = None) -> list[slice]:

@@ -169,17 +169,23 @@ def _progress(total: int, initial: int, *, show: bool):
                 dynamic_ncols=True)  # fmt: skip
 
 
-def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count: int) -> list:
+def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count: int,
+                  episodes=None) -> list:  # fmt: skip
     """The first ``count`` groups of a step: ``{"prompt", "completions": [{"text",
-    "reward", "advantage"}]}``; ``prompts`` and the rest are per sequence [B]."""
+    "reward", "advantage"}]}``; ``prompts`` and the rest are per sequence [B]. With
+    multi-turn ``episodes`` (Rollout.episodes) each completion also has ``"turns"``, the
+    episode's messages in order, and ``"truncated"``; its ``"text"`` is the last reply."""
     out = []
     for g in range(min(count, len(completions) // group_size)):
         rows = range(g * group_size, (g + 1) * group_size)
-        out.append({
-            "prompt": prompts[rows[0]]["prompt"],
-            "completions": [{"text": completions[i], "reward": float(rewards[i]),
-                             "advantage": float(adv[i])} for i in rows],
-        })  # fmt: skip
+        items = []
+        for i in rows:
+            item = {"text": completions[i], "reward": float(rewards[i]),
+                    "advantage": float(adv[i])}  # fmt: skip
+            if episodes is not None:
+                item.update(turns=episodes[i]["turns"], truncated=episodes[i]["truncated"])
+            items.append(item)
+        out.append({"prompt": prompts[rows[0]]["prompt"], "completions": items})
     return out
 
 
@@ -187,7 +193,15 @@ def format_group(group: dict, width: int = 100) -> str:
     """A group as a few printable lines (for the console every --eval-every steps)."""
     lines = [f"prompt: {_clip(group['prompt'], width)}"]
     for c in group["completions"]:
-        lines.append(f"  r={c['reward']:+.2f} A={c['advantage']:+.2f} | {_clip(c['text'], width)}")
+        head = f"  r={c['reward']:+.2f} A={c['advantage']:+.2f} | "
+        if "turns" not in c:
+            lines.append(head + _clip(c["text"], width))
+            continue
+        # an episode, turn by turn (the first message is the prompt, printed above)
+        turns = c["turns"][1:]
+        cut = " (truncated)" if c.get("truncated") else ""
+        lines.append(head + f"{sum(t['role'] == 'assistant' for t in turns)} turns{cut}")
+        lines += [f"      {t['role']}: {_clip(t['content'], width)}" for t in turns]
     return "\n".join(lines)
 
 

@@ -115,7 +115,7 @@ def _join(groups: list[tuple[Rollout, Scores]], pad_id: int) -> tuple[Rollout, S
 
 
 def collect(
-    sampler,
+    sample: Callable[..., Rollout],
     pool: Sequence[dict],
     *,
     position: int,
@@ -128,9 +128,11 @@ def collect(
 ) -> Batch:
     """The step's batch, from data position ``position`` (module docstring).
 
-    ``score(rollout)`` scores this rank's completions (the loop's: it checkpoints and stops
-    the run on a reward error); ``eos``: the ids that end a response; ``pad_id``: the
-    tokenizer's pad (rounds are joined with it); ``step``: named in the warning."""
+    ``sample(prompts, group_size=, greedy=)`` samples this rank's prompts (one completion
+    each, or an environment's episodes: gspo.train.episodes); ``score(rollout)`` scores them
+    (the loop's: it checkpoints and stops the run on a reward or environment error); ``eos``:
+    the ids that end a response; ``pad_id``: the tokenizer's pad (rounds are joined with it);
+    ``step``: named in the warning."""
     run, batch = config.run, config.batch
     group_size, per_step = run.group_size, run.prompts_per_step
     quota = per_step // world.size  # this rank's groups
@@ -139,7 +141,7 @@ def collect(
     rounds = 0
     for rounds in range(1, batch.rounds + 1):
         prompts = prompts_at(pool, run.seed, position + (rounds - 1) * per_step, per_step)
-        rollout = sampler.sample(dd.shard(prompts, world), group_size=group_size, greedy=False)
+        rollout = sample(dd.shard(prompts, world), group_size=group_size, greedy=False)
         rewards = _with_penalty(score(rollout), rollout, config)
         if not batch.dynamic_sampling:
             return _finish(rollout, rewards, config, world, eos, rounds=1, counts=None)
