@@ -183,8 +183,11 @@ class SamplingConfig:
     temperature: float = option(1.0, "sampling temperature (log-probs use the same)")
     top_p: float = option(1.0, "nucleus sampling mass")
     vllm_memory: float | None = option(
-        None, "vLLM memory: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU (none = 1)"
-    )
+        None, "vLLM memory per rank: GPU fraction on CUDA (none = 0.3), KV-cache GiB on CPU "
+        "(none = 1)")  # fmt: skip
+    vllm_tp: int = option(
+        1, "under torchrun: ranks per vLLM engine (tensor parallel); each group of K ranks "
+        "samples its gathered prompts together; 1 = one engine per rank")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -194,6 +197,9 @@ class SamplingConfig:
         check(0 < self.top_p <= 1, "top_p", self.top_p, "it must be in (0, 1]")
         memory = self.vllm_memory
         check(memory is None or memory > 0, "vllm_memory", memory, "use > 0, or none")
+        check(self.vllm_tp >= 1, "vllm_tp", self.vllm_tp, "use a positive integer")
+        check(self.vllm_tp == 1 or self.rollout == "vllm", "vllm_tp", self.vllm_tp,
+              "tensor-parallel sampling is vLLM's: add --rollout vllm")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -343,6 +349,12 @@ class RunConfig:
         "else torch's default",
     )
     fsdp: bool = option(False, "shard the model with FSDP2 under torchrun (else DDP)")
+    async_rollouts: bool = option(
+        False, "generate the next batch while the trainer updates on this one (one step "
+        "off-policy; gspo.train.overlap)")  # fmt: skip
+    max_staleness: int = option(
+        1, "with --async-rollouts: optimizer updates (steps) the sampler's weights may lag the "
+        "trainer's; batch k is sampled by the weights after step k - 1 - max_staleness")  # fmt: skip
     progress: bool = option(True, "show a tqdm progress bar")
     plot: bool = option(True, "draw reward.png at the end")
     report_to: tuple[str, ...] = option(
@@ -362,6 +374,10 @@ class RunConfig:
               "group advantages need at least 2 samples per prompt")  # fmt: skip
         check(self.threads >= 0, "threads", self.threads, "use >= 0 (0 = automatic)")
         check(self.samples_per_step >= 0, "samples_per_step", self.samples_per_step, "use >= 0")
+        check(self.max_staleness >= 1, "max_staleness", self.max_staleness,
+              "use a positive integer (1 = one step off-policy)")  # fmt: skip
+        check(self.max_staleness == 1 or self.async_rollouts, "max_staleness",
+              self.max_staleness, "it bounds the lag of --async-rollouts: add it")  # fmt: skip
 
 
 @dataclass(frozen=True, init=False)
@@ -381,3 +397,19 @@ class TrainConfig(Composite):
         n_seq = self.run.prompts_per_step * self.run.group_size
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
+        self._check_async()
+
+    def _check_async(self) -> None:
+        run, rollout = self.run, self.sampling.rollout
+        if not run.async_rollouts or rollout != "hf":
+            return
+        # The HF engine samples the policy module itself; ahead of the trainer it needs a copy
+        # of its own (gspo.train.overlap), which is a plain replica of the HF model.
+        for name, value, unset, why in (
+            ("fsdp", run.fsdp, False, "the sampler's copy would be a whole model per rank"),
+            ("lora_r", self.optim.lora_r, 0, "the sampler's copy would hold the adapters"),
+            ("keep_dropout", self.optim.keep_dropout, False,
+             "dropout draws from the RNG the HF sampler thread draws from at the same time"),
+        ):  # fmt: skip
+            check(value == unset, name, value, f"with --async-rollouts and --rollout hf {why}: "
+                  "use --rollout vllm (it holds its own weights), or drop the option")  # fmt: skip

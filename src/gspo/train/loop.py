@@ -5,12 +5,15 @@ Launch:
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
     gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
+    gspo train --async-rollouts                  # generate batch k+1 during update k
     gspo train --lora-r 8 --lr 3e-2 --merge      # LoRA adapters (PEFT), base weights frozen
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
+    torchrun --nproc-per-node 2 -m gspo train --rollout vllm   # a vLLM engine on every rank
 
 One step:
-    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards -> group
+    prompts (this rank's share) -> G samples each (the --rollout engine, now or generated
+    ahead by a sampler thread: overlap.py) -> rewards -> group
     advantages -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
     (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
@@ -18,7 +21,7 @@ One step:
 
 Each concern is behind its own module, so this file holds no model-, task- or engine-specific
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
-tasks/ (prompts and rewards), engines/ (samplers), update.py (old log-probs and the
+tasks/ (prompts and rewards), engines/ (samplers), overlap.py (when they sample), update.py (old log-probs and the
 optimizer steps), checkpoint.py (save and restore everything), report.py (metrics, samples,
 progress).
 """
@@ -37,7 +40,7 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, models, rundir
+from gspo.train import data, engines, models, overlap, rundir
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
@@ -134,11 +137,20 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     # the sampler (--rollout): built once, from the current (resumed) weights
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
     cleanup.callback(sampler.close)
-    group_size = run.group_size
+    group_size, at_start = run.group_size, position
+
+    def prompts_of(k: int) -> list:  # this rank's contiguous share of step k's prompts
+        at = at_start + (k - start - 1) * run.prompts_per_step
+        return dd.shard(prompts_at(pool, run.seed, at, run.prompts_per_step), world)
+
+    # when the sampler runs: at each step, or ahead of the trainer in a thread (--async-rollouts)
+    source = overlap.build(config, sampler, policy, world, prompts_of=prompts_of, start=start,
+                           resumed=resume_from and ckpt.load_pending(resume_from, world.rank))
+    cleanup.callback(source.close)  # fmt: skip
 
     def evaluate() -> float:
         mine = held_out[world.rank :: world.size]
-        rollout = sampler.sample(mine, group_size=1, greedy=True)
+        rollout = source.evaluate(mine)
         rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
@@ -146,7 +158,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     def save(at_step: int, at_position: int, rng: dict | None = None) -> None:
         ckpt.save(run_dir, at_step, at_position, policy=policy, logprobs=logprobs,
                   optimizer=optimizer, scheduler=scheduler, config=config, world=world,
-                  rng=rng)  # fmt: skip
+                  rng=rng, pending=source.pending(at_step))  # fmt: skip
 
     # ---- the loop
     rundir.create(run_dir, config, world)
@@ -162,11 +174,9 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     with Stop() as stop:
         for step in range(start + 1, run.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
-            # prompts -> rollouts: this rank's contiguous share of the step's prompts
-            prompts = prompts_at(pool, run.seed, position, run.prompts_per_step)
-            rollout = sampler.sample(dd.shard(prompts, world), group_size=group_size,
-                                     greedy=False)  # fmt: skip
-            times = {"time_rollout": time.perf_counter() - t0}
+            # prompts -> rollouts (sampled now, or waited for: time_rollout)
+            batch = source.next(step)
+            rollout, times = batch.rollout, {"time_rollout": batch.wait}
             # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
             # on a reward error, save the state this step started from (RNG included)
             on_error = functools.partial(save, step - 1, position, rng_before)
@@ -179,13 +189,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             history = update(logprobs, ref_logprobs, optimizer, scheduler, rollout, adv,
                              config=config, world_size=world.size)  # fmt: skip
             t2 = time.perf_counter()
-            # the next step samples the new policy (under LoRA: W + s B A, merged on the fly)
-            sampler.load_weights(policy.sampler_weights())
-            times["time_weight_sync"] = time.perf_counter() - t2
+            # the new policy into the sampler (under LoRA: W + s B A, merged on the fly)
+            times.update(source.updated(step))
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = step_metrics(step, rewards, rollout, history, t0,
                                   scheduler.get_last_lr()[0], world)  # fmt: skip
-            record.update(times)
+            record.update(times, policy_lag=batch.lag)
             groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
                                    group_size=group_size,
                                    count=run.samples_per_step)  # fmt: skip

@@ -130,6 +130,11 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
     merged = dd.all_mean(local, world)
     for key, big in extremes.items():
         merged[key] = dd.all_extreme(local[key], world, largest=big)
+    # Each rank has its own sampler (vLLM on every rank): say per rank that it agrees.
+    per_rank = [k for k in ("mismatch_k3", "mismatch_max_abs") if k in local]
+    if world.distributed and per_rank:
+        for r, values in enumerate(dd.all_gather_floats([local[k] for k in per_rank], world)):
+            merged.update({f"{k}/rank{r}": v for k, v in zip(per_rank, values, strict=True)})
     elapsed = time.perf_counter() - t0
     return {
         "step": step,

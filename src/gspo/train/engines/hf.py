@@ -21,7 +21,8 @@ from gspo.train.rollout import Rollout, assemble, concat, encode_prompts, eos_id
 
 class HFEngine:
     """Samples with ``model.generate``. It holds the policy itself, so there are no weights
-    to copy: ``load_weights`` has nothing to do.
+    to copy: ``load_weights`` has nothing to do. ``detach`` makes one that samples a copy
+    (for the overlapped sampler, gspo.train.overlap), whose ``load_weights`` copies in.
 
     ``sampling`` is a SamplingConfig; ``batch_size``: sequences per ``generate`` call (0:
     all of a call's at once); ``progress``: a bar over the prompts (``gspo eval``)."""
@@ -32,6 +33,22 @@ class HFEngine:
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
         self.batch_size, self.progress = batch_size, progress
+        self.own_copy, self.seed = False, 0
+
+    @property
+    def shares_policy(self) -> bool:
+        """True while it samples the trainer's module (whose weights move during an update)."""
+        return not self.own_copy
+
+    def detach(self, *, seed: int) -> HFEngine:
+        """An engine on a copy of the model (one more replica in memory), seeded batches
+        drawn from ``seed`` (this rank's). Refused under FSDP2 (config: a whole model per
+        rank) and LoRA (the copy would hold adapters, the sampler weights are merged)."""
+        import copy
+
+        engine = HFEngine(copy.deepcopy(self.model), self.tokenizer, self.sampling)
+        engine.own_copy, engine.seed = True, seed
+        return engine
 
     @classmethod
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
@@ -46,7 +63,14 @@ class HFEngine:
         """`gspo eval`'s engine: ``batch_size`` sequences per call, a progress bar."""
         return cls(model, tokenizer, sampling, batch_size=batch_size, progress=True)
 
-    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+               seed: int | None = None) -> Rollout:  # fmt: skip
+        """``seed``: re-seed torch's RNG with (engine seed, ``seed``) first, so that the batch
+        does not depend on what drew from it before (``generate`` takes no generator; the
+        overlapped sampler's trainer thread draws nothing while it runs: config refuses
+        --keep-dropout there)."""
+        if seed is not None:
+            torch.manual_seed(self.seed * 1_000_003 + seed * 65_537)
         c = self.sampling
         per_call = max(1, self.batch_size // group_size) if self.batch_size else len(prompts)
         parts = []
@@ -64,7 +88,12 @@ class HFEngine:
         return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pass  # generate() runs the policy module: it is always current
+        if not self.own_copy:
+            return  # generate() runs the policy module: it is always current
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named:
+                own[name].copy_(tensor)  # tied weights come once; the alias shares storage
 
     def close(self) -> None:
         pass
