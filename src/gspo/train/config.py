@@ -353,8 +353,8 @@ class RunConfig:
         False, "generate the next batch while the trainer updates on this one (one step "
         "off-policy; gspo.train.overlap)")  # fmt: skip
     max_staleness: int = option(
-        1, "with --async-rollouts: optimizer updates (steps) the sampler's weights may lag the "
-        "trainer's; batch k is sampled by the weights after step k - 1 - max_staleness")  # fmt: skip
+        1, "with --async-rollouts: steps the sampler's weights may lag the trainer's; batch "
+        "k is sampled by the weights after step k - 1 - max_staleness")  # fmt: skip
     progress: bool = option(True, "show a tqdm progress bar")
     plot: bool = option(True, "draw reward.png at the end")
     report_to: tuple[str, ...] = option(

@@ -21,9 +21,9 @@ One step:
 
 Each concern is behind its own module, so this file holds no model-, task- or engine-specific
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
-tasks/ (prompts and rewards), engines/ (samplers), overlap.py (when they sample), update.py (old log-probs and the
-optimizer steps), checkpoint.py (save and restore everything), report.py (metrics, samples,
-progress).
+tasks/ (prompts and rewards), engines/ (samplers), overlap.py (when they sample), update.py
+(old log-probs and the optimizer steps), checkpoint.py (save and restore everything),
+report.py (metrics, samples, progress).
 """
 
 from __future__ import annotations
