@@ -175,3 +175,11 @@ def test_option_errors_name_the_flag():
     with pytest.raises(ValueError, match="--vllm-tp .*--rollout vllm"):
         TrainConfig(vllm_tp=2)
     TrainConfig(async_rollouts=True, max_staleness=2)  # accepted
+
+
+def test_async_turns_seq_tis_on_by_default_and_only_then():
+    assert TrainConfig(async_rollouts=True).rollout_correction == "seq-tis"
+    assert TrainConfig().rollout_correction == "none"
+    assert TrainConfig(async_rollouts=True, old_logprobs="sampler").rollout_correction == "none"
+    chosen = TrainConfig(async_rollouts=True, rollout_correction="seq-mask")
+    assert chosen.rollout_correction == "seq-mask"
