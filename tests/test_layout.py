@@ -105,7 +105,12 @@ def test_a_run_written_before_the_layout_change_resumes_exactly(tmp_path):
     for key, value in want.items():
         if key not in timing:
             assert rows[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    # config.json keeps its flat form: the old run's keys and values, and what this
-    # launch set (the run it resumes, no progress bar)
-    assert json.loads((run / "config.json").read_text()) == {**saved_config, "resume": str(run),
-                                                             "progress": False}  # fmt: skip
+    # config.json keeps its flat form: the old run's keys and values, what this launch set
+    # (the run it resumes, no progress bar), and options added since at their defaults
+    written = json.loads((run / "config.json").read_text())
+    from gspo.config import to_dict
+    from gspo.train.config import TrainConfig
+
+    defaults = to_dict(TrainConfig())
+    added = {key: defaults[key] for key in written.keys() - saved_config.keys()}
+    assert written == {**saved_config, **added, "resume": str(run), "progress": False}

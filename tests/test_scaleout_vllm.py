@@ -79,3 +79,16 @@ def test_vllm_tp_must_divide_the_world():
     sampling = TrainConfig(rollout="vllm", vllm_tp=2).sampling
     with pytest.raises(ValueError, match="--vllm-tp 2: the 3 torchrun ranks"):
         VLLMEngine.for_run(sampling, None, world, None, seed=0)
+
+
+def test_vllm_async_in_one_process(tmp_path):
+    """The sampler thread's OpenMP thread count is the trainer's (a new thread starts at the
+    machine's default, and vLLM's CPU attention then fails: '2 vs. 1')."""
+    from gspo.train.cli import parse_config
+    from gspo.train.loop import train
+
+    run = train(parse_config([*TINY, "--async-rollouts", "--steps", "3", "--run-dir",
+                              str(tmp_path / "run")])[0])  # fmt: skip
+    steps = rows(tmp_path / "run")[1:]
+    assert run["finished"] and [r["policy_lag"] for r in steps] == [0, 1, 1]
+    assert steps[0]["mismatch_k3"] < 1e-8 and steps[0]["mismatch_max_abs"] < 1e-4

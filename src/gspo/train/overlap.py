@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from gspo.train.rollout import Rollout
 
 
@@ -109,6 +111,7 @@ class Overlapped:
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._serve, name="gspo-sampler", daemon=True)
         self._thread.start()
         # Fresh: batches 1 .. S+1 from W_0. Resumed after step k: k+1 .. k+S were saved,
@@ -175,6 +178,10 @@ class Overlapped:
     # ---- the sampler thread
 
     def _serve(self) -> None:
+        # OpenMP's thread count is per thread: a new one starts at the machine's default,
+        # and vLLM's CPU attention refuses metadata built for another count (measured:
+        # "thread_num == thread_num (2 vs. 1)"). Use the trainer's setting.
+        torch.set_num_threads(self._threads)
         while True:
             t0 = time.perf_counter()
             with self._cond:
