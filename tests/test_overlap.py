@@ -177,9 +177,11 @@ def test_option_errors_name_the_flag():
     TrainConfig(async_rollouts=True, max_staleness=2)  # accepted
 
 
-def test_async_turns_seq_tis_on_by_default_and_only_then():
-    assert TrainConfig(async_rollouts=True).rollout_correction == "seq-tis"
-    assert TrainConfig().rollout_correction == "none"
-    assert TrainConfig(async_rollouts=True, old_logprobs="sampler").rollout_correction == "none"
-    chosen = TrainConfig(async_rollouts=True, rollout_correction="seq-mask")
-    assert chosen.rollout_correction == "seq-mask"
+def test_async_takes_the_samplers_log_probs_by_default_and_only_then():
+    assert TrainConfig(async_rollouts=True).old_logprobs == "sampler"
+    assert TrainConfig().old_logprobs == "trainer"
+    corrected = TrainConfig(async_rollouts=True, rollout_correction="seq-tis")
+    assert corrected.old_logprobs == "trainer"  # a correction weighs the trainer's
+    assert TrainConfig(async_rollouts=True, old_logprobs="trainer").old_logprobs == "trainer"
+    with pytest.raises(ValueError, match="--rollout-correction .*--old-logprobs trainer"):
+        TrainConfig(old_logprobs="sampler", rollout_correction="seq-tis")
