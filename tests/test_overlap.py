@@ -101,7 +101,7 @@ def test_resumed_source_equals_a_straight_one(staleness):
     drive(first, policy, 1, 3)
     saved = first.pending(3)  # what the checkpoint after step 3 holds
     first.close()
-    assert sorted(saved) == list(range(4, 4 + staleness))  # 3+1+S is drawn again
+    assert sorted(saved["batches"]) == list(range(4, 4 + staleness))  # 3+1+S drawn again
     again = source(3, saved, 3)  # the engine is rebuilt from the checkpoint's W_3
     got = drive(again, policy, 4, 6)
     again.close()
@@ -185,3 +185,19 @@ def test_async_takes_the_samplers_log_probs_by_default_and_only_then():
     assert TrainConfig(async_rollouts=True, old_logprobs="trainer").old_logprobs == "trainer"
     with pytest.raises(ValueError, match="--rollout-correction .*--old-logprobs trainer"):
         TrainConfig(old_logprobs="sampler", rollout_correction="seq-tis")
+
+
+def test_batches_saved_on_another_number_of_ranks_are_drawn_again():
+    """Each rank's saved batch holds its share of the prompts: on another world size they
+    would be the wrong prompts, so they are drawn again from the checkpoint's weights."""
+    policy = FakePolicy()
+    first = Overlapped(FakeSampler(), policy, prompts_of, group_size=2, staleness=1,
+                       resumed={}, start=0, world_size=2)  # fmt: skip
+    drive(first, policy, 1, 3)
+    saved = first.pending(3)
+    first.close()
+    again = Overlapped(FakeSampler(held=3), policy, prompts_of, group_size=2, staleness=1,
+                       resumed=saved, start=3, world_size=1)  # fmt: skip
+    (rollout, lag), *_ = drive(again, policy, 4, 5)
+    again.close()
+    assert rollout[1] == 3 and lag == 0  # drawn again by W_3, not the saved W_2 batch

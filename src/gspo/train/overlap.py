@@ -23,7 +23,8 @@ only adds lag (and absorbs nothing), S = 1 is the useful setting.
 
 Determinism: every asynchronous batch is drawn from its own seed (the step number, offset
 per rank by the engine), not the process's running RNG, which the trainer thread uses
-meanwhile. A checkpoint after step k keeps the finished batches k+1 .. k+S (``pending``);
+meanwhile. A checkpoint after step k keeps the finished batches k+1 .. k+S (``pending``; each rank
+its own share, so they are used only when resuming on as many ranks);
 the one in flight, k+1+S, was drawn by W_k, the checkpoint's own weights, and is drawn
 again on resume from its seed. A resumed run therefore equals a straight one.
 
@@ -63,7 +64,8 @@ def build(config, sampler, policy, world, *, prompts_of: Callable[[int], list],
     if getattr(sampler, "shares_policy", False):  # HF: sample a copy, not the moving module
         sampler = sampler.detach(seed=run.seed + 7919 * world.rank)
     return Overlapped(sampler, policy, prompts_of, group_size=run.group_size,
-                      staleness=run.max_staleness, resumed=resumed or {}, start=start)  # fmt: skip
+                      staleness=run.max_staleness, resumed=resumed or {}, start=start,
+                      world_size=world.size)  # fmt: skip
 
 
 class Synchronous:
@@ -99,11 +101,15 @@ class Overlapped:
     (module docstring). Every call is made from the trainer's thread."""
 
     def __init__(self, sampler, policy, prompts_of, *, group_size: int, staleness: int,
-                 resumed: dict, start: int):  # fmt: skip
+                 resumed: dict, start: int, world_size: int = 1):  # fmt: skip
         self.sampler, self.policy, self.prompts_of = sampler, policy, prompts_of
         self.group_size, self.staleness = group_size, staleness
         self.ready: dict[int, tuple[Rollout, int]] = {}  # step -> (rollout, weights' version)
-        self.ready.update({int(k): (r, int(v)) for k, (r, v) in resumed.items()})
+        # Saved on another number of ranks, a batch holds another share of the prompts:
+        # then they are drawn again, from the checkpoint's weights (policy_lag 0 for them).
+        self.world_size = world_size
+        if resumed.get("world_size") == world_size:
+            self.ready.update({int(k): (r, int(v)) for k, (r, v) in resumed["batches"].items()})
         self.version = start  # the sampler holds W_start (built from it)
         self.error: BaseException | None = None
         self.idle_time = 0.0  # seconds the sampler thread waited for work
@@ -150,10 +156,11 @@ class Overlapped:
         return self.sampler.sample(prompts, group_size=1, greedy=True)
 
     def pending(self, step: int) -> dict:
-        """{k: (rollout, version)} of the finished batches a resume after ``step`` needs."""
+        """The finished batches a resume after ``step`` needs: ``{"world_size": ranks,
+        "batches": {k: (rollout, version)}}``."""
         with self._cond:
-            return {k: v for k, v in self.ready.items()
-                    if step < k <= step + self.staleness}  # fmt: skip
+            batches = {k: v for k, v in self.ready.items() if step < k <= step + self.staleness}
+        return {"world_size": self.world_size, "batches": batches}
 
     def close(self) -> None:
         with self._cond:
