@@ -168,13 +168,6 @@ def test_vllm_follows_the_policy_after_an_update(trap, vllm_engine):
         vllm_engine.load_weights(dd.full_params(model))  # the module's engine: back to `trap`
 
 
-def test_vllm_under_torchrun_is_a_clear_error(trap):
-    model, tok = trap
-    world = dd.World(rank=0, size=2)
-    with pytest.raises(ValueError, match=r"--rollout vllm runs one vLLM engine .*--rollout hf"):
-        build(dataclasses_replace(rollout="vllm"), model, tok, world)
-
-
 def test_prompts_keep_bos_unless_a_chat_template_writes_it():
     from tokenizers import processors
 

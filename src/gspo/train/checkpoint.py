@@ -12,7 +12,8 @@ Layout of ``RUN_DIR/checkpoints/step-000050/``:
     optimizer/     AdamW state via torch.distributed.checkpoint, keyed by parameter name:
                    every rank writes its shards; it loads on any number of ranks
     trainer.pt     scheduler, step, data position, the config
-    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank)
+    rank0.pt       each rank's RNG states (python / torch / cuda: sampling differs per rank),
+                   and under --async-rollouts its batches generated ahead (gspo.train.overlap)
 
 A checkpoint is written into a temporary directory next to its final place, every file is
 fsync'ed, then the directory is renamed into place (atomic on POSIX), so a crash mid-write
@@ -77,25 +78,28 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None) -> None:
+def write_rank_state(tmp: Path, rank: int, *, rng: dict | None = None,
+                     pending: dict | None = None) -> None:  # fmt: skip
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {"rng": rng or rng_state()}
+    state = {"rng": rng or rng_state(), "pending": pending or {}}
     torch.save(state, tmp / f"rank{rank}.pt")
 
 
 def save(run_dir: Path, step: int, position: int, *, policy, logprobs, optimizer, scheduler,
-         config, world: dd.World, rng: dict | None = None) -> None:  # fmt: skip
+         config, world: dd.World, rng: dict | None = None,
+         pending: dict | None = None) -> None:  # fmt: skip
     """Checkpoint ``step`` (``position``: prompts consumed) on every rank: the model or
     adapter (``policy``, gspo.train.models), the optimizer state of ``logprobs``' parameters
     (DCP), the scheduler, the config and each rank's RNG states (``rng``: those of an earlier
-    moment, e.g. the start of a step that failed). Atomic: staged, then renamed."""
+    moment, e.g. the start of a step that failed) and ``pending``, the rollouts generated
+    ahead for the next steps (gspo.train.overlap). Atomic: staged, then renamed."""
     state = policy.state_dict(world)  # collectives first, on every rank
     tmp = staging_dir(run_dir, step)
     if world.main and tmp.exists():
         shutil.rmtree(tmp)  # left over from a crash mid-write
     dd.barrier(world)
     dd.save_optimizer(logprobs, optimizer, tmp / "optimizer", world)
-    write_rank_state(tmp, world.rank, rng=rng)
+    write_rank_state(tmp, world.rank, rng=rng, pending=pending)
     if world.main:
         tmp.mkdir(parents=True, exist_ok=True)
         policy.save(tmp, state)
@@ -157,6 +161,12 @@ def latest(run_dir: Path) -> Path:
 
 def load_trainer_state(path: Path) -> dict:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def load_pending(path: Path, rank: int) -> dict:
+    """The rollouts this rank had generated ahead when ``path`` was saved ({} if none)."""
+    mine = load_rank_state(path, rank)
+    return {} if mine is None else mine.get("pending", {})
 
 
 def load_rank_state(path: Path, rank: int) -> dict:

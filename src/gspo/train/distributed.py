@@ -282,3 +282,39 @@ def gathered(engine: torch.nn.Module):
         yield
     finally:
         engine.reshard()
+
+
+def subgroup(world: World, size: int):
+    """The gloo process group of this rank's block of ``size`` consecutive ranks (a
+    tensor-parallel sampler), None when ``size`` is 1. A collective: ``new_group`` must be
+    called by every rank for every block, in the same order."""
+    if size == 1 or not world.distributed:
+        return None
+    mine = None
+    for start in range(0, world.size, size):
+        group = dist.new_group(list(range(start, start + size)), backend="gloo")
+        if start <= world.rank < start + size:
+            mine = group
+    return mine
+
+
+def gather_in_group(items: list, group) -> tuple[list, int]:
+    """(the items of every rank of ``group`` in rank order, where this rank's start), for a
+    sampler shared by the group; ``(items, 0)`` without a group. Python objects over gloo,
+    so prompts of any length or kind."""
+    if group is None:
+        return items, 0
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
+    mine = dist.get_rank(group)
+    return [x for part in parts for x in part], sum(len(p) for p in parts[:mine])
+
+
+def all_gather_floats(values: list[float], world: World) -> list[list[float]]:
+    """Every rank's ``values`` (same length everywhere), in rank order."""
+    if not world.distributed:
+        return [values]
+    t = torch.tensor(values, dtype=torch.float64, device=world.device)
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]

@@ -5,14 +5,16 @@ Launch:
     gspo train --model ./my-hf-model --prompts data.jsonl --reward mypkg.rewards:score
     gspo train --resume runs/20261124-120000     # continue from the last checkpoint
     gspo train --rollout vllm                    # sample with vLLM (one engine, in process)
+    gspo train --async-rollouts                  # generate batch k+1 during update k
     gspo train --lora-r 8 --lr 3e-2 --merge      # LoRA adapters (PEFT), base weights frozen
     torchrun --nproc-per-node 2 -m gspo train    # DDP, gloo on CPU / nccl on CUDA
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
+    torchrun --nproc-per-node 2 -m gspo train --rollout vllm   # a vLLM engine on every rank
 
 One step:
-    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards (and,
-    with --dynamic-sampling, more rounds until the step's groups are informative:
-    sampling.py) -> group advantages
+    prompts (this rank's share) -> G samples each (the --rollout engine, now or generated
+    ahead by a sampler thread: overlap.py) -> rewards (and, with --dynamic-sampling, more
+    rounds until the step's groups are informative: sampling.py) -> group advantages
     -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
     (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
@@ -21,9 +23,9 @@ With ``--env`` a rollout is a batch of multi-turn episodes (episodes.py): the sa
 
 Each concern is behind its own module, so this file holds no model-, task- or engine-specific
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
-tasks/ (prompts and rewards), engines/ (samplers), update.py (old log-probs and the
-optimizer steps), checkpoint.py (save and restore everything), report.py (metrics, samples,
-progress).
+tasks/ (prompts and rewards), engines/ (samplers), overlap.py (when they sample), update.py
+(old log-probs and the optimizer steps), checkpoint.py (save and restore everything),
+report.py (metrics, samples, progress).
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, episodes, models, resume, rundir, sampling
+from gspo.train import data, engines, episodes, models, overlap, resume, rundir, sampling
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
 from gspo.train.rewards import RewardError
 from gspo.train.rollout import eos_ids
-from gspo.train.tasks import build_task
+from gspo.train.tasks import build_task, prompts_at
 from gspo.train.update import lr_lambda, update
 
 
@@ -144,8 +146,17 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes
     collect = episodes.build(d, config.sampling, sampler, policy.tokenizer, policy.model,
                              reward_fn)  # fmt: skip
-    group_size = run.group_size
+    group_size, at_start = run.group_size, position
     eos = eos_ids(policy.hf_model, policy.tokenizer)  # what ends a response (--mask-truncated)
+
+    def prompts_of(k: int) -> list:  # this rank's contiguous share of step k's prompts
+        at = at_start + (k - start - 1) * run.prompts_per_step
+        return dd.shard(prompts_at(pool, run.seed, at, run.prompts_per_step), world)
+
+    # when the sampler runs: at each step, or ahead of the trainer in a thread (--async-rollouts)
+    source = overlap.build(config, sampler, policy, world, prompts_of=prompts_of, start=start,
+                           resumed=resume_from and ckpt.load_pending(resume_from, world.rank))
+    cleanup.callback(source.close)  # fmt: skip
 
     def evaluate(record: dict | None = None, groups: list | None = None) -> float:
         """The held-out reward. On a reward error the run checkpoints at ``step`` (its
@@ -158,7 +169,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             save(step, position)
 
         mine = held_out[world.rank :: world.size]
-        rollout = _sample(collect, world, on_error, mine, group_size=1, greedy=True)
+        now = functools.partial(_sample, collect, world, on_error)
+        rollout = overlap.or_now(source.evaluate(mine), now)(mine, group_size=1, greedy=True)
         rewards = _score(collect, world, on_error, rollout)
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
@@ -166,7 +178,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     def save(at_step: int, at_position: int, rng: dict | None = None) -> None:
         ckpt.save(run_dir, at_step, at_position, policy=policy, logprobs=logprobs,
                   optimizer=optimizer, scheduler=scheduler, config=config, world=world,
-                  rng=rng)  # fmt: skip
+                  rng=rng, pending=source.pending(at_step))  # fmt: skip
 
     # ---- the loop
     rundir.create(run_dir, config, world)
@@ -183,11 +195,14 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         for step in range(start + 1, run.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
             # prompts -> rollouts -> rewards: this rank's contiguous share of the step's
-            # prompts (more rounds under --dynamic-sampling), and the sequences in the loss;
-            # on a reward or environment error, save the state this step started from
+            # prompts (generated ahead under --async-rollouts; more rounds under
+            # --dynamic-sampling), and the sequences in the loss; on a reward or environment
+            # error, save the state this step started from
+            ahead = source.next(step)
             on_error = functools.partial(save, step - 1, position, rng_before)
             batch = sampling.collect(
-                functools.partial(_sample, collect, world, on_error), pool, position=position,
+                overlap.or_now(ahead, functools.partial(_sample, collect, world, on_error)),
+                pool, position=position,
                 config=config, world=world, eos=eos,
                 score=functools.partial(_score, collect, world, on_error),
                 pad_id=policy.tokenizer.pad_token_id, step=step,
@@ -203,13 +218,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             history = update(logprobs, ref_logprobs, optimizer, scheduler, rollout, adv,
                              config=config, world_size=world.size, keep=batch.keep)  # fmt: skip
             t2 = time.perf_counter()
-            # the next step samples the new policy (under LoRA: W + s B A, merged on the fly)
-            sampler.load_weights(policy.sampler_weights())
-            times["time_weight_sync"] = time.perf_counter() - t2
+            # the new policy into the sampler (under LoRA: W + s B A, merged on the fly)
+            times.update(source.updated(step))
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = step_metrics(step, rewards, rollout, history, t0,
                                   scheduler.get_last_lr()[0], world)  # fmt: skip
-            record.update(batch.metrics)
+            record.update(batch.metrics, policy_lag=ahead.lag)
             record.update(dd.all_mean(collect.metrics(rollout), world))  # {} single-turn
             record.update(times)
             groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),

@@ -138,6 +138,11 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
         merged[key] = value if math.isfinite(value) else math.nan
     if "clip_frac_low" in merged:  # the losses that clip (not sapo's gate, cispo's weight)
         merged["clip_frac"] = merged["clip_frac_low"] + merged["clip_frac_high"]
+    # Each rank has its own sampler (vLLM on every rank): say per rank that it agrees.
+    per_rank = [k for k in ("mismatch_k3", "mismatch_max_abs") if k in local]
+    if world.distributed and per_rank:
+        for r, values in enumerate(dd.all_gather_floats([local[k] for k in per_rank], world)):
+            merged.update({f"{k}/rank{r}": v for k, v in zip(per_rank, values, strict=True)})
     elapsed = time.perf_counter() - t0
     return {
         "step": step,

@@ -33,7 +33,8 @@ from gspo.train.rollout import Rollout, assemble, concat, encode_prompts, eos_id
 
 class HFEngine:
     """Samples with ``model.generate``. It holds the policy itself, so there are no weights
-    to copy: ``load_weights`` has nothing to do.
+    to copy: ``load_weights`` has nothing to do. ``detach`` makes one that samples a copy
+    (for the overlapped sampler, gspo.train.overlap), whose ``load_weights`` copies in.
 
     ``sampling`` is a SamplingConfig (its ``generation_batch_size``: sequences per
     ``generate`` call, 0 = all of a call's at once); ``progress``: a bar over the sequences
@@ -45,6 +46,22 @@ class HFEngine:
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
         self.progress = progress
+        self.own_copy, self.seed = False, 0
+
+    @property
+    def shares_policy(self) -> bool:
+        """True while it samples the trainer's module (whose weights move during an update)."""
+        return not self.own_copy
+
+    def detach(self, *, seed: int) -> HFEngine:
+        """An engine on a copy of the model (one more replica in memory), seeded batches
+        drawn from ``seed`` (this rank's). Refused under FSDP2 (config: a whole model per
+        rank) and LoRA (the copy would hold adapters, the sampler weights are merged)."""
+        import copy
+
+        engine = HFEngine(copy.deepcopy(self.model), self.tokenizer, self.sampling)
+        engine.own_copy, engine.seed = True, seed
+        return engine
 
     @classmethod
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
@@ -60,9 +77,16 @@ class HFEngine:
         progress bar."""
         return cls(model, tokenizer, sampling, progress=True)
 
-    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+               seed: int | None = None) -> Rollout:  # fmt: skip
         """``group_size`` samples per prompt, groups contiguous; ``generation_batch_size``
-        rows per ``generate`` call (a group may span two calls: rows are independent)."""
+        rows per ``generate`` call (a group may span two calls: rows are independent).
+        ``seed``: re-seed torch's RNG with (engine seed, ``seed``) first, so that the batch
+        does not depend on what drew from it before (``generate`` takes no generator; the
+        overlapped sampler's trainer thread draws nothing while it runs: config refuses
+        --keep-dropout there)."""
+        if seed is not None:
+            torch.manual_seed(self.seed * 1_000_003 + seed * 65_537)
         c = self.sampling
         rows = [p for p in prompts for _ in range(group_size)]
         per_call = c.generation_batch_size or len(rows)
@@ -104,7 +128,12 @@ class HFEngine:
         return position_limit(self.model)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        pass  # generate() runs the policy module: it is always current
+        if not self.own_copy:
+            return  # generate() runs the policy module: it is always current
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in named:
+                own[name].copy_(tensor)  # tied weights come once; the alias shares storage
 
     def close(self) -> None:
         pass

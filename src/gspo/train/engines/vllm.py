@@ -1,4 +1,13 @@
-"""Rollouts with vLLM: one in-process engine per run, kept in step with the policy.
+"""Rollouts with vLLM: one in-process engine per rank, kept in step with the policy.
+
+Under torchrun every rank holds a colocated engine built with vLLM's ``external_launcher``
+executor (TRL's colocate mode): vLLM joins the trainer's torchrun world instead of starting
+workers of its own. With ``--vllm-tp 1`` (the default) each rank's engine samples that
+rank's own prompts with its own seed. With ``--vllm-tp K`` each group of K consecutive
+ranks is one tensor-parallel engine: the group's prompts are gathered, every rank of the
+group runs the same generation (same seed, each holding 1/K of every layer), and each rank
+keeps the rows of its own prompts. Weights reach every engine after each step from the
+rank's own replica (DDP) or gathered one tensor at a time (FSDP2, ``dd.full_params``).
 
 The engine is created once from a copy of the policy's current weights (the checkpoint's
 on resume) and, after every step's updates, gets the policy's new weights in place through
@@ -25,6 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gspo.train import checkpoint as ckpt
+from gspo.train import distributed as dd
 from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
@@ -45,10 +55,13 @@ def check_available() -> None:
 
 class VLLMEngine:
     def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
-                 weights: Iterable[tuple[str, torch.Tensor]] | None = None):  # fmt: skip
+                 weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 launcher: bool = False, group=None):  # fmt: skip
         """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
         names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
-        holding the adapters."""
+        holding the adapters. ``launcher``: join the torchrun world (``external_launcher``,
+        ``sampling.vllm_tp`` ranks per engine); ``group``: the process group of this rank's
+        tensor-parallel engine (None when it has one rank), over which prompts are gathered."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -56,12 +69,11 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
-        self.tokenizer, self.sampling = tokenizer, sampling
+        self.tokenizer, self.sampling, self.group, self.seed = tokenizer, sampling, group, seed
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
-        state = None if weights is None else {name: t.cpu() for name, t in weights}
-        model.save_pretrained(self.dir, state_dict=state, safe_serialization=True)  # current
+        _write_model(model, self.dir, weights, skip=self.aliases)
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
         memory = sampling.vllm_memory
@@ -84,6 +96,8 @@ class VLLMEngine:
                 enforce_eager=not cuda,  # CPU: no compile time for the tiny model
                 seed=seed,
                 disable_log_stats=True,
+                **({"distributed_executor_backend": "external_launcher",
+                    "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
                 **sizing,
             )
         except Exception:
@@ -96,27 +110,40 @@ class VLLMEngine:
 
     @classmethod
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> VLLMEngine:
-        if world.distributed:
-            raise ValueError(
-                f"--rollout vllm runs one vLLM engine in a single process; under torchrun "
-                f"({world.size} ranks) use --rollout hf (vLLM's own tensor/data parallelism "
-                "inside one trainer process is not wired up yet)"
-            )
+        tp = sampling.vllm_tp
+        if world.size % tp:
+            raise ValueError(f"--vllm-tp {tp}: the {world.size} torchrun ranks must split into "
+                             f"groups of {tp}; use a divisor of {world.size}")  # fmt: skip
+        group = dd.subgroup(world, tp)  # collective: every rank builds every group
+        # One seed per engine: the ranks of a tensor-parallel engine must draw alike.
         return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
-                   seed=seed + 7919 * world.rank, weights=policy.sampler_weights())  # fmt: skip
+                   seed=seed + 7919 * (world.rank // tp), weights=policy.sampler_weights(),
+                   launcher=world.distributed, group=group)  # fmt: skip
 
     @classmethod
     def for_eval(cls, model, tokenizer, sampling, *, device, seed: int):
         """`gspo eval`'s engine (vLLM schedules its own batches)."""
         return cls(model, tokenizer, sampling, device=device, seed=seed)
 
-    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+               seed: int | None = None) -> Rollout:  # fmt: skip
+        """``seed``: draw this batch from its own seeded generators (one per prompt), whatever
+        else uses the process's RNG meanwhile (the overlapped sampler's thread); None: the
+        engine's running RNG."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         c = self.sampling
+        mine = list(prompts)
+        if self.group is not None and seed is None and not greedy:
+            # The ranks of a tensor-parallel engine must draw the same tokens, but their
+            # process RNGs differ (per-rank seeds): the group's first rank draws this batch's
+            # seed from its own (checkpointed) RNG for all of them.
+            seed = int(torch.randint(2**30, ()).item())
+        parts, offset = dd.gather_in_group([(p, seed) for p in mine], self.group)
+        prompts, seed = [p for p, _ in parts], parts[0][1]  # the whole engine's prompts
         ids = encode_prompts(self.tokenizer, prompts, c.system_prompt)
-        params = SamplingParams(
+        params = [SamplingParams(
             n=group_size,
             temperature=0.0 if greedy else c.temperature,
             top_p=1.0 if greedy else c.top_p,
@@ -125,11 +152,14 @@ class VLLMEngine:
             stop_token_ids=self.eos,
             logprobs=None if greedy else 0,  # 0: only the sampled token's log-prob
             detokenize=False,
-        )
+            # vLLM gives the n samples of a request seeds seed, seed + 1, ...
+            seed=None if seed is None else _request_seed(self.seed, seed) + i * group_size,
+        ) for i in range(len(ids))]  # fmt: skip
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
                                  use_tqdm=False)  # fmt: skip
+        keep = slice(offset, offset + len(mine))  # this rank's prompts of the engine's batch
         rows, prompt_ids, responses, logps = [], [], [], []
-        for prompt, p, out in zip(prompts, ids, outs, strict=True):
+        for prompt, p, out in zip(prompts[keep], ids[keep], outs[keep], strict=True):
             for sample in out.outputs:  # the G samples of this prompt: a contiguous group
                 rows.append(prompt)
                 prompt_ids.append(p)
@@ -198,6 +228,25 @@ class VLLMEngine:
                 engine_core.shutdown()
             self.llm = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_model(model, directory: str, weights, *, skip: dict[str, list[str]]) -> None:
+    """config.json + model.safetensors of ``weights`` (default: the model's own), on every
+    rank: transformers' save_pretrained writes on rank 0 only under torch.distributed, and
+    every rank's engine reads its own directory. Tied aliases are left out, as
+    save_pretrained does (vLLM ties them again on load)."""
+    from safetensors.torch import save_file
+
+    aliases = {alias for names in skip.values() for alias in names}
+    named = model.state_dict().items() if weights is None else weights
+    state = {name: t.detach().cpu().contiguous() for name, t in named if name not in aliases}
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(directory)
+
+
+def _request_seed(engine_seed: int, batch_seed: int) -> int:
+    """A batch's first request seed: distinct per engine and batch, within vLLM's range."""
+    return (engine_seed * 1_000_003 + batch_seed * 65_537) % (2**31 - 2**20)
 
 
 def tied_aliases(model) -> dict[str, list[str]]:
