@@ -12,6 +12,7 @@ from torch import Tensor
 
 from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, token_logprobs
 from gspo.logprobs import IGNORE_INDEX
+from gspo.prefix import attention_mask_4d, pack, unsupported
 
 
 class CausalLMLogprobs(torch.nn.Module):
@@ -31,6 +32,13 @@ class CausalLMLogprobs(torch.nn.Module):
     - ``target_mask`` [B,L-1] (True = score this target) narrows the scoring further:
       the trainer passes the response tokens, so the LM head never projects a prompt
       position (its hidden rows are not even read). Default: ``attention_mask[:, 1:]``.
+    - ``prompt_len=P`` (the trainer's rollouts: G adjacent rows share their first P columns)
+      runs each shared prompt once and every response against it (gspo.prefix: one packed
+      row per group, a block attention mask, no padding); the same log-probs, entropy and
+      gradients with ``P + G*R`` decoder tokens instead of ``G*(P + R)``. Where packing
+      would not be exact (gspo.prefix.unsupported: the model type, its attention
+      implementation, sliding windows; or a target whose preceding column is padding)
+      the plain forward runs instead.
     - ``position_ids`` are built from the attention mask as ``generate`` builds them
       (cumsum - 1), so left padding does not shift absolute positions (GPT-2).
     - The model's own logit transform is applied: Gemma 2/3's
@@ -82,6 +90,7 @@ class CausalLMLogprobs(torch.nn.Module):
         temperature: float = 1.0,
         return_entropy: bool = False,
         target_mask: Tensor | None = None,
+        prompt_len: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
@@ -92,35 +101,67 @@ class CausalLMLogprobs(torch.nn.Module):
             if not isinstance(target_mask, Tensor) or target_mask.shape != target_ok.shape:
                 raise ValueError(f"target_mask: must have shape {tuple(target_ok.shape)}")
             target_ok = target_ok & target_mask.to(torch.bool)
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        dtype = self.compute_dtype or weight.dtype  # bf16 copies are differentiable
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        scoring = dict(bias=bias, temperature=temperature, chunk_size=self.chunk_size,
+                       return_entropy=return_entropy, logit_scale=self.logit_scale,
+                       softcap=self.softcap)  # fmt: skip
+        packed = self._pack(input_ids, attention_mask, target_ok, prompt_len)
+        if packed is not None:
+            return self._shared_prefix(packed, input_ids, target_ok, weight, dtype, scoring)
         # As generate() numbers them: the first real token is position 0 whatever the padding.
         positions = attention_mask.long().cumsum(-1) - 1
         positions = positions.masked_fill(attention_mask == 0, 1)
+        hidden = self._decoder(input_ids, attention_mask, positions)[:, :-1]  # [B,L-1,H]
+        labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
+        result = token_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight, labels.reshape(-1), **scoring
+        )
+        if return_entropy:
+            return tuple(x.view(labels.shape) for x in result)
+        return result.view(labels.shape)
+
+    def _decoder(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+        """The base decoder's final hidden states [B, L, H] (under autocast for bf16)."""
         base = getattr(self.model, self.model.base_model_prefix)
         low = self.compute_dtype
         with torch.autocast(input_ids.device.type, dtype=low or torch.float32, enabled=bool(low)):
             out = base(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=positions, use_cache=False)  # fmt: skip
-        hidden = out[0][:, :-1]  # [B,L-1,H]: position t predicts token t+1
-        head = self.model.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        dtype = low or weight.dtype  # bf16 copies are differentiable: grads reach fp32 masters
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
-        result = token_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]),
-            weight,
-            labels.reshape(-1),
-            bias=bias,
-            temperature=temperature,
-            chunk_size=self.chunk_size,
-            return_entropy=return_entropy,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-        )
-        if return_entropy:
-            return tuple(x.view(labels.shape) for x in result)
-        return result.view(labels.shape)
+        return out[0]
+
+    def _pack(self, input_ids, attention_mask, target_ok, prompt_len):
+        """The packed batch when ``prompt_len`` asks for it and packing is exact, else None."""
+        if prompt_len is None:
+            return None
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
+            raise TypeError(f"prompt_len: must be an int, got {type(prompt_len).__name__}")
+        if not 1 <= prompt_len < input_ids.shape[1]:
+            raise ValueError(f"prompt_len: {prompt_len} is not in [1, {input_ids.shape[1]})")
+        if unsupported(self.model) is not None:
+            return None
+        packed = pack(input_ids, attention_mask, prompt_len)
+        if unsupported(self.model, packed.input_ids.shape[1]) is not None:
+            return None
+        # A target scored from a padding column (the plain path reads that column's hidden
+        # state) has no packed equal: keep the plain path's numbers then.
+        if bool((packed.source[:, :-1][target_ok] < 0).any()):
+            return None
+        return packed
+
+    def _shared_prefix(self, packed, input_ids, target_ok, weight, dtype, scoring):
+        """log-probs (and entropy) [B, L-1] from one packed forward (gspo.prefix)."""
+        implementation = self.model.config._attn_implementation
+        mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
+        hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
+        rows = target_ok.nonzero(as_tuple=True)  # only the scored targets are gathered
+        picked = hidden.reshape(-1, hidden.shape[-1])[packed.source[:, :-1][rows]]
+        result = token_logprobs(picked.to(dtype), weight, input_ids[:, 1:][rows], **scoring)
+        result = result if scoring["return_entropy"] else (result,)
+        out = tuple(x.new_zeros(target_ok.shape).index_put(rows, x) for x in result)
+        return out if scoring["return_entropy"] else out[0]
 
 
 # Logit transforms some models apply after their LM head that this module does not
