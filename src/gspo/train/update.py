@@ -33,13 +33,15 @@ from gspo.train.rollout import Rollout, eval_mode
 
 
 def response_logprobs(
-    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False,
+    shared_prefix: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
     so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
-    (``target_mask``): the LM head never projects a prompt position.
+    (``target_mask``): the LM head never projects a prompt position. ``shared_prefix``:
+    the rows of a group run their prompt once (``prompt_len``, gspo.prefix).
     """
     start = rollout.prompt_len - 1
     mask = rollout.response_mask
@@ -50,6 +52,7 @@ def response_logprobs(
         temperature=temperature,
         return_entropy=entropy,
         target_mask=target,
+        **({"prompt_len": rollout.prompt_len} if shared_prefix else {}),
     )
     logp, ent = out if entropy else (out, None)
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
@@ -92,7 +95,8 @@ def minibatch_loss(
     objective = config.objective
     mask = batch.response_mask
     logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
-                                  entropy=True)  # fmt: skip
+                                  entropy=True,
+                                  shared_prefix=config.optim.shared_prefix)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
     loss, metrics = gspo_loss(
@@ -175,13 +179,15 @@ def update(
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
-    temperature = config.sampling.temperature
+    temperature, shared = config.sampling.temperature, config.optim.shared_prefix
     if not budget:
-        return response_logprobs(logprobs, rollout, temperature=temperature)[0]
+        return response_logprobs(logprobs, rollout, temperature=temperature,
+                                 shared_prefix=shared)[0]  # fmt: skip
     pieces = []
-    for part in mb.plan_everywhere(rollout, budget, world_size):
+    for part in mb.plan_everywhere(rollout, budget, world_size, shared=shared):
         piece, width = mb.trim(rollout.select(part))
-        logp, _ = response_logprobs(logprobs, piece, temperature=temperature)
+        logp, _ = response_logprobs(logprobs, piece, temperature=temperature,
+                                    shared_prefix=shared)  # fmt: skip
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
@@ -190,7 +196,9 @@ def accumulate_gradients(
     logprobs, batch: Rollout, *, logp_old, adv, ref_logp, config, world_size: int, budget
 ) -> dict[str, torch.Tensor]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics."""
-    parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
+    shared = config.optim.shared_prefix
+    parts = (mb.plan_everywhere(batch, budget, world_size, shared=shared) if budget
+             else [slice(0, len(batch))])  # fmt: skip
     num_sequences = len(batch) * world_size
     pieces, logps = [], []
     for j, part in enumerate(parts):
