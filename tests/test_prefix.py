@@ -26,7 +26,9 @@ def float64_norm(monkeypatch):
     from transformers.models.qwen2 import modeling_qwen2
 
     def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
 
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
 

@@ -137,8 +137,8 @@ def unsupported(model: torch.nn.Module, length: int | None = None) -> str | None
 
     Exact needs: a model type in SHARED_PREFIX_MODELS, SDPA or eager attention (FlashAttention
     and flex take no 4D mask), every layer full attention, and no sliding window shorter
-    than the packed ``length`` (checked only when given; transformers measures windows in key indices, which packing
-    moves).
+    than the packed ``length`` (checked only when given; transformers measures windows in
+    key indices, which packing moves).
     """
     config = getattr(model, "config", None)
     if config is None:

@@ -88,7 +88,7 @@ def _plan_packed(rollout: Rollout, max_tokens: int) -> list[slice]:
     return parts
 
 
-def _split_to(parts: list[slice], count: int, rollout: Rollout, shared: bool = False) -> list[slice]:
+def _split_to(parts: list[slice], count: int, rollout: Rollout, shared: bool) -> list[slice]:
     if count > len(rollout):
         raise ValueError(f"count: {count} micro-batches asked of {len(rollout)} rows")
     while len(parts) < count:
