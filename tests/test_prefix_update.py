@@ -1,6 +1,7 @@
-"""The trainer with the shared-prefix forward (--shared-prefix, the default) takes the same
-update steps as with --no-shared-prefix: old log-probs, KL reference, micro-batches, gradient
-checkpointing, LoRA; and the micro-batch planner counts the packed forward's tokens.
+"""The trainer's fast step (--shared-prefix and --fused-loss, the defaults) takes the same
+update steps as today's path (--no-shared-prefix --no-fused-loss): old log-probs, KL
+reference, micro-batches, gradient checkpointing, LoRA, each change alone and together; and
+the micro-batch planner counts the packed forward's tokens.
 
 float64 with Qwen2's RMSNorm kept in float64 (tests/test_prefix.py says why), 1e-10; the
 model's own float32 at 1e-5. A plausible bug (a response attending to another response of
@@ -85,11 +86,14 @@ CASES = {
 }
 
 
-def assert_same_steps(options: dict, dtype, tol, **kwargs):
+TODAY = {"shared_prefix": False, "fused_loss": False}
+
+
+def assert_same_steps(options: dict, dtype, tol, fast=None, **kwargs):
     base = dict(minibatches=3, prompts_per_step=B // G, group_size=G, lr=1e-2,
                 max_grad_norm=0.5, **options)  # fmt: skip
-    want, want_hist = run_update(TrainConfig(shared_prefix=False, **base), dtype, **kwargs)
-    got, got_hist = run_update(TrainConfig(**base), dtype, **kwargs)
+    want, want_hist = run_update(TrainConfig(**base, **TODAY), dtype, **kwargs)
+    got, got_hist = run_update(TrainConfig(**base, **(fast or {})), dtype, **kwargs)
     for name in want:
         assert (got[name] - want[name]).abs().max().item() < tol, name
     for a, b in zip(got_hist, want_hist, strict=True):
@@ -98,8 +102,14 @@ def assert_same_steps(options: dict, dtype, tol, **kwargs):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_float64_shared_prefix_takes_the_same_steps(case, float64_norm):
+def test_float64_fast_step_takes_the_same_steps(case, float64_norm):
     assert_same_steps(CASES[case], torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("alone", ["shared_prefix", "fused_loss"])
+def test_float64_each_change_alone_takes_the_same_steps(alone, float64_norm):
+    fast = {**TODAY, alone: True}
+    assert_same_steps({"kl_coef": 0.1}, torch.float64, 1e-10, fast=fast)
 
 
 def test_float64_lora_and_grad_checkpointing_take_the_same_steps(float64_norm):
@@ -127,8 +137,9 @@ def test_packed_planner_counts_groups_times_longest_packed_row():
     assert len(plan(rollout, 34, shared=True, count=4)) == 4
 
 
-def test_the_flag_turns_it_off():
+def test_the_flags_turn_it_off():
     from gspo.train.cli import parse_config
 
-    assert TrainConfig().shared_prefix is True
-    assert parse_config(["--no-shared-prefix"])[0].shared_prefix is False
+    assert TrainConfig().shared_prefix is True and TrainConfig().fused_loss is True
+    config = parse_config(["--no-shared-prefix", "--no-fused-loss"])[0]
+    assert config.shared_prefix is False and config.fused_loss is False

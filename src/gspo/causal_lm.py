@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, token_logprobs
-from gspo.logprobs import IGNORE_INDEX
+from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, fused_loss, token_logprobs
 from gspo.prefix import attention_mask_4d, pack, unsupported
 
 
@@ -39,6 +38,13 @@ class CausalLMLogprobs(torch.nn.Module):
       would not be exact (gspo.prefix.unsupported: the model type, its attention
       implementation, sliding windows; or a target whose preceding column is padding)
       the plain forward runs instead.
+    - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
+      trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
+      gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
+      token instead of four); the forward then returns ``(loss, metrics, logp, entropy)``,
+      ``logp`` and ``entropy`` [B,L-1] detached (entropy None unless asked; from the
+      softmax the gradient needs, nearly free). A model with a logit transform (Gemma 2/3,
+      Cohere) gets the same result through the recompute path.
     - ``position_ids`` are built from the attention mask as ``generate`` builds them
       (cumsum - 1), so left padding does not shift absolute positions (GPT-2).
     - The model's own logit transform is applied: Gemma 2/3's
@@ -91,7 +97,8 @@ class CausalLMLogprobs(torch.nn.Module):
         return_entropy: bool = False,
         target_mask: Tensor | None = None,
         prompt_len: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        loss_fn=None,
+    ) -> Tensor | tuple[Tensor, ...]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
@@ -105,23 +112,41 @@ class CausalLMLogprobs(torch.nn.Module):
         weight, bias = head.weight, getattr(head, "bias", None)
         dtype = self.compute_dtype or weight.dtype  # bf16 copies are differentiable
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-        scoring = dict(bias=bias, temperature=temperature, chunk_size=self.chunk_size,
-                       return_entropy=return_entropy, logit_scale=self.logit_scale,
-                       softcap=self.softcap)  # fmt: skip
+        rows = target_ok.nonzero(as_tuple=True)  # only the scored targets reach the LM head
         packed = self._pack(input_ids, attention_mask, target_ok, prompt_len)
-        if packed is not None:
-            return self._shared_prefix(packed, input_ids, target_ok, weight, dtype, scoring)
-        # As generate() numbers them: the first real token is position 0 whatever the padding.
-        positions = attention_mask.long().cumsum(-1) - 1
-        positions = positions.masked_fill(attention_mask == 0, 1)
-        hidden = self._decoder(input_ids, attention_mask, positions)[:, :-1]  # [B,L-1,H]
-        labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
-        result = token_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight, labels.reshape(-1), **scoring
-        )
-        if return_entropy:
-            return tuple(x.view(labels.shape) for x in result)
-        return result.view(labels.shape)
+        if packed is not None:  # one packed row per group (gspo.prefix)
+            implementation = self.model.config._attn_implementation
+            mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
+            hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
+            index = packed.source[:, :-1][rows]
+        else:
+            # As generate() numbers them: the first real token is position 0 whatever the
+            # padding.
+            positions = attention_mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(attention_mask == 0, 1)
+            hidden = self._decoder(input_ids, attention_mask, positions)
+            index = rows[0] * hidden.shape[1] + rows[1]  # column t predicts token t+1
+        picked = hidden.reshape(-1, hidden.shape[-1])[index].to(dtype)  # [M,H]
+        labels = input_ids[:, 1:][rows]  # [M]
+
+        def spread(values: Tensor) -> Tensor:  # [M] -> [B,L-1], 0 where not scored
+            return values.new_zeros(target_ok.shape).index_put(rows, values)
+
+        if loss_fn is not None and self.logit_scale == 1.0 and self.softcap is None:
+            counts = target_ok.sum(dim=1).cumsum(0).tolist()
+            loss, metrics, logp, ent = fused_loss(
+                picked, weight, labels, lambda flat: loss_fn(spread(flat)), bounds=[0, *counts],
+                bias=bias, temperature=temperature, return_entropy=return_entropy,
+            )  # fmt: skip
+            return loss, metrics, spread(logp), None if ent is None else spread(ent)
+        result = token_logprobs(picked, weight, labels, bias=bias, temperature=temperature,
+                                chunk_size=self.chunk_size, return_entropy=return_entropy,
+                                logit_scale=self.logit_scale, softcap=self.softcap)  # fmt: skip
+        logp, ent = (spread(x) for x in result) if return_entropy else (spread(result), None)
+        if loss_fn is not None:  # a logit transform the fused kernel does not apply
+            loss, metrics = loss_fn(logp)
+            return loss, metrics, logp.detach(), None if ent is None else ent.detach()
+        return (logp, ent) if return_entropy else logp
 
     def _decoder(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
         """The base decoder's final hidden states [B, L, H] (under autocast for bf16)."""
@@ -150,18 +175,6 @@ class CausalLMLogprobs(torch.nn.Module):
         if bool((packed.source[:, :-1][target_ok] < 0).any()):
             return None
         return packed
-
-    def _shared_prefix(self, packed, input_ids, target_ok, weight, dtype, scoring):
-        """log-probs (and entropy) [B, L-1] from one packed forward (gspo.prefix)."""
-        implementation = self.model.config._attn_implementation
-        mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
-        hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
-        rows = target_ok.nonzero(as_tuple=True)  # only the scored targets are gathered
-        picked = hidden.reshape(-1, hidden.shape[-1])[packed.source[:, :-1][rows]]
-        result = token_logprobs(picked.to(dtype), weight, input_ids[:, 1:][rows], **scoring)
-        result = result if scoring["return_entropy"] else (result,)
-        out = tuple(x.new_zeros(target_ok.shape).index_put(rows, x) for x in result)
-        return out if scoring["return_entropy"] else out[0]
 
 
 # Logit transforms some models apply after their LM head that this module does not

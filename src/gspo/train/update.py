@@ -43,9 +43,7 @@ def response_logprobs(
     (``target_mask``): the LM head never projects a prompt position. ``shared_prefix``:
     the rows of a group run their prompt once (``prompt_len``, gspo.prefix).
     """
-    start = rollout.prompt_len - 1
-    mask = rollout.response_mask
-    target = torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
+    start, target = _targets(rollout)
     out = logprobs(
         rollout.input_ids,
         rollout.attention_mask,
@@ -94,30 +92,47 @@ def minibatch_loss(
     """
     objective = config.objective
     mask = batch.response_mask
-    logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
-                                  entropy=True,
-                                  shared_prefix=config.optim.shared_prefix)  # fmt: skip
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
-    loss, metrics = gspo_loss(
-        logp,
-        logp_old,
-        mask,
-        advantages=adv,
-        eps_low=objective.eps_low,
-        eps_high=objective.eps_high,
-        variant=objective.loss,
-        num_sequences=num_sequences,
-    )
-    if ref_logp is not None and objective.kl_coef > 0:
-        kl = k3_kl(logp, ref_logp, mask)
-        loss = loss + objective.kl_coef * kl.sum() / num_sequences
-        metrics["kl_ref"] = (kl.sum() / len(batch)).detach()
+    start, target = _targets(batch)
+
+    def loss_fn(logp_all: torch.Tensor):  # [b, L-1] -> the loss of the response tokens
+        logp = logp_all[:, start:]
+        loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
+                                  eps_low=objective.eps_low, eps_high=objective.eps_high,
+                                  variant=objective.loss, num_sequences=num_sequences)  # fmt: skip
+        if ref_logp is not None and objective.kl_coef > 0:
+            kl = k3_kl(logp, ref_logp, mask)
+            loss = loss + objective.kl_coef * kl.sum() / num_sequences
+            metrics["kl_ref"] = (kl.sum() / len(batch)).detach()
+        metrics["loss"] = loss.detach()
+        # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
+        return loss * world_size, metrics
+
+    shared = {"prompt_len": batch.prompt_len} if config.optim.shared_prefix else {}
+    if config.optim.fused_loss:  # the loss inside the forward (CausalLMLogprobs' loss_fn)
+        loss, metrics, logp, ent = logprobs(
+            batch.input_ids, batch.attention_mask, temperature=config.sampling.temperature,
+            return_entropy=True, target_mask=target, loss_fn=loss_fn, **shared,
+        )  # fmt: skip
+        logp, ent = logp[:, start:], ent[:, start:]
+    else:
+        logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
+                                      entropy=True,
+                                      shared_prefix=config.optim.shared_prefix)  # fmt: skip
+        pad = logp.new_zeros(len(batch), start)
+        loss, metrics = loss_fn(torch.cat([pad, logp], dim=1))
     metrics["entropy"] = masked_mean(ent, mask).detach()
-    metrics["loss"] = loss.detach()
     metrics["logp"] = logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
-    # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
-    return loss * world_size, metrics
+    return loss, metrics
+
+
+def _targets(rollout: Rollout) -> tuple[int, torch.Tensor]:
+    """(P-1, target_mask [B, L-1]): the response tokens are columns P-1 .. L-2 of the
+    log-prob module's output (column t scores token t+1)."""
+    start = rollout.prompt_len - 1
+    mask = rollout.response_mask
+    return start, torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
 
 
 def update(
@@ -172,9 +187,17 @@ def update(
             mask = rollout.response_mask[part]
             mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
         del metrics["logp"]
-        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch,
-                        "time_old_logprobs": seconds_old})  # fmt: skip
+        history.append({**to_host(metrics), **mismatch, "time_old_logprobs": seconds_old})
     return history
+
+
+def to_host(metrics: dict) -> dict[str, float]:
+    """The metrics as floats, the tensors among them in one device-to-host transfer (one
+    ``float()`` each would synchronise host and device once per metric)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]) if keys else []
+    found = dict(zip(keys, values.tolist() if keys else [], strict=True))
+    return {k: found[k] if k in found else float(v) for k, v in metrics.items()}
 
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
