@@ -23,7 +23,11 @@ keys each token sees, and 6 H V per response token for the LM head; padding and 
 prompts excluded), ``achieved_gflops`` per case (model_tflop / its time: today's path does
 more arithmetic than this, so its figure is the useful rate) and ``peak_gflops`` (a
 [tokens, H] x [H, I] float32 matmul of the model's MLP shapes timed in the same run: what
-this machine's cores reach on the model's largest products).
+this machine's cores reach on the model's largest products). Each case also reports its
+CPU seconds (``time.process_time``, this process's threads): on cores shared with other
+work, wall time measures the neighbours as much as the update, CPU time much less.
+``max_abs_grad_diff_reordered`` is the floor to read the grad difference against: today's
+path against itself in two micro-batches (the same sums in another order).
 
     .venv/bin/python bench/step.py                          # the recipe's shapes
     .venv/bin/python bench/step.py --prompts 4 --warmup 0   # a quick look (4 groups)
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -174,14 +179,30 @@ def main() -> None:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             update(engine, None, optimizer, scheduler, rollout, adv, config=config)
 
-        result = common.timer(step, warmup=args.warmup, repeats=args.repeats)
-        rows.append({"case": name, **result, "loadavg_1min": os.getloadavg()[0]})
-        print(f"{name}: {result['median_s']:.2f} s", file=sys.stderr, flush=True)
+        cpu = []  # CPU seconds of this process: less swayed than wall time by other processes
+
+        def timed(step=step, cpu=cpu):
+            begin = time.process_time()
+            step()
+            cpu.append(time.process_time() - begin)
+
+        result = common.timer(timed, warmup=args.warmup, repeats=args.repeats)
+        cpu_s = statistics.median(cpu[args.warmup :])
+        rows.append({"case": name, **result, "cpu_s": cpu_s, "loadavg_1min": os.getloadavg()[0]})
+        print(f"{name}: {result['median_s']:.2f} s, {cpu_s:.2f} CPU s", file=sys.stderr,
+              flush=True)  # fmt: skip
     model.load_state_dict(start)
     grads = {}
-    for name in ("today", "new default"):
+    # "reordered": today's path in micro-batches of about half the minibatch: the same sums in
+    # another order, the float32 rounding any exact change of the computation shows
+    half = int(rollout.input_ids.numel() / args.minibatches / 2) + 1
+    for name, options in (
+        ("today", CASES["today"]),
+        ("new default", CASES["new default"]),
+        ("reordered", {**CASES["today"], "max_tokens_per_microbatch": half}),
+    ):
         grads[name] = first_minibatch_grads(engine, model, rollout, adv,
-                                            TrainConfig(**base, **CASES[name]))  # fmt: skip
+                                            TrainConfig(**base, **options))  # fmt: skip
     flop = model_flop(model, rollout)
     packed_tokens = pack(rollout.input_ids, rollout.attention_mask, rollout.prompt_len).tokens
     peak = peak_gflops(model, tokens=packed_tokens // args.minibatches)
@@ -191,8 +212,10 @@ def main() -> None:
         row["of_peak"] = row["achieved_gflops"] / peak
         if "today" in by_case:
             row["speedup"] = by_case["today"]["median_s"] / row["median_s"]
+            row["cpu_speedup"] = by_case["today"]["cpu_s"] / row["cpu_s"]
     columns = [("case", "case", ""), ("median_s", "update s", ".2f"),
-               ("speedup", "speedup", ".2f"), ("achieved_gflops", "GFLOP/s", ".1f"),
+               ("speedup", "speedup", ".2f"), ("cpu_s", "CPU s", ".2f"),
+               ("cpu_speedup", "CPU speedup", ".2f"), ("achieved_gflops", "GFLOP/s", ".1f"),
                ("of_peak", "of peak", ".2f"), ("loadavg_1min", "load", ".1f")]  # fmt: skip
     extra = {
         "model": args.model,
@@ -206,11 +229,14 @@ def main() -> None:
         "threads": args.threads,
         "max_abs_grad_diff": float((grads["today"] - grads["new default"]).abs().max()),
         "max_abs_grad": float(grads["today"].abs().max()),
+        "max_abs_grad_diff_reordered": float((grads["today"] - grads["reordered"]).abs().max()),
         "achieved_gflops": by_case.get("new default", rows[-1])["achieved_gflops"],
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
     if "today" in by_case and "new default" in by_case:
-        extra["update_speedup"] = by_case["today"]["median_s"] / by_case["new default"]["median_s"]
+        today, new = by_case["today"], by_case["new default"]
+        extra["update_speedup"] = today["median_s"] / new["median_s"]
+        extra["update_speedup_cpu"] = today["cpu_s"] / new["cpu_s"]
     common.print_table(rows, name="step", columns=columns, extra=extra)
 
 

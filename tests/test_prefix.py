@@ -162,9 +162,10 @@ def test_float32_equals_plain(kind):
     assert_equal(both(CausalLMLogprobs(model), model, torch.float32, temperature=0.7), 1e-5)
 
 
-def test_models_it_is_not_exact_for_run_the_plain_path():
+def test_models_it_is_not_exact_for_run_the_plain_path(monkeypatch):
     """A model type outside the list, FlashAttention, a sliding window shorter than the
-    packed row: the reason is named, and the forward falls back to the plain numbers."""
+    packed row: the reason is named, and the forward runs the plain path (it never builds
+    a packed mask) on a batch that would pack for the list's models."""
     model = tiny_model(layers=1, hidden=32)
     assert unsupported(model) is None
     model.config.sliding_window, model.config.use_sliding_window = 4, True
@@ -177,6 +178,12 @@ def test_models_it_is_not_exact_for_run_the_plain_path():
     model.config.model_type = "bloom"  # ALiBi: positions from key indices
     assert "bloom" in unsupported(model)
     ids, mask, target = batch()
+    import gspo.causal_lm
+
+    def refuse(*args):
+        raise AssertionError("packed for a model it is not exact for")
+
+    monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
     engine = CausalLMLogprobs(model)
     plain = engine(ids, mask, target_mask=target)
     assert torch.equal(plain, engine(ids, mask, target_mask=target, prompt_len=P))
@@ -189,3 +196,32 @@ def test_bad_prompt_len_is_refused():
         engine(ids, mask, prompt_len=P + T)
     with pytest.raises(TypeError, match="prompt_len"):
         engine(ids, mask, prompt_len=2.0)
+
+
+def test_packing_runs_only_where_it_is_cheaper(monkeypatch):
+    """Per layer, tokens x (2 x weights + 4 H x keys). The tiny model (H = 64, ~49K weights
+    a layer): the recipe's shape (8 rows of P = 60 + R = 20 -> one row of 220) packs; 8
+    responses of 1000 tokens after a 60-token prompt (one row of 8060, N^2 attention) do
+    not; nor does a batch with nothing shared and no padding (the forward then never builds
+    a packed mask)."""
+    from gspo.prefix import cheaper
+
+    model = tiny_model(layers=2, hidden=64)
+    assert cheaper(model, plain=(8, 80), packed=(1, 220))
+    assert not cheaper(model, plain=(8, 1060), packed=(1, 8060))
+    assert not cheaper(model, plain=(8, 11), packed=(8, 11))  # nothing shared, no padding
+    ids, mask, target = batch()
+    ids, mask, target = ids[:, :-1], mask[:, :-1], target[:, :-1]
+    mask[:, P:] = 1  # no response padding, and groups of one row: no saving
+    ids[:, 0], mask[:, :P] = torch.arange(B) + 4, 1
+    import gspo.causal_lm
+
+    def refuse(*args):
+        raise AssertionError("packed although not cheaper")
+
+    monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
+    engine = CausalLMLogprobs(model)
+    plain = engine(ids, mask, target_mask=target)
+    assert torch.equal(plain, engine(ids, mask, target_mask=target, prompt_len=P))
+    with pytest.raises(AssertionError, match="packed"):  # the spy sees a packing batch
+        engine(*batch()[:2], target_mask=batch()[2], prompt_len=P)

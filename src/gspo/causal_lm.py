@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, fused_loss, token_logprobs
-from gspo.prefix import attention_mask_4d, pack, unsupported
+from gspo.prefix import attention_mask_4d, cheaper, pack, unsupported
 
 
 class CausalLMLogprobs(torch.nn.Module):
@@ -36,8 +36,8 @@ class CausalLMLogprobs(torch.nn.Module):
       row per group, a block attention mask, no padding); the same log-probs, entropy and
       gradients with ``P + G*R`` decoder tokens instead of ``G*(P + R)``. Where packing
       would not be exact (gspo.prefix.unsupported: the model type, its attention
-      implementation, sliding windows; or a target whose preceding column is padding)
-      the plain forward runs instead.
+      implementation, sliding windows; or a target whose preceding column is padding), or
+      would not be cheaper (gspo.prefix.cheaper: long responses), the plain forward runs.
     - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
       trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
       gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
@@ -170,6 +170,8 @@ class CausalLMLogprobs(torch.nn.Module):
         packed = pack(input_ids, attention_mask, prompt_len)
         if unsupported(self.model, packed.input_ids.shape[1]) is not None:
             return None
+        if not cheaper(self.model, tuple(input_ids.shape), tuple(packed.input_ids.shape)):
+            return None  # long responses: the packed rows' attention would cost more
         # A target scored from a padding column (the plain path reads that column's hidden
         # state) has no packed equal: keep the plain path's numbers then.
         if bool((packed.source[:, :-1][target_ok] < 0).any()):

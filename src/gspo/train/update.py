@@ -195,7 +195,9 @@ def to_host(metrics: dict) -> dict[str, float]:
     """The metrics as floats, the tensors among them in one device-to-host transfer (one
     ``float()`` each would synchronise host and device once per metric)."""
     keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
-    values = torch.stack([metrics[k].detach().reshape(()).double() for k in keys]) if keys else []
+    # FSDP2's grad norm is a DTensor: its full value (float() of it did the same)
+    full = [getattr(metrics[k], "full_tensor", lambda k=k: metrics[k])() for k in keys]
+    values = torch.stack([v.detach().reshape(()).double() for v in full]) if keys else []
     found = dict(zip(keys, values.tolist() if keys else [], strict=True))
     return {k: found[k] if k in found else float(v) for k, v in metrics.items()}
 
