@@ -23,7 +23,8 @@ keys each token sees, and 6 H V per response token for the LM head; padding and 
 prompts excluded), ``achieved_gflops`` per case (model_tflop / its time: today's path does
 more arithmetic than this, so its figure is the useful rate) and ``peak_gflops`` (a
 [tokens, H] x [H, I] float32 matmul of the model's MLP shapes timed in the same run: what
-this machine's cores reach on the model's largest products). Each case also reports its
+this machine's cores reach on the model's largest products; ``*_cpu``: per CPU second of
+this process, the same figures where the cores are shared). Each case also reports its
 CPU seconds (``time.process_time``, this process's threads): on cores shared with other
 work, wall time measures the neighbours as much as the update, CPU time much less.
 ``max_abs_grad_diff_reordered`` is the floor to read the grad difference against: today's
@@ -108,13 +109,17 @@ def model_flop(model, rollout) -> float:
     return 6.0 * decoder * tokens + 12.0 * layers * h * keys + 6.0 * h * v * targets
 
 
-def peak_gflops(model, tokens: int, repeats: int = 5) -> float:
-    """GFLOP/s of a [tokens, H] x [H, I] float32 matmul (the MLP's up projection)."""
+def peak_gflops(model, tokens: int, repeats: int = 5) -> tuple[float, float]:
+    """GFLOP/s of a [tokens, H] x [H, I] float32 matmul (the MLP's up projection): per
+    second of wall time, and per CPU second of this process (its threads together)."""
     h = model.config.hidden_size
     i = getattr(model.config, "intermediate_size", None) or 4 * h
     a, b = torch.randn(tokens, h), torch.randn(h, i)
-    result = common.timer(lambda: a @ b, warmup=2, repeats=repeats)
-    return 2.0 * tokens * h * i / result["median_s"] / 1e9
+    cpu = time.process_time()
+    result = common.timer(lambda: a @ b, warmup=0, repeats=repeats)
+    cpu = (time.process_time() - cpu) / repeats
+    flop = 2.0 * tokens * h * i
+    return flop / result["median_s"] / 1e9, flop / cpu / 1e9
 
 
 def first_minibatch_grads(engine, model, rollout, adv, config) -> torch.Tensor:
@@ -125,7 +130,7 @@ def first_minibatch_grads(engine, model, rollout, adv, config) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     accumulate_gradients(engine, rollout.select(part), logp_old=rollout.logp_sampler[part],
                          adv=adv[part], ref_logp=None, config=config, world_size=1,
-                         budget=0)  # fmt: skip
+                         budget=config.optim.max_tokens_per_microbatch)  # fmt: skip
     grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
     return torch.cat(grads)
@@ -205,18 +210,22 @@ def main() -> None:
                                             TrainConfig(**base, **options))  # fmt: skip
     flop = model_flop(model, rollout)
     packed_tokens = pack(rollout.input_ids, rollout.attention_mask, rollout.prompt_len).tokens
-    peak = peak_gflops(model, tokens=packed_tokens // args.minibatches)
+    peak, peak_cpu = peak_gflops(model, tokens=packed_tokens // args.minibatches)
     by_case = {r["case"]: r for r in rows}
     for row in rows:
         row["achieved_gflops"] = flop / row["median_s"] / 1e9
         row["of_peak"] = row["achieved_gflops"] / peak
+        row["achieved_gflops_cpu"] = flop / row["cpu_s"] / 1e9  # per CPU second
+        row["of_peak_cpu"] = row["achieved_gflops_cpu"] / peak_cpu
         if "today" in by_case:
             row["speedup"] = by_case["today"]["median_s"] / row["median_s"]
             row["cpu_speedup"] = by_case["today"]["cpu_s"] / row["cpu_s"]
     columns = [("case", "case", ""), ("median_s", "update s", ".2f"),
                ("speedup", "speedup", ".2f"), ("cpu_s", "CPU s", ".2f"),
                ("cpu_speedup", "CPU speedup", ".2f"), ("achieved_gflops", "GFLOP/s", ".1f"),
-               ("of_peak", "of peak", ".2f"), ("loadavg_1min", "load", ".1f")]  # fmt: skip
+               ("of_peak", "of peak", ".2f"), ("achieved_gflops_cpu", "GFLOP/CPU s", ".1f"),
+               ("of_peak_cpu", "of peak (CPU)", ".2f"),
+               ("loadavg_1min", "load", ".1f")]  # fmt: skip
     extra = {
         "model": args.model,
         "batch": f"{args.prompts} prompts x {args.group_size}, P = {rollout.prompt_len}, "
@@ -226,6 +235,7 @@ def main() -> None:
         "packed_tokens": packed_tokens,
         "model_tflop": flop / 1e12,
         "peak_gflops": peak,
+        "peak_gflops_cpu": peak_cpu,
         "threads": args.threads,
         "max_abs_grad_diff": float((grads["today"] - grads["new default"]).abs().max()),
         "max_abs_grad": float(grads["today"].abs().max()),
