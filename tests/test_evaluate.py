@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -41,12 +42,14 @@ def test_metrics_from_known_completions(monkeypatch):
         (False, "p1"): ["Answer: -2", "Answer: 2", "Answer: 2", "Answer: 2"],
     }
 
-    def fake_generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler=None):
-        return [text for p in prompts for text in answers[(greedy, p["prompt"])]]
+    class FakeSampler:  # the engine protocol's sample(): fixed completions
+        def sample(self, prompts, *, group_size, greedy):
+            rows = [p for p in prompts for _ in range(group_size)]
+            texts = [text for p in prompts for text in answers[(greedy, p["prompt"])]]
+            return SimpleNamespace(prompts=rows, completions=texts, episodes=None)
 
-    monkeypatch.setattr(ev, "_generate", fake_generate)
     config = ev.EvalConfig(n=4)
-    summary, records = ev.evaluate(None, None, questions, config)
+    summary, records = ev.evaluate(None, None, questions, config, FakeSampler())
     assert summary["greedy_accuracy"] == 0.5
     assert summary["format_rate"] == 0.5
     assert summary["last_number_accuracy"] == 0.5  # "It is 2" ends on 2, not -2

@@ -21,18 +21,6 @@ from gspo.train.tiny import tiny_model
 B, G, P, T = 8, 4, 6, 5
 
 
-@pytest.fixture
-def float64_norm(monkeypatch):
-    from transformers.models.qwen2 import modeling_qwen2
-
-    def forward(self, x):
-        return self.weight * (
-            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        )
-
-    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
-
-
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

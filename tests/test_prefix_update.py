@@ -25,18 +25,6 @@ from gspo.train.update import update
 B, G, P, T = 12, 4, 6, 5
 
 
-@pytest.fixture
-def float64_norm(monkeypatch):
-    from transformers.models.qwen2 import modeling_qwen2
-
-    def forward(self, x):
-        return self.weight * (
-            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        )
-
-    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
-
-
 def grouped_rollout() -> Rollout:
     """3 groups of 4, group g's prompt left-padded by 2g tokens, ragged responses."""
     gen = torch.Generator().manual_seed(3)

@@ -24,6 +24,7 @@ class CausalLMLogprobs(torch.nn.Module):
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1]
         logp = log_softmax(logits.float() / temperature).gather(-1, input_ids[:, 1:, None])
 
+    (with ``top_p < 1``, the log-softmax over the nucleus the samplers keep: gspo.nucleus),
     but runs only the base decoder (``getattr(model, model.base_model_prefix)``,
     whose output is already final-normed for Qwen2/Llama) and feeds its hidden
     states with ``model.get_output_embeddings()`` to ``token_logprobs``.
@@ -44,7 +45,7 @@ class CausalLMLogprobs(torch.nn.Module):
       token instead of four); the forward then returns ``(loss, metrics, logp, entropy)``,
       ``logp`` and ``entropy`` [B,L-1] detached (entropy None unless asked; from the
       softmax the gradient needs, nearly free). A model with a logit transform (Gemma 2/3,
-      Cohere) gets the same result through the recompute path.
+      Cohere), or ``top_p < 1``, gets the same result through the recompute path.
     - ``position_ids`` are built from the attention mask as ``generate`` builds them
       (cumsum - 1), so left padding does not shift absolute positions (GPT-2).
     - The model's own logit transform is applied: Gemma 2/3's
@@ -96,6 +97,7 @@ class CausalLMLogprobs(torch.nn.Module):
         temperature: float = 1.0,
         return_entropy: bool = False,
         target_mask: Tensor | None = None,
+        top_p: float = 1.0,
         prompt_len: int | None = None,
         loss_fn=None,
     ) -> Tensor | tuple[Tensor, ...]:
@@ -132,7 +134,8 @@ class CausalLMLogprobs(torch.nn.Module):
         def spread(values: Tensor) -> Tensor:  # [M] -> [B,L-1], 0 where not scored
             return values.new_zeros(target_ok.shape).index_put(rows, values)
 
-        if loss_fn is not None and self.logit_scale == 1.0 and self.softcap is None:
+        plain_head = self.logit_scale == 1.0 and self.softcap is None and top_p == 1.0
+        if loss_fn is not None and plain_head:
             counts = target_ok.sum(dim=1).cumsum(0).tolist()
             loss, metrics, logp, ent = fused_loss(
                 picked, weight, labels, lambda flat: loss_fn(spread(flat)), bounds=[0, *counts],
@@ -141,9 +144,10 @@ class CausalLMLogprobs(torch.nn.Module):
             return loss, metrics, spread(logp), None if ent is None else spread(ent)
         result = token_logprobs(picked, weight, labels, bias=bias, temperature=temperature,
                                 chunk_size=self.chunk_size, return_entropy=return_entropy,
-                                logit_scale=self.logit_scale, softcap=self.softcap)  # fmt: skip
+                                logit_scale=self.logit_scale, softcap=self.softcap,
+                                top_p=top_p)  # fmt: skip
         logp, ent = (spread(x) for x in result) if return_entropy else (spread(result), None)
-        if loss_fn is not None:  # a logit transform the fused kernel does not apply
+        if loss_fn is not None:  # a logit transform or nucleus the fused kernel does not apply
             loss, metrics = loss_fn(logp)
             return loss, metrics, logp.detach(), None if ent is None else ent.detach()
         return (logp, ent) if return_entropy else logp

@@ -15,6 +15,12 @@ task can read) and, for arith, the last-number accuracy (the last number of the 
 completion is the answer, format aside: what the model computes even when it ignores the
 ``Answer:`` line). A completion is *correct* when its reward is 1, the maximum of the
 built-in tasks. Output: a table, then one JSON line; every completion goes to ``--out``.
+
+With ``--env`` (gspo.train.episodes) each question is an episode: the greedy completion is
+the model's last reply, the environment's reward scores it, and the summary adds the
+greedy episodes' tool-call rate (the share with at least one environment answer), turns
+per episode and truncated share; every greedy episode's turns go to ``--out``
+(``greedy_turns``).
 """
 
 from __future__ import annotations
@@ -84,29 +90,24 @@ def load_questions(config: EvalConfig) -> list[dict]:
     return load_prompts_file(d.prompts, d.task)
 
 
-def _generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler):
-    """Completions for every prompt (``group_size`` each, groups contiguous) from the
-    engine ``sampler`` (gspo.train.engines: one generation path for train and eval)."""
-    return sampler.sample(prompts, group_size=group_size, greedy=greedy).completions
-
-
 def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
              sampler=None) -> tuple[dict, list]:  # fmt: skip
-    """(summary, records): score greedy and sampled completions of every question."""
-    from gspo.train.rewards import load_rewards, score
+    """(summary, records): score greedy and sampled completions of every question, through
+    the same episodes as training (gspo.train.episodes: one completion, or --env's turns)."""
+    from gspo.train import episodes
+    from gspo.train.rewards import load_rewards
     from gspo.train.tasks import get
 
     task, d = get(config.data.task), config.data
     reward_fn = load_rewards(d.reward, d.reward_weights) if d.reward else task.reward
-    greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True,
-                       sampler=sampler)  # fmt: skip
-    greedy_rewards = score(reward_fn, questions, greedy)
+    collect = episodes.build(d, config.sampling, sampler, tokenizer, model, reward_fn)
+    rollout = collect.rollout(questions, group_size=1, greedy=True)
+    greedy, greedy_rewards = rollout.completions, collect.score(rollout)
+    turns = rollout.episodes  # None without --env
     sampled, sampled_rewards = [], []
     if config.n:
-        sampled = _generate(model, tokenizer, questions, group_size=config.n, config=config,
-                            greedy=False, sampler=sampler)  # fmt: skip
-        repeated = [q for q in questions for _ in range(config.n)]
-        sampled_rewards = score(reward_fn, repeated, sampled)
+        sampled_rollout = collect.rollout(questions, group_size=config.n, greedy=False)
+        sampled, sampled_rewards = sampled_rollout.completions, collect.score(sampled_rollout)
     records = []
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
@@ -122,7 +123,14 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
             "samples": samples, "sample_rewards": rewards,
             "samples_correct": sum(r == 1.0 for r in rewards),
         })  # fmt: skip
-    return summarize(records, config.n), records
+        if turns is not None:  # the greedy episode, turn by turn
+            records[-1].update(greedy_turns=turns[i]["turns"],
+                               greedy_tool_calls=turns[i]["tool_calls"],
+                               greedy_truncated=turns[i]["truncated"])  # fmt: skip
+    summary = summarize(records, config.n)
+    if turns is not None:  # greedy episodes: how the model used the environment
+        summary.update(episodes.episode_metrics(turns))
+    return summary, records
 
 
 def summarize(records: Sequence[dict], n: int) -> dict:
@@ -174,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gspo eval: error: {err}", file=sys.stderr)
         return 2
     print(table(summary, config.n))
+    if "turns_per_episode" in summary:
+        print(f"--env {config.data.env}, greedy episodes: tool-call rate "
+              f"{summary['tool_call_rate']:.3f}, turns per episode "
+              f"{summary['turns_per_episode']:.2f}, truncated {summary['truncated_frac']:.3f}")
     print(json.dumps(summary))
     return 0
 
@@ -184,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --prompts/--dataset (and so its --reward) are not taken: training held out only their last
 # rows.
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", *(f.name for f in dataclasses.fields(SamplingConfig)))
+                     "max_prompt_tokens", "env", "max_turns",
+                     *(f.name for f in dataclasses.fields(SamplingConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:
