@@ -213,3 +213,25 @@ def test_packing_runs_only_where_it_is_cheaper(monkeypatch):
     assert torch.equal(plain, engine(ids, mask, target_mask=target, prompt_len=P))
     with pytest.raises(AssertionError, match="packed"):  # the spy sees a packing batch
         engine(*batch()[:2], target_mask=batch()[2], prompt_len=P)
+
+
+def test_float64_multi_turn_episode_equals_plain(float64_norm):
+    """A multi-turn episode (gspo.train.envs): the response region holds the environment's
+    tokens too, real (attended) but not scored. Packing follows the attention mask, so they
+    stay in their response's block; here every row's response columns 1-2 are such tokens."""
+    model = tiny_model(layers=2, hidden=64).double()
+    engine = CausalLMLogprobs(model)
+    ids, mask, target = batch()
+    mask[:, P:] = 1  # whole episodes: model, environment, model tokens
+    target = torch.cat([torch.zeros(B, P - 1, dtype=torch.bool), mask[:, P:].bool()], dim=1)
+    target[:, P : P + 2] = False  # the environment's tokens: attended, not scored
+    weights = torch.randn(B, P + T - 1, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)  # fmt: skip
+    out = []
+    for prompt_len in (None, P):
+        logp = engine(ids, mask, target_mask=target, prompt_len=prompt_len)
+        grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+        out.append((logp.detach(), torch.cat([g.flatten() for g in grads])))
+    (a, ga), (b, gb) = out
+    assert ga.abs().max() > 0.1
+    assert (a - b).abs().max() < 1e-10 and (ga - gb).abs().max() < 1e-10
