@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -31,3 +32,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def float64_norm(monkeypatch):
+    """Qwen2's RMSNorm in its input dtype. transformers' RMSNorm casts to float32 even in a
+    float64 model, so a float64 comparison of two exact computations that sum a token's
+    gradient in different orders before that cast (the shared-prefix forward sums G
+    responses' gradients into one prompt pass; micro-batches split a group) sees float32's
+    1e-7 however exact the maths; with this patch the maths is the same and the rounding
+    float64's."""
+    import torch
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def forward(self, x):
+        return self.weight * (
+            x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        )
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)

@@ -322,10 +322,12 @@ def updated(config, keep, budget=0):
 
 @pytest.mark.parametrize("loss", ["gspo", "cispo"])
 @pytest.mark.parametrize("budget", [4, 9, 13])
-def test_kept_sequences_in_micro_batches_give_the_whole_minibatch_update(budget, loss):
+def test_kept_sequences_in_micro_batches_give_the_whole_minibatch_update(
+    budget, loss, float64_norm
+):
     """float64, 2 minibatches of 4, 5 of 8 kept: micro-batches of at most ``budget`` padded
     tokens (pieces with no kept row included) give the unsplit update's weights to 1e-10
-    and its metrics."""
+    and its metrics. (float64_norm: micro-batches split groups whose prompt runs once.)"""
     config = TrainConfig(minibatches=2, lr=1e-2, max_grad_norm=0.5, mask_truncated=True,
                          loss=loss)  # fmt: skip
     keep = torch.tensor([False, True, False, True, True, False, True, True])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, token_logprobs
-from gspo.logprobs import IGNORE_INDEX
+from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, fused_loss, token_logprobs
+from gspo.prefix import attention_mask_4d, cheaper, pack, unsupported
 
 
 class CausalLMLogprobs(torch.nn.Module):
@@ -32,6 +32,20 @@ class CausalLMLogprobs(torch.nn.Module):
     - ``target_mask`` [B,L-1] (True = score this target) narrows the scoring further:
       the trainer passes the response tokens, so the LM head never projects a prompt
       position (its hidden rows are not even read). Default: ``attention_mask[:, 1:]``.
+    - ``prompt_len=P`` (the trainer's rollouts: G adjacent rows share their first P columns)
+      runs each shared prompt once and every response against it (gspo.prefix: one packed
+      row per group, a block attention mask, no padding); the same log-probs, entropy and
+      gradients with ``P + G*R`` decoder tokens instead of ``G*(P + R)``. Where packing
+      would not be exact (gspo.prefix.unsupported: the model type, its attention
+      implementation, sliding windows; or a target whose preceding column is padding), or
+      would not be cheaper (gspo.prefix.cheaper: long responses), the plain forward runs.
+    - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
+      trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
+      gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
+      token instead of four); the forward then returns ``(loss, metrics, logp, entropy)``,
+      ``logp`` and ``entropy`` [B,L-1] detached (entropy None unless asked; from the
+      softmax the gradient needs, nearly free). A model with a logit transform (Gemma 2/3,
+      Cohere), or ``top_p < 1``, gets the same result through the recompute path.
     - ``position_ids`` are built from the attention mask as ``generate`` builds them
       (cumsum - 1), so left padding does not shift absolute positions (GPT-2).
     - The model's own logit transform is applied: Gemma 2/3's
@@ -84,7 +98,9 @@ class CausalLMLogprobs(torch.nn.Module):
         return_entropy: bool = False,
         target_mask: Tensor | None = None,
         top_p: float = 1.0,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        prompt_len: int | None = None,
+        loss_fn=None,
+    ) -> Tensor | tuple[Tensor, ...]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
@@ -94,36 +110,77 @@ class CausalLMLogprobs(torch.nn.Module):
             if not isinstance(target_mask, Tensor) or target_mask.shape != target_ok.shape:
                 raise ValueError(f"target_mask: must have shape {tuple(target_ok.shape)}")
             target_ok = target_ok & target_mask.to(torch.bool)
-        # As generate() numbers them: the first real token is position 0 whatever the padding.
-        positions = attention_mask.long().cumsum(-1) - 1
-        positions = positions.masked_fill(attention_mask == 0, 1)
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        dtype = self.compute_dtype or weight.dtype  # bf16 copies are differentiable
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        rows = target_ok.nonzero(as_tuple=True)  # only the scored targets reach the LM head
+        packed = self._pack(input_ids, attention_mask, target_ok, prompt_len)
+        if packed is not None:  # one packed row per group (gspo.prefix)
+            implementation = self.model.config._attn_implementation
+            mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
+            hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
+            index = packed.source[:, :-1][rows]
+        else:
+            # As generate() numbers them: the first real token is position 0 whatever the
+            # padding.
+            positions = attention_mask.long().cumsum(-1) - 1
+            positions = positions.masked_fill(attention_mask == 0, 1)
+            hidden = self._decoder(input_ids, attention_mask, positions)
+            index = rows[0] * hidden.shape[1] + rows[1]  # column t predicts token t+1
+        picked = hidden.reshape(-1, hidden.shape[-1])[index].to(dtype)  # [M,H]
+        labels = input_ids[:, 1:][rows]  # [M]
+
+        def spread(values: Tensor) -> Tensor:  # [M] -> [B,L-1], 0 where not scored
+            return values.new_zeros(target_ok.shape).index_put(rows, values)
+
+        plain_head = self.logit_scale == 1.0 and self.softcap is None and top_p == 1.0
+        if loss_fn is not None and plain_head:
+            counts = target_ok.sum(dim=1).cumsum(0).tolist()
+            loss, metrics, logp, ent = fused_loss(
+                picked, weight, labels, lambda flat: loss_fn(spread(flat)), bounds=[0, *counts],
+                bias=bias, temperature=temperature, return_entropy=return_entropy,
+            )  # fmt: skip
+            return loss, metrics, spread(logp), None if ent is None else spread(ent)
+        result = token_logprobs(picked, weight, labels, bias=bias, temperature=temperature,
+                                chunk_size=self.chunk_size, return_entropy=return_entropy,
+                                logit_scale=self.logit_scale, softcap=self.softcap,
+                                top_p=top_p)  # fmt: skip
+        logp, ent = (spread(x) for x in result) if return_entropy else (spread(result), None)
+        if loss_fn is not None:  # a logit transform or nucleus the fused kernel does not apply
+            loss, metrics = loss_fn(logp)
+            return loss, metrics, logp.detach(), None if ent is None else ent.detach()
+        return (logp, ent) if return_entropy else logp
+
+    def _decoder(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+        """The base decoder's final hidden states [B, L, H] (under autocast for bf16)."""
         base = getattr(self.model, self.model.base_model_prefix)
         low = self.compute_dtype
         with torch.autocast(input_ids.device.type, dtype=low or torch.float32, enabled=bool(low)):
             out = base(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=positions, use_cache=False)  # fmt: skip
-        hidden = out[0][:, :-1]  # [B,L-1,H]: position t predicts token t+1
-        head = self.model.get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        dtype = low or weight.dtype  # bf16 copies are differentiable: grads reach fp32 masters
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        labels = torch.where(target_ok, input_ids[:, 1:], IGNORE_INDEX)
-        result = token_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]),
-            weight,
-            labels.reshape(-1),
-            bias=bias,
-            temperature=temperature,
-            chunk_size=self.chunk_size,
-            return_entropy=return_entropy,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            top_p=top_p,
-        )
-        if return_entropy:
-            return tuple(x.view(labels.shape) for x in result)
-        return result.view(labels.shape)
+        return out[0]
+
+    def _pack(self, input_ids, attention_mask, target_ok, prompt_len):
+        """The packed batch when ``prompt_len`` asks for it and packing is exact, else None."""
+        if prompt_len is None:
+            return None
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
+            raise TypeError(f"prompt_len: must be an int, got {type(prompt_len).__name__}")
+        if not 1 <= prompt_len < input_ids.shape[1]:
+            raise ValueError(f"prompt_len: {prompt_len} is not in [1, {input_ids.shape[1]})")
+        if unsupported(self.model) is not None:
+            return None
+        packed = pack(input_ids, attention_mask, prompt_len)
+        if unsupported(self.model, packed.input_ids.shape[1]) is not None:
+            return None
+        if not cheaper(self.model, tuple(input_ids.shape), tuple(packed.input_ids.shape)):
+            return None  # long responses: the packed rows' attention would cost more
+        # A target scored from a padding column (the plain path reads that column's hidden
+        # state) has no packed equal: keep the plain path's numbers then.
+        if bool((packed.source[:, :-1][target_ok] < 0).any()):
+            return None
+        return packed
 
 
 # Logit transforms some models apply after their LM head that this module does not

@@ -367,6 +367,45 @@ def _fused_gspo_loss(
     return value, out["metrics"]
 
 
+def fused_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    loss_of,
+    *,
+    bounds: list[int],
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_FUSED_CHUNK_SIZE,
+    ignore_index: int = IGNORE_INDEX,
+    return_entropy: bool = False,
+) -> tuple[Tensor, dict, Tensor, Tensor | None]:
+    """Any per-sequence loss of the log-probs, its gradients formed in the LM-head pass.
+
+    ``loss_of(logp [N]) -> (loss, metrics)`` must be a sum of terms each depending on the
+    tokens of one sequence only (GSPO and its variants, a per-sequence KL, weights that are
+    constants); ``bounds`` are the flat offsets where sequences start and end (cu_seqlens).
+    Equals::
+
+        logp = token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature)
+        loss, metrics = loss_of(logp)
+
+    in value and gradient, with three matmuls per token instead of four
+    (``gspo_loss_from_hidden(fused=True)``'s kernel, which this generalises). Returns
+    ``(loss, metrics, logp, entropy)``: ``logp`` [N] and ``entropy`` [N] (None unless
+    ``return_entropy``; from the softmax the gradient needs anyway, so nearly free) carry
+    no gradient: they are for metrics.
+    """
+    check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
+    check_chunk_size(chunk_size)
+    out: dict = {"want_entropy": bool(return_entropy)}
+    value = _FusedLoss.apply(
+        hidden, weight, bias, labels, (float(temperature), chunk_size, ignore_index, bounds),
+        loss_of, out,
+    )  # fmt: skip
+    return value, out["metrics"], out["logp"], out.get("entropy")
+
+
 def _sequence_bounds(shape, loss_kwargs) -> list[int]:
     """Flat token offsets where sequences start and end (cu_seqlens), for either layout."""
     if len(shape) == 2:  # padded [B,T]: sequence b is row b
@@ -398,6 +437,7 @@ class _FusedLoss(torch.autograd.Function):
         # Tokens of blocks not yet reached hold 0: any finite value does, as
         # other sequences' loss terms do not touch this block's gradient.
         logp = hidden.new_zeros(labels.shape[0], dtype=dtype)
+        entropy = logp.new_zeros(logp.shape) if out.get("want_entropy") else None
         grads = _Grads(hidden, weight, bias, dtype)
         for start, end in _blocks(bounds, valid, chunk_size):
             rows = start + valid[start:end].nonzero()[:, 0]
@@ -416,6 +456,8 @@ class _FusedLoss(torch.autograd.Function):
                     if kept is not None
                     else _chunk_softmax(hidden, weight, bias, idx, temperature, dtype, labels)
                 )
+                if entropy is not None:  # H = -sum p log p, from the softmax already here
+                    entropy[idx] = torch.special.entr(p).sum(1)
                 gi = g[i * chunk_size : i * chunk_size + idx.shape[0], None]
                 # dlogp/dz = onehot(y) - p, so dL/dz = g * (onehot(y) - p), in place in p
                 grads.add(p.mul_(-gi).scatter_add_(1, labels[idx][:, None], gi), idx)
@@ -423,6 +465,7 @@ class _FusedLoss(torch.autograd.Function):
             kept = None
         with torch.no_grad():
             value, out["metrics"] = loss_of(logp)
+        out["logp"], out["entropy"] = logp, entropy
         ctx.save_for_backward(*grads.result())
         return value
 

@@ -333,6 +333,13 @@ class OptimConfig:
         0, "padded tokens per forward(+backward), gradients accumulated; 0 = whole minibatch"
     )
     grad_checkpointing: bool = option(False, "recompute layer activations in the backward")
+    shared_prefix: bool = option(
+        True, "run each group's prompt once in the trainer's forwards, its G responses "
+        "attending to it (same log-probs and gradients, P + G*R tokens instead of G*(P + R); "
+        "models it is not exact for run the plain forward: docs/fast-step.md)")  # fmt: skip
+    fused_loss: bool = option(
+        True, "compute the loss inside the LM-head pass, its gradients formed there (three "
+        "matmuls per token instead of four; same gradients: docs/fast-step.md)")  # fmt: skip
     dtype: str = option(
         "fp32", "compute dtype: bf16 = fp32 master weights, bf16 matmuls", choices=("fp32", "bf16")
     )

@@ -10,6 +10,11 @@ The loss of each sequence is divided by the minibatch's (global) sequence count,
 micro-batch it lands in, so the accumulated gradient is the whole-minibatch gradient
 (``tests/test_train_update.py`` checks parameters after a step to 1e-6 in float64).
 
+With the shared-prefix forward (``shared=True``, gspo.prefix) a micro-batch is packed: one
+row per group, its prompt's real tokens once and every response's real tokens, rows padded
+at the tail to the longest. Its cost is then groups x longest packed row, which is what that
+forward allocates; the planner counts exactly that.
+
 Shapes: B sequences, P prompt tokens, T response tokens.
 """
 
@@ -19,6 +24,7 @@ import contextlib
 
 import torch
 
+from gspo.prefix import groups, packed_lengths
 from gspo.train.rollout import Rollout
 
 
@@ -31,17 +37,22 @@ def row_spans(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     return pad, (rollout.attention_mask[:, p:] != 0).sum(dim=1)
 
 
-def plan(rollout: Rollout, max_tokens: int | None, *, count: int | None = None) -> list[slice]:
+def plan(
+    rollout: Rollout, max_tokens: int | None, *, count: int | None = None, shared: bool = False
+) -> list[slice]:
     """Contiguous row slices with rows x trimmed length <= ``max_tokens`` (greedy, in order).
 
     A single sequence longer than the budget gets a micro-batch of its own (a sequence is
     never split: the sequence ratio couples all its tokens). ``count`` asks for at least
     that many slices (split further, largest cost first) so that data-parallel ranks run
-    the same number of forwards; it must not exceed the number of rows.
+    the same number of forwards; it must not exceed the number of rows. ``shared``: costs
+    are the packed forward's (module docstring).
     """
     b = len(rollout)
     if not max_tokens:
         parts = [slice(0, b)]
+    elif shared:
+        parts = _plan_packed(rollout, max_tokens)
     else:
         pad, length = (x.tolist() for x in row_spans(rollout))
         p = rollout.prompt_len
@@ -53,23 +64,51 @@ def plan(rollout: Rollout, max_tokens: int | None, *, count: int | None = None) 
                 start, new_lo, new_hi = i, pad[i], length[i]
             lo, hi = new_lo, new_hi
         parts.append(slice(start, b))
-    return _split_to(parts, count or len(parts), rollout)
+    return _split_to(parts, count or len(parts), rollout, shared)
 
 
-def _split_to(parts: list[slice], count: int, rollout: Rollout) -> list[slice]:
+def _plan_packed(rollout: Rollout, max_tokens: int) -> list[slice]:
+    """Greedy contiguous slices whose packed cost (groups x longest packed row) fits."""
+    p = rollout.prompt_len
+    prompt_tokens = rollout.attention_mask[:, :p].sum(dim=1).tolist()
+    response_tokens = rollout.response_mask.sum(dim=1).tolist()
+    starts = {g.start for g in groups(rollout.input_ids, rollout.attention_mask, p)}
+    parts, start = [], 0
+    closed, n_groups, current = 0, 0, 0  # longest closed row, groups, the open row's length
+    for i in range(len(rollout)):
+        new_group = i in starts or i == start
+        row = (prompt_tokens[i] if new_group else current) + response_tokens[i]
+        longest = max(closed, current if new_group else 0, row)
+        if i > start and (n_groups + new_group) * longest > max_tokens:
+            parts.append(slice(start, i))
+            start, closed, n_groups = i, 0, 1
+            current = prompt_tokens[i] + response_tokens[i]
+            continue
+        if new_group:
+            closed, n_groups = max(closed, current), n_groups + 1
+        current = row
+    parts.append(slice(start, len(rollout)))
+    return parts
+
+
+def _split_to(parts: list[slice], count: int, rollout: Rollout, shared: bool) -> list[slice]:
     if count > len(rollout):
         raise ValueError(f"count: {count} micro-batches asked of {len(rollout)} rows")
     while len(parts) < count:
         k = max((i for i, s in enumerate(parts) if s.stop - s.start > 1),
-                key=lambda i: cost(rollout.select(parts[i])))  # fmt: skip
+                key=lambda i: cost(rollout.select(parts[i]), shared))  # fmt: skip
         s = parts[k]
         mid = (s.start + s.stop) // 2
         parts[k : k + 1] = [slice(s.start, mid), slice(mid, s.stop)]
     return parts
 
 
-def cost(rollout: Rollout) -> int:
-    """Padded tokens of the trimmed micro-batch: rows x (prompt span + response span)."""
+def cost(rollout: Rollout, shared: bool = False) -> int:
+    """Tokens the forward runs on: rows x (prompt span + response span) for the trimmed
+    padded batch; groups x longest packed row when ``shared``."""
+    if shared:
+        lengths = packed_lengths(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        return len(lengths) * max(lengths)
     pad, length = row_spans(rollout)
     return len(rollout) * (rollout.prompt_len - int(pad.min()) + int(length.max()))
 
@@ -90,16 +129,18 @@ def trim(rollout: Rollout) -> tuple[Rollout, int]:
     ), t
 
 
-def plan_everywhere(rollout: Rollout, max_tokens: int | None, world_size: int) -> list[slice]:
+def plan_everywhere(
+    rollout: Rollout, max_tokens: int | None, world_size: int, *, shared: bool = False
+) -> list[slice]:
     """``plan`` with the same number of slices on every rank (the largest any rank needs):
     under FSDP every forward and backward is a collective, so ranks must run as many."""
-    parts = plan(rollout, max_tokens)
+    parts = plan(rollout, max_tokens, shared=shared)
     if world_size > 1 and max_tokens:
         import torch.distributed as dist
 
         n = torch.tensor([len(parts)], device=rollout.input_ids.device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        parts = plan(rollout, max_tokens, count=int(n.item()))
+        parts = plan(rollout, max_tokens, count=int(n.item()), shared=shared)
     return parts
 
 

@@ -34,18 +34,19 @@ from gspo.train.rollout import Rollout, eval_mode
 
 
 def response_logprobs(
-    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False, top_p: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False, top_p: float = 1.0,
+    shared_prefix: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
     so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
     (``target_mask``): the LM head never projects a prompt position. ``top_p`` < 1: under
     the nucleus the engines sample from (gspo.nucleus), so that trainer and sampler agree.
+    ``shared_prefix``: the rows of a group run their prompt once (``prompt_len``,
+    gspo.prefix).
     """
-    start = rollout.prompt_len - 1
-    mask = rollout.response_mask
-    target = torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
+    start, target = _targets(rollout)
     out = logprobs(
         rollout.input_ids,
         rollout.attention_mask,
@@ -53,6 +54,7 @@ def response_logprobs(
         return_entropy=entropy,
         target_mask=target,
         top_p=top_p,
+        **({"prompt_len": rollout.prompt_len} if shared_prefix else {}),
     )
     logp, ent = out if entropy else (out, None)
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
@@ -101,36 +103,64 @@ def minibatch_loss(
     The forward still runs on every row, so that ranks and micro-batches keep their shapes.
     With no row kept the loss is an empty sum (0, zero gradient) and the metrics are NaN.
     """
-    objective = config.objective
-    sampling = config.sampling
-    logp, ent = response_logprobs(logprobs, batch, temperature=sampling.temperature,
-                                  entropy=True, top_p=sampling.top_p)  # fmt: skip
-    full_logp, mask = logp, batch.response_mask
+    objective, sampling = config.objective, config.sampling
+    mask = batch.response_mask
     if keep is not None:
-        logp, ent, logp_old, mask = logp[keep], ent[keep], logp_old[keep], mask[keep]
-        adv, ref_logp = adv[keep], None if ref_logp is None else ref_logp[keep]
-        if not bool(keep.any()):
-            metrics = dict.fromkeys(loss_metric_names(config), torch.tensor(math.nan))
-            loss = logp.sum()  # 0, and a graph through every parameter (DDP reduces them all)
-            metrics.update(loss=loss.detach(), logp=full_logp.detach())
-            return loss * world_size, metrics
+        logp_old, mask, adv = logp_old[keep], mask[keep], adv[keep]
+        ref_logp = None if ref_logp is None else ref_logp[keep]
+    empty = keep is not None and not bool(keep.any())
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
     # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
     # over its sequences
     divisor = ({"num_tokens": num_tokens or int(mask.sum())} if objective.loss == "cispo"
                else {"num_sequences": num_sequences})  # fmt: skip
-    loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
-                              **objective.gspo_loss_options(), **divisor)  # fmt: skip
-    if ref_logp is not None and objective.kl_coef > 0:
-        kl = k3_kl(logp, ref_logp, mask)
-        loss = loss + objective.kl_coef * kl.sum() / num_sequences
-        metrics["kl_ref"] = (kl.sum() / len(kl)).detach()
-    metrics["entropy"] = masked_mean(ent, mask).detach()
-    metrics["loss"] = loss.detach()
+    start, target = _targets(batch)
+
+    def loss_fn(logp_all: torch.Tensor):  # [b, L-1] -> the loss of the kept response tokens
+        logp = logp_all[:, start:]
+        logp = logp if keep is None else logp[keep]
+        if empty:
+            metrics = dict.fromkeys(loss_metric_names(config), torch.tensor(math.nan))
+            loss = logp.sum()  # 0, and a graph through every parameter (DDP reduces them all)
+            metrics["loss"] = loss.detach()
+            return loss * world_size, metrics
+        loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
+                                  **objective.gspo_loss_options(), **divisor)  # fmt: skip
+        if ref_logp is not None and objective.kl_coef > 0:
+            kl = k3_kl(logp, ref_logp, mask)
+            loss = loss + objective.kl_coef * kl.sum() / num_sequences
+            metrics["kl_ref"] = (kl.sum() / len(kl)).detach()
+        metrics["loss"] = loss.detach()
+        # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
+        return loss * world_size, metrics
+
+    shared = {"prompt_len": batch.prompt_len} if config.optim.shared_prefix else {}
+    if config.optim.fused_loss:  # the loss inside the forward (CausalLMLogprobs' loss_fn)
+        loss, metrics, full_logp, ent = logprobs(
+            batch.input_ids, batch.attention_mask, temperature=sampling.temperature,
+            return_entropy=True, target_mask=target, top_p=sampling.top_p, loss_fn=loss_fn,
+            **shared,
+        )  # fmt: skip
+        full_logp, ent = full_logp[:, start:], ent[:, start:]
+    else:
+        full_logp, ent = response_logprobs(logprobs, batch, temperature=sampling.temperature,
+                                           entropy=True, top_p=sampling.top_p,
+                                           shared_prefix=config.optim.shared_prefix)  # fmt: skip
+        pad = full_logp.new_zeros(len(batch), start)
+        loss, metrics = loss_fn(torch.cat([pad, full_logp], dim=1))
+    if not empty:
+        metrics["entropy"] = masked_mean(ent if keep is None else ent[keep], mask).detach()
     metrics["logp"] = full_logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
-    # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
-    return loss * world_size, metrics
+    return loss, metrics
+
+
+def _targets(rollout: Rollout) -> tuple[int, torch.Tensor]:
+    """(P-1, target_mask [B, L-1]): the response tokens are columns P-1 .. L-2 of the
+    log-prob module's output (column t scores token t+1)."""
+    start = rollout.prompt_len - 1
+    mask = rollout.response_mask
+    return start, torch.cat([mask.new_zeros(mask.shape[0], start), mask], dim=1)
 
 
 def update(
@@ -205,22 +235,32 @@ def update(
             mask = rollout.response_mask[part]
             mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
         del metrics["logp"]
-        history.append({**{k: float(v) for k, v in metrics.items()}, **mismatch,
-                        "time_old_logprobs": seconds_old})  # fmt: skip
+        history.append({**to_host(metrics), **mismatch, "time_old_logprobs": seconds_old})
     return history
+
+
+def to_host(metrics: dict) -> dict[str, float]:
+    """The metrics as floats, the tensors among them in one device-to-host transfer (one
+    ``float()`` each would synchronise host and device once per metric)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    # FSDP2's grad norm is a DTensor: its full value (float() of it did the same)
+    full = [getattr(metrics[k], "full_tensor", lambda k=k: metrics[k])() for k in keys]
+    values = torch.stack([v.detach().reshape(()).double() for v in full]) if keys else []
+    found = dict(zip(keys, values.tolist() if keys else [], strict=True))
+    return {k: found[k] if k in found else float(v) for k, v in metrics.items()}
 
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
-    sampling = config.sampling
+    sampling, shared = config.sampling, config.optim.shared_prefix
     if not budget:
         return response_logprobs(logprobs, rollout, temperature=sampling.temperature,
-                                 top_p=sampling.top_p)[0]  # fmt: skip
+                                 top_p=sampling.top_p, shared_prefix=shared)[0]  # fmt: skip
     pieces = []
-    for part in mb.plan_everywhere(rollout, budget, world_size):
+    for part in mb.plan_everywhere(rollout, budget, world_size, shared=shared):
         piece, width = mb.trim(rollout.select(part))
         logp, _ = response_logprobs(logprobs, piece, temperature=sampling.temperature,
-                                    top_p=sampling.top_p)  # fmt: skip
+                                    top_p=sampling.top_p, shared_prefix=shared)  # fmt: skip
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
@@ -262,7 +302,9 @@ def accumulate_gradients(
 ) -> dict[str, torch.Tensor]:
     """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics.
     ``keep`` [b] and ``num_sequences``: see minibatch_loss (the count is the minibatch's)."""
-    parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
+    shared = config.optim.shared_prefix
+    parts = (mb.plan_everywhere(batch, budget, world_size, shared=shared) if budget
+             else [slice(0, len(batch))])  # fmt: skip
     num_sequences = num_sequences or len(batch) * world_size
     kept_mask = batch.response_mask if keep is None else \
         torch.where(keep[:, None], batch.response_mask, False)  # fmt: skip
