@@ -51,6 +51,8 @@ CHANGEABLE = {
     "generation_batch_size": "sequences per generate() call",
     "grad_checkpointing": "recompute activations in the backward: the same gradient",
     "vllm_memory": "vLLM's memory",
+    "shared_prefix": "each group's prompt run once: the same log-probs and gradients",
+    "fused_loss": "the loss inside the LM-head pass: the same gradients",
 }
 # Not settings of the computation: where the run is (--resume gives it) and its own flag.
 _IGNORED = {"resume"}
