@@ -242,7 +242,7 @@ def run(config: EvalConfig) -> dict:
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
                                    seed=config.seed)  # fmt: skip
     # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
-    (questions,), _ = data.fit([questions], tokenizer, model, config)
+    (questions,), _, longest = data.fit([questions], tokenizer, model, config)
     if not questions:
         raise ValueError(f"--max-prompt-tokens {config.data.max_prompt_tokens} drops every "
                          "question; raise it")  # fmt: skip
@@ -250,7 +250,7 @@ def run(config: EvalConfig) -> dict:
     model.to(device).eval()
     sampler = engine_class(config.sampling.rollout).for_eval(
         model, tokenizer, config.sampling, device=device, seed=config.seed,
-        batch_size=config.batch_size)  # fmt: skip
+        batch_size=config.batch_size, prompt_tokens=longest)  # fmt: skip
     start = time.perf_counter()
     try:
         summary, records = evaluate(model, tokenizer, questions, config, sampler)

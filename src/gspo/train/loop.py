@@ -109,8 +109,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         eval_size=d.eval_prompts, seed=run.seed, levels=d.task_levels, dataset=d.dataset,
         dataset_split=d.dataset_split, prompt_field=d.prompt_field, answer_field=d.answer_field,
     )  # fmt: skip
-    pool, held_out, dropped = data.fit_prompts(pool, held_out, policy.tokenizer, policy.model,
-                                               config)  # fmt: skip
+    pool, held_out, dropped, longest = data.fit_prompts(pool, held_out, policy.tokenizer,
+                                                        policy.model, config)  # fmt: skip
     if world.main:
         data.start_warnings(config, len(pool), dropped)
 
@@ -132,14 +132,17 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         start, position = ckpt.restore(resume_from, logprobs=logprobs, optimizer=optimizer,
                                        scheduler=scheduler, world=world)  # fmt: skip
     # the sampler (--rollout): built once, from the current (resumed) weights
-    sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
+    # (sized for the longest prompt kept above: data.sequence_len)
+    sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,
+                            prompt_tokens=longest)  # fmt: skip
     cleanup.callback(sampler.close)
     group_size = run.group_size
 
-    def evaluate() -> float:
+    def evaluate(on_error=None) -> float:
         mine = held_out[world.rank :: world.size]
         rollout = sampler.sample(mine, group_size=1, greedy=True)
-        rewards = _score_all(reward_fn, rollout, world, lambda: save(step, position))
+        on_error = on_error or (lambda: save(step, position))
+        rewards = _score_all(reward_fn, rollout, world, on_error)
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
@@ -148,14 +151,20 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
                   optimizer=optimizer, scheduler=scheduler, config=config, world=world,
                   rng=rng)  # fmt: skip
 
+    def save_start() -> None:  # a reward error at step 0: the run as it starts, resumable
+        rundir.create(run_dir, config, world)
+        save(0, 0)
+
     # ---- the loop
+    # Step 0's evaluation is the engine's first work: it runs before RUN_DIR exists, so an
+    # engine that fails there (memory, a kernel) leaves no half-made run behind
+    first = {"step": 0, "eval_reward": evaluate(save_start)} if start == 0 else None
     rundir.create(run_dir, config, world)
     log = Report(run_dir, main=world.main, truncate_after=start, report_to=run.report_to,
                  config=to_dict(config), samples_per_step=run.samples_per_step,
                  total_steps=run.steps, progress=run.progress)  # fmt: skip
     step = start
-    if start == 0:
-        first = {"step": 0, "eval_reward": evaluate()}
+    if first is not None:
         if d.max_prompt_tokens is not None:
             first["prompts_dropped"] = dropped  # over the limit, removed before training
         log.metrics(first)

@@ -34,7 +34,9 @@ class HFEngine:
         self.batch_size, self.progress = batch_size, progress
 
     @classmethod
-    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> HFEngine:  # fmt: skip
+        # prompt_tokens: generate() reserves nothing ahead (its cache grows with the batch)
         # under LoRA the HF model inside the PeftModel: its layers run the adapters, and
         # generate() must see its own generation_config (swapped in generate below)
         fsdp = world.distributed and dd.is_fsdp(logprobs)
@@ -42,7 +44,8 @@ class HFEngine:
                    gathered=lambda: dd.gathered(logprobs))  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
+                 prompt_tokens: int | None = None):  # fmt: skip
         """`gspo eval`'s engine: ``batch_size`` sequences per call, a progress bar."""
         return cls(model, tokenizer, sampling, batch_size=batch_size, progress=True)
 

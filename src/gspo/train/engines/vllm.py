@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gspo.train import checkpoint as ckpt
+from gspo.train.data import sequence_len
 from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
@@ -45,10 +46,13 @@ def check_available() -> None:
 
 class VLLMEngine:
     def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
-                 weights: Iterable[tuple[str, torch.Tensor]] | None = None):  # fmt: skip
+                 weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 prompt_tokens: int | None = None):  # fmt: skip
         """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
         names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
-        holding the adapters."""
+        holding the adapters. ``prompt_tokens``: the longest prompt the start-up check
+        accepted (data.fit); the engine holds it plus ``max_new_tokens``
+        (data.sequence_len), none = the model's positions."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -57,6 +61,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.tokenizer, self.sampling = tokenizer, sampling
+        max_len = sequence_len(model, prompt_tokens, sampling.max_new_tokens)  # before any file
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
@@ -78,7 +83,7 @@ class VLLMEngine:
             self.llm = LLM(
                 model=self.dir,
                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                max_model_len=_max_len(model),
+                max_model_len=max_len,
                 generation_config="vllm",  # ignore generation_config.json's sampling defaults
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
                 enforce_eager=not cuda,  # CPU: no compile time for the tiny model
@@ -95,7 +100,8 @@ class VLLMEngine:
             ckpt.set_rng_state(rng)
 
     @classmethod
-    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> VLLMEngine:
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> VLLMEngine:  # fmt: skip
         if world.distributed:
             raise ValueError(
                 f"--rollout vllm runs one vLLM engine in a single process; under torchrun "
@@ -103,12 +109,15 @@ class VLLMEngine:
                 "inside one trainer process is not wired up yet)"
             )
         return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
-                   seed=seed + 7919 * world.rank, weights=policy.sampler_weights())  # fmt: skip
+                   seed=seed + 7919 * world.rank, weights=policy.sampler_weights(),
+                   prompt_tokens=prompt_tokens)  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int):
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
+                 prompt_tokens: int | None = None):  # fmt: skip
         """`gspo eval`'s engine (vLLM schedules its own batches)."""
-        return cls(model, tokenizer, sampling, device=device, seed=seed)
+        return cls(model, tokenizer, sampling, device=device, seed=seed,
+                   prompt_tokens=prompt_tokens)  # fmt: skip
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
         from vllm import SamplingParams
@@ -177,8 +186,3 @@ def tied_aliases(model) -> dict[str, list[str]]:
             first[key] = name
     return aliases
 
-
-def _max_len(model) -> int:
-    """Room for the longest prompt the model takes plus the response."""
-    limit = getattr(model.config, "max_position_embeddings", None) or 4096
-    return int(min(limit, 4096))
