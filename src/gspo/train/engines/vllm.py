@@ -17,6 +17,8 @@ vllm``): it is the fraction of GPU memory vLLM may take, shared with the trainer
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -159,9 +161,11 @@ class VLLMEngine:
                 for alias in (name, *self.aliases.get(name, ())):
                     yield alias, tensor.detach()
 
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
-        )
+        with _quiet_rotary_reload():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights(), "is_checkpoint_format": True},
+            )
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -186,3 +190,32 @@ def tied_aliases(model) -> dict[str, list[str]]:
             first[key] = name
     return aliases
 
+
+
+# vLLM's in-place reload (model_loader/reload/layerwise.py) counts every parameter *and
+# buffer* of a layer as weights to load, and warns "<layer>: Failed to load weights" for a
+# layer that got none, then puts the layer's own tensors back. Its RotaryEmbedding (one
+# instance shared by all layers, get_rope) holds only ``cos_sin_cache``: a non-persistent
+# buffer computed from rope_theta and the positions at start, in no checkpoint, that no
+# weight sync could or should change. So the warning came at every step's weight sync
+# (vLLM 0.32, SmolLM2 and the tiny Qwen2 alike) and says nothing; tests/test_vllm_rotary.py
+# checks that outputs after a reload are unchanged. The filter drops exactly that record,
+# on that logger, while a reload runs: any other layer's failure still shows.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class RotaryReloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and len(args) == 1
+                    and str(args[0]).endswith("RotaryEmbedding"))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_rotary_reload():
+    logger, quiet = logging.getLogger(_RELOAD_LOGGER), RotaryReloadFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
