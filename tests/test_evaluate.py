@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -41,12 +42,14 @@ def test_metrics_from_known_completions(monkeypatch):
         (False, "p1"): ["Answer: -2", "Answer: 2", "Answer: 2", "Answer: 2"],
     }
 
-    def fake_generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler=None):
-        return [text for p in prompts for text in answers[(greedy, p["prompt"])]]
+    class Sampler:  # an engine that answers from the table (one question per call here)
+        def sample(self, prompts, *, group_size, greedy):
+            texts = [text for p in prompts for text in answers[(greedy, p["prompt"])]]
+            assert len(texts) == len(prompts) * group_size
+            return SimpleNamespace(completions=texts)
 
-    monkeypatch.setattr(ev, "_generate", fake_generate)
-    config = ev.EvalConfig(n=4)
-    summary, records = ev.evaluate(None, None, questions, config)
+    config = ev.EvalConfig(n=4, batch_size=5, progress=False)  # 5 // (1 + 4): 1 per call
+    summary, records = ev.evaluate(questions, config, Sampler())
     assert summary["greedy_accuracy"] == 0.5
     assert summary["format_rate"] == 0.5
     assert summary["last_number_accuracy"] == 0.5  # "It is 2" ends on 2, not -2
@@ -74,7 +77,8 @@ def test_gspo_eval_runs_on_a_model_dir_with_user_questions(tmp_path, capsys):
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "completions.jsonl"
     argv = ["eval", "--model", str(model_dir), "--prompts", str(questions), "-n", "3",
-            "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"]  # fmt: skip
+            "--max-new-tokens", "4", "--out", str(out), "--device", "cpu",
+            "--engine", "hf"]  # fmt: skip
     assert gspo_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -118,8 +122,9 @@ def test_gspo_eval_with_vllm_gives_generate_s_greedy_answers(tmp_path, capsys):
 
 
 def test_gspo_eval_refuses_prompts_past_the_model_s_positions(tmp_path, capsys):
-    # arith's instruction alone is ~150 characters: past the tiny model's 128 positions.
-    assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0"]) == 2
+    # any prompt plus 128 new tokens is past the tiny model's 128 positions
+    assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0",
+                      "--max-new-tokens", "128"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "exceeds the model's 128 positions" in err and "--max-new-tokens" in err
 

@@ -1,14 +1,16 @@
 """`gspo eval`: how well a model does a task, the same way before and after training.
 
-    gspo eval --model smollm2 --task arith -n 8            # the base model
+    gspo eval --model smollm2 --task arith                 # the base model
     gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output (LoRA too)
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
     gspo eval --model DIR --dataset questions.parquet      # the same from a local data set
-    gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
+    gspo eval --model smollm2 --engine hf                  # HF generate (vLLM if installed)
     gspo eval --config examples/smollm2-arith.toml         # the base, asked as a recipe trains
     gspo eval --run runs/smollm2-arith                     # a run's model, asked as it trained
 
-For each question: one greedy completion and ``n`` sampled ones (temperature 1). Reported,
+For each question: one greedy completion and ``n`` sampled ones (temperature 1), of up to
+the task's answer length (arith: 32 tokens; docs/eval-defaults.md gives what the defaults
+cost), with a progress bar and the time left on stderr. Reported,
 overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbiased
 estimator of Chen et al. 2021), the format rate (greedy completions whose answer the
 task can read) and, for arith, the last-number accuracy (the last number of the greedy
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -30,28 +33,60 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gspo.config import Composite, add_arguments, check, coerce, from_args, load_file, option
+from gspo.config import (
+    Composite,
+    add_arguments,
+    check,
+    coerce,
+    from_args,
+    load_file,
+    option,
+    to_dict,
+)
 from gspo.train.config import ModelConfig, SamplingConfig, TaskConfig, TrainConfig
+
+
+def default_engine() -> str:
+    """vLLM when it is installed (a CPU run of SmolLM2 on arith: 10x faster than HF
+    ``generate``, docs/eval-defaults.md), else HF."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 @dataclass(frozen=True, init=False)
 class EvalConfig(Composite):
     """Everything `gspo eval` reads: the model, task and sampling concerns of `gspo train`
-    (gspo.train.config; here with defaults for a pretrained chat model), and its own."""
+    (gspo.train.config; here with defaults for a pretrained chat model), and its own.
+
+    Defaults a user can wait for (docs/eval-defaults.md measures them): vLLM when it is
+    installed, the task's own answer length (``Task.max_new_tokens``, arith 32) when
+    neither ``max_new_tokens`` nor a whole sampling concern is given, 4 samples per
+    question. A training config (``--config`` / ``--run``) gives all of these as it trained."""
 
     policy: ModelConfig = field(default_factory=lambda: ModelConfig(model="smollm2"))
     data: TaskConfig = field(default_factory=lambda: TaskConfig(task="arith", eval_prompts=100))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=256))
-    n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
-    batch_size: int = option(32, "sequences generated together (hf; vLLM schedules its own)")
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        rollout=default_engine(), max_new_tokens=32))  # 32: the default task's (arith)
+    n: int = option(4, "sampled completions per question, for pass@n (0 = greedy only)")
+    batch_size: int = option(32, "sequences per engine call (the progress bar moves by each)")
     seed: int = option(0, "seed of the built-in questions and of sampling")
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    progress: bool = option(True, "a progress bar over questions x completions, with the "
+                            "time left (stderr)")  # fmt: skip
 
     # Other spellings of shared options: `gspo eval --engine vllm` is --rollout;
     # --questions is --eval-prompts (the held-out questions asked).
     aliases = {"engine": "rollout", "questions": "eval_prompts"}
+
+    def __init__(self, **values) -> None:
+        from gspo.train.tasks import get
+
+        values = {self.aliases.get(k, k): v for k, v in values.items()}
+        if "max_new_tokens" not in values and "sampling" not in values:
+            data = values.get("data") or type(self).__dataclass_fields__["data"].default_factory()
+            values["max_new_tokens"] = get(values.get("task", data.task)).max_new_tokens
+        super().__init__(**values)
 
     def __post_init__(self) -> None:
         check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
@@ -84,27 +119,37 @@ def load_questions(config: EvalConfig) -> list[dict]:
     return load_prompts_file(d.prompts, d.task)
 
 
-def _generate(model, tokenizer, prompts, *, group_size, config, greedy, sampler):
-    """Completions for every prompt (``group_size`` each, groups contiguous) from the
-    engine ``sampler`` (gspo.train.engines: one generation path for train and eval)."""
-    return sampler.sample(prompts, group_size=group_size, greedy=greedy).completions
+def _generate(questions, config: EvalConfig, sampler) -> tuple[list[str], list[str]]:
+    """(greedy, sampled): one greedy completion per question and ``config.n`` sampled ones
+    (contiguous per question) from the engine ``sampler`` (gspo.train.engines: one
+    generation path for train and eval). Asked ``batch_size // (1 + n)`` questions at a
+    time, so that the bar (stderr) counts every completion and shows the time left."""
+    from tqdm import tqdm
+
+    per_call = max(1, config.batch_size // (1 + config.n))
+    greedy, sampled = [], []
+    with tqdm(total=len(questions) * (1 + config.n), unit="seq", file=sys.stderr,
+              desc="gspo eval", disable=not config.progress, leave=False) as bar:  # fmt: skip
+        for start in range(0, len(questions), per_call):
+            chunk = questions[start : start + per_call]
+            greedy += sampler.sample(chunk, group_size=1, greedy=True).completions
+            if config.n:
+                sampled += sampler.sample(chunk, group_size=config.n, greedy=False).completions
+            bar.update(len(chunk) * (1 + config.n))
+    return greedy, sampled
 
 
-def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
-             sampler=None) -> tuple[dict, list]:  # fmt: skip
+def evaluate(questions: list[dict], config: EvalConfig, sampler) -> tuple[dict, list]:
     """(summary, records): score greedy and sampled completions of every question."""
     from gspo.train.rewards import load_rewards, score
     from gspo.train.tasks import get
 
     task, d = get(config.data.task), config.data
     reward_fn = load_rewards(d.reward, d.reward_weights) if d.reward else task.reward
-    greedy = _generate(model, tokenizer, questions, group_size=1, config=config, greedy=True,
-                       sampler=sampler)  # fmt: skip
+    greedy, sampled = _generate(questions, config, sampler)
     greedy_rewards = score(reward_fn, questions, greedy)
-    sampled, sampled_rewards = [], []
+    sampled_rewards = []
     if config.n:
-        sampled = _generate(model, tokenizer, questions, group_size=config.n, config=config,
-                            greedy=False, sampler=sampler)  # fmt: skip
         repeated = [q for q in questions for _ in range(config.n)]
         sampled_rewards = score(reward_fn, repeated, sampled)
     records = []
@@ -220,12 +265,14 @@ def parse_config(argv: Sequence[str]) -> EvalConfig:
 
 def train_fields(path: str | Path) -> dict:
     """The fields of a `gspo train` config file that `gspo eval` shares (SHARED_WITH_TRAIN),
-    checked as `gspo train` would check them."""
+    checked as `gspo train` would check them; those the file leaves out take `gspo train`'s
+    defaults (a recipe without max_new_tokens trained with 6, and is asked with 6, not
+    with eval's own default)."""
     if not Path(path).is_file():
         raise ValueError(f"config file {str(path)!r} not found")
     values = coerce(TrainConfig, load_file(path), str(path))
-    TrainConfig(**values)  # every check gspo train makes (a ValueError names it)
-    return {k: v for k, v in values.items() if k in SHARED_WITH_TRAIN}
+    trained = to_dict(TrainConfig(**values))  # every check gspo train makes (ValueError)
+    return {k: v for k, v in trained.items() if k in SHARED_WITH_TRAIN}
 
 
 def run(config: EvalConfig) -> dict:
@@ -253,7 +300,7 @@ def run(config: EvalConfig) -> dict:
         batch_size=config.batch_size, prompt_tokens=longest)  # fmt: skip
     start = time.perf_counter()
     try:
-        summary, records = evaluate(model, tokenizer, questions, config, sampler)
+        summary, records = evaluate(questions, config, sampler)
     finally:
         sampler.close()
     seconds = round(time.perf_counter() - start, 1)

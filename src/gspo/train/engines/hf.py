@@ -24,14 +24,14 @@ class HFEngine:
     to copy: ``load_weights`` has nothing to do.
 
     ``sampling`` is a SamplingConfig; ``batch_size``: sequences per ``generate`` call (0:
-    all of a call's at once); ``progress``: a bar over the prompts (``gspo eval``)."""
+    all of a call's at once)."""
 
     def __init__(self, model, tokenizer, sampling, *, synced: bool = False, gathered=None,
-                 batch_size: int = 0, progress: bool = False):  # fmt: skip
+                 batch_size: int = 0):  # fmt: skip
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
-        self.batch_size, self.progress = batch_size, progress
+        self.batch_size = batch_size
 
     @classmethod
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
@@ -46,14 +46,14 @@ class HFEngine:
     @classmethod
     def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
                  prompt_tokens: int | None = None):  # fmt: skip
-        """`gspo eval`'s engine: ``batch_size`` sequences per call, a progress bar."""
-        return cls(model, tokenizer, sampling, batch_size=batch_size, progress=True)
+        """`gspo eval`'s engine: ``batch_size`` sequences per call (gspo eval shows the
+        progress over all of its calls)."""
+        return cls(model, tokenizer, sampling, batch_size=batch_size)
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
         c = self.sampling
         per_call = max(1, self.batch_size // group_size) if self.batch_size else len(prompts)
         parts = []
-        bar = _bar(len(prompts), "greedy" if greedy else f"{group_size} samples", self.progress)
         with self.gathered():
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start : start + per_call]
@@ -62,8 +62,6 @@ class HFEngine:
                                       temperature=c.temperature, top_p=c.top_p, greedy=greedy,
                                       synced=self.synced,
                                       system_prompt=c.system_prompt))  # fmt: skip
-                bar.update(len(chunk))
-        bar.close()
         return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -71,14 +69,6 @@ class HFEngine:
 
     def close(self) -> None:
         pass
-
-
-def _bar(total: int, desc: str, show: bool):
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, leave=False, disable=not show)
 
 
 def fresh_generation_config(model, tokenizer, *, max_new_tokens, temperature, top_p, greedy):

@@ -49,12 +49,15 @@ def check_available() -> None:
 class VLLMEngine:
     def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 prompt_tokens: int | None = None):  # fmt: skip
+                 prompt_tokens: int | None = None,
+                 dtype: torch.dtype | None = None):  # fmt: skip
         """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
         names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
         holding the adapters. ``prompt_tokens``: the longest prompt the start-up check
         accepted (data.fit); the engine holds it plus ``max_new_tokens``
-        (data.sequence_len), none = the model's positions."""
+        (data.sequence_len), none = the model's positions. ``dtype``: what vLLM computes
+        in; none = the model's parameter dtype. A run passes its compute dtype (``--dtype
+        bf16``: bf16, while the parameters are fp32 master weights)."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -71,6 +74,8 @@ class VLLMEngine:
         model.save_pretrained(self.dir, state_dict=state, safe_serialization=True)  # current
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
+        if not cuda:
+            _check_cpu_head_size(model)
         memory = sampling.vllm_memory
         if cuda and memory is not None and memory > 1:
             raise ValueError(f"--vllm-memory {memory}: on CUDA it is the fraction of GPU "
@@ -84,7 +89,7 @@ class VLLMEngine:
         try:
             self.llm = LLM(
                 model=self.dir,
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
                 max_model_len=max_len,
                 generation_config="vllm",  # ignore generation_config.json's sampling defaults
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
@@ -112,7 +117,7 @@ class VLLMEngine:
             )
         return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
                    seed=seed + 7919 * world.rank, weights=policy.sampler_weights(),
-                   prompt_tokens=prompt_tokens)  # fmt: skip
+                   prompt_tokens=prompt_tokens, dtype=policy.compute_dtype)  # fmt: skip
 
     @classmethod
     def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
@@ -176,6 +181,20 @@ class VLLMEngine:
                 engine_core.shutdown()
             self.llm = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _check_cpu_head_size(model) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; another one failed deep
+    inside vLLM's engine start."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(f"vLLM on CPU has no attention kernel for this model's head size "
+                         f"{head} (it has {sizes}): use --rollout hf (gspo eval: --engine hf); "
+                         "the built-in tiny model has 4 heads: --tiny-hidden 128 gives 32")
 
 
 def tied_aliases(model) -> dict[str, list[str]]:
