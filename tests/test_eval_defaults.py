@@ -33,6 +33,11 @@ def test_the_engine_is_vllm_when_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert ev.EvalConfig().rollout == "hf"
     assert ev.parse_config(["--engine", "vllm"]).rollout == "vllm"
+    # calls as large as each engine batches well (vLLM: 6 questions a call took 1.5x the
+    # time of 20, SmolLM2 on CPU), unless given
+    assert ev.EvalConfig(engine="vllm").sequences_per_call == 128
+    assert ev.EvalConfig(engine="hf").sequences_per_call == 32
+    assert ev.EvalConfig(engine="vllm", batch_size=8).sequences_per_call == 8
 
 
 def test_a_training_config_is_asked_as_it_trained(tmp_path):

@@ -381,3 +381,13 @@ class TrainConfig(Composite):
         n_seq = self.run.prompts_per_step * self.run.group_size
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
+        # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master
+        # weights); the samplers compute otherwise (HF generate and vLLM in fp32, vLLM's bf16
+        # kernels no closer), so their log-probs are not the old policy's: measured on
+        # SmolLM2 (arith, 32 tokens), k3 ~1e-3 and sequence ratios 0.97..1.02 on on-policy
+        # samples, against 1e-8 in fp32; GSPO's clip (1 - 0.003, 1 + 0.004) would cut them.
+        check(self.objective.old_logprobs == "trainer" or self.optim.dtype == "fp32",
+              "old_logprobs", self.objective.old_logprobs,
+              "under --dtype bf16 the sampler's log-probs are not the bf16 policy's (they "
+              "differ by ~1e-3 k3, past GSPO's clip range): use --old-logprobs trainer, or "
+              "--dtype fp32")  # fmt: skip
