@@ -382,10 +382,11 @@ class TrainConfig(Composite):
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
         # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master
-        # weights); the samplers compute otherwise (HF generate and vLLM in fp32, vLLM's bf16
-        # kernels no closer), so their log-probs are not the old policy's: measured on
-        # SmolLM2 (arith, 32 tokens), k3 ~1e-3 and sequence ratios 0.97..1.02 on on-policy
-        # samples, against 1e-8 in fp32; GSPO's clip (1 - 0.003, 1 + 0.004) would cut them.
+        # weights); the samplers compute otherwise (HF generate and vLLM in fp32; vLLM's own
+        # bf16 is further still), so their log-probs are not the old policy's: measured on
+        # SmolLM2 (arith, 32 tokens, on-policy samples) k3 8.3e-4 (bf16 vLLM: 1.9e-3) and
+        # sequence ratios 0.968..1.018, against 4e-11 in fp32; GSPO's clip range
+        # (1 - 0.003, 1 + 0.004) would cut on-policy samples.
         check(self.objective.old_logprobs == "trainer" or self.optim.dtype == "fp32",
               "old_logprobs", self.objective.old_logprobs,
               "under --dtype bf16 the sampler's log-probs are not the bf16 policy's (they "

