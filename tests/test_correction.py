@@ -118,7 +118,7 @@ class CountingLogprobs(torch.nn.Module):
         self.logp, self.calls = logp, 0
 
     def forward(self, input_ids, attention_mask, *, temperature, return_entropy=False,
-                target_mask=None):
+                target_mask=None, top_p=1.0):
         self.calls += 1
         assert not self.training  # old log-probs run with dropout off
         return self.logp

@@ -59,14 +59,16 @@ def test_progress_counts_every_completion_with_the_time_left(capsys):
     class Sampler:
         def sample(self, prompts, *, group_size, greedy):
             calls.append((len(prompts), group_size, greedy))
-            return SimpleNamespace(completions=["Answer: 2"] * (len(prompts) * group_size))
+            rows = [p for p in prompts for _ in range(group_size)]
+            return SimpleNamespace(prompts=rows, completions=["Answer: 2"] * len(rows),
+                                   episodes=None)  # fmt: skip
 
     questions = [{"prompt": f"p{i}", "question": "1+1", "answer": "2"} for i in range(3)]
     config = ev.EvalConfig(n=3, batch_size=8)
-    summary, records = ev.evaluate(questions, config, Sampler())
+    summary, records = ev.evaluate(None, None, questions, config, Sampler())
     assert calls == [(2, 1, True), (2, 3, False), (1, 1, True), (1, 3, False)]
     assert summary["greedy_accuracy"] == 1.0 and all(len(r["samples"]) == 3 for r in records)
     err = capsys.readouterr().err
     assert "0/12" in err and "<?" in err  # tqdm: done/total [elapsed<remaining]
-    ev.evaluate(questions, config.replace(progress=False), Sampler())
+    ev.evaluate(None, None, questions, config.replace(progress=False), Sampler())
     assert capsys.readouterr().err == ""

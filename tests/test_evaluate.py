@@ -42,14 +42,14 @@ def test_metrics_from_known_completions(monkeypatch):
         (False, "p1"): ["Answer: -2", "Answer: 2", "Answer: 2", "Answer: 2"],
     }
 
-    class Sampler:  # an engine that answers from the table (one question per call here)
+    class FakeSampler:  # the engine protocol's sample(): fixed completions
         def sample(self, prompts, *, group_size, greedy):
+            rows = [p for p in prompts for _ in range(group_size)]
             texts = [text for p in prompts for text in answers[(greedy, p["prompt"])]]
-            assert len(texts) == len(prompts) * group_size
-            return SimpleNamespace(completions=texts)
+            return SimpleNamespace(prompts=rows, completions=texts, episodes=None)
 
     config = ev.EvalConfig(n=4, batch_size=5, progress=False)  # 5 // (1 + 4): 1 per call
-    summary, records = ev.evaluate(questions, config, Sampler())
+    summary, records = ev.evaluate(None, None, questions, config, FakeSampler())
     assert summary["greedy_accuracy"] == 0.5
     assert summary["format_rate"] == 0.5
     assert summary["last_number_accuracy"] == 0.5  # "It is 2" ends on 2, not -2

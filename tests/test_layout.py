@@ -105,7 +105,14 @@ def test_a_run_written_before_the_layout_change_resumes_exactly(tmp_path):
     for key, value in want.items():
         if key not in timing:
             assert rows[-1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
-    # config.json keeps its flat form: the old run's keys and values, and what this
-    # launch set (the run it resumes, no progress bar)
-    assert json.loads((run / "config.json").read_text()) == {**saved_config, "resume": str(run),
-                                                             "progress": False}  # fmt: skip
+    # config.json keeps its flat form: the old run's keys and values, what this launch set
+    # (the run it resumes, no progress bar), and options added since at their defaults
+    from gspo.config import to_dict
+    from gspo.train.config import TrainConfig
+
+    written = json.loads((run / "config.json").read_text())
+    assert {k: written[k] for k in saved_config} == {**saved_config, "resume": str(run),
+                                                     "progress": False}  # fmt: skip
+    defaults = to_dict(TrainConfig())
+    assert {k: v for k, v in written.items() if k not in saved_config} == \
+        {k: defaults[k] for k in set(written) - set(saved_config)}  # fmt: skip

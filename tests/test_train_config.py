@@ -19,7 +19,6 @@ def test_every_field_has_a_flag_with_its_help():
     help_text = build_parser().format_help()
     fields = [f for concern in dataclasses.fields(TrainConfig) for f in dataclasses.fields(
         concern.default_factory())]  # every concern's fields: the flat options
-    assert len(fields) == 61
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text, flag

@@ -24,6 +24,7 @@ class CausalLMLogprobs(torch.nn.Module):
         logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1]
         logp = log_softmax(logits.float() / temperature).gather(-1, input_ids[:, 1:, None])
 
+    (with ``top_p < 1``, the log-softmax over the nucleus the samplers keep: gspo.nucleus),
     but runs only the base decoder (``getattr(model, model.base_model_prefix)``,
     whose output is already final-normed for Qwen2/Llama) and feeds its hidden
     states with ``model.get_output_embeddings()`` to ``token_logprobs``.
@@ -82,6 +83,7 @@ class CausalLMLogprobs(torch.nn.Module):
         temperature: float = 1.0,
         return_entropy: bool = False,
         target_mask: Tensor | None = None,
+        top_p: float = 1.0,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
             raise ValueError("input_ids: must be a [B,L] tensor with L >= 2")
@@ -117,6 +119,7 @@ class CausalLMLogprobs(torch.nn.Module):
             return_entropy=return_entropy,
             logit_scale=self.logit_scale,
             softcap=self.softcap,
+            top_p=top_p,
         )
         if return_entropy:
             return tuple(x.view(labels.shape) for x in result)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gspo.logprobs import IGNORE_INDEX, check_inputs, check_logit_transform, compute_dtype
+from gspo.nucleus import check_top_p, nucleus_forward, nucleus_weights
 
 # Tokens per chunk. A float32 [C,V] buffer at V = 151936 is 0.58 MiB per token.
 # Chosen from bench/logprobs.py's sweep (H = 896, hidden states -> GSPO loss, forward +
@@ -49,6 +50,7 @@ def token_logprobs(
     return_entropy: bool = False,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    top_p: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Chunked, memory-bounded equal of ``gspo.logprobs.naive_token_logprobs``.
 
@@ -81,6 +83,11 @@ def token_logprobs(
         logit_scale, softcap: the model's own logit transform (Cohere's
             ``logit_scale``, Gemma 2/3's ``final_logit_softcapping``), applied
             before the temperature as the model's forward applies it.
+        top_p: < 1 scores under the nucleus the samplers draw from (gspo.nucleus): the
+            softmax renormalised over the smallest set of top tokens holding ``top_p`` of
+            the mass, plus the label; the entropy is that distribution's. The forward
+            sorts each chunk's logits and keeps two numbers per token, from which the
+            backward rebuilds the nucleus without sorting. 1 = off (no sort).
 
     Returns:
         ``logp`` [N], and ``entropy`` [N] when ``return_entropy``. float32 for
@@ -90,13 +97,15 @@ def token_logprobs(
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     check_chunk_size(chunk_size)
     check_logit_transform(logit_scale, softcap)
+    check_top_p(top_p)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy: must be a bool, got {type(return_entropy).__name__}")
     cap = None if softcap is None else float(softcap)
     transform = (float(temperature), float(logit_scale), cap)
     return _TokenLogprobs.apply(
-        hidden, weight, bias, labels, transform, chunk_size, ignore_index, return_entropy
-    )
+        hidden, weight, bias, labels, transform, chunk_size, ignore_index, return_entropy,
+        float(top_p),
+    )  # fmt: skip
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -110,24 +119,32 @@ class _TokenLogprobs(torch.autograd.Function):
     """Forward keeps per-token log-sum-exp (and entropy); backward recomputes logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, chunk_size, ignore_index, want_ent):
+    def forward(
+        ctx, hidden, weight, bias, labels, transform, chunk_size, ignore_index, want_ent, top_p
+    ):
         dtype = compute_dtype(hidden.dtype)
         rows = (labels != ignore_index).nonzero()[:, 0]  # [M] the tokens that count
         labels = labels.long()
         logp = hidden.new_zeros(hidden.shape[0], dtype=dtype)
         entropy = hidden.new_zeros(hidden.shape[0], dtype=dtype)
         lse = hidden.new_empty(rows.shape[0], dtype=dtype)
+        # top-p: each row's nucleus bounds (gspo.nucleus), for the backward to rebuild S
+        cut = hidden.new_empty((2, rows.shape[0] if top_p < 1 else 0), dtype=dtype)
         for start in range(0, rows.shape[0], chunk_size):
             idx = rows[start : start + chunk_size]
             z = _chunk_logits(hidden[idx], weight, bias, transform, dtype)
-            logp_c, lse_c, ent_c = _chunk_forward(z, labels[idx], want_ent)
+            if top_p < 1:
+                logp_c, lse_c, ent_c, *bounds = nucleus_forward(z, labels[idx], top_p, want_ent)
+                cut[:, start : start + idx.shape[0]] = torch.stack(bounds)
+            else:
+                logp_c, lse_c, ent_c = _chunk_forward(z, labels[idx], want_ent)
             logp[idx] = logp_c
             lse[start : start + idx.shape[0]] = lse_c
             if want_ent:
                 entropy[idx] = ent_c
             del z  # free the [C,V] buffer before the next chunk allocates its own
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
-        ctx.transform, ctx.chunk_size = transform, chunk_size
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy, cut)
+        ctx.transform, ctx.chunk_size, ctx.top_p = transform, chunk_size, top_p
         ctx.set_materialize_grads(False)  # an unused entropy output then costs nothing
         if want_ent:
             return logp, entropy
@@ -136,10 +153,10 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, rows, lse, entropy, cut = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 8
+            return (None,) * 9
         dtype, (temp, scale, softcap) = lse.dtype, ctx.transform
         # d/dlogits = d/dz * scale / temperature, folded into the per-token weights once.
         g_logp = _rows_over_t(grad_logp, rows, temp / scale, dtype)
@@ -154,14 +171,16 @@ class _TokenLogprobs(torch.autograd.Function):
             z = _chunk_logits(hidden[idx], weight, bias, ctx.transform, dtype)
             # soft-capping: d(cap * tanh(x / cap))/dx = 1 - tanh^2, tanh = z * temperature / cap
             dcap = None if softcap is None else 1.0 - (z * (temp / softcap)).square_()
-            dz = _chunk_grad(z, labels[idx], lse[start:end], entropy[idx], g_logp, g_ent, start)
+            # top-p: S rebuilt from the saved bounds (the same logits, so the same S)
+            m = None if ctx.top_p == 1 else nucleus_weights(z, labels[idx], *cut[:, start:end])
+            dz = _chunk_grad(z, labels[idx], lse[start:end], entropy[idx], g_logp, g_ent, start, m)
             if dcap is not None:
                 dz.mul_(dcap)
             _accumulate(dz, idx, hidden, weight, grad_h, grad_w, grad_b, dtype)
-            del z, dz, dcap
+            del z, dz, dcap, m
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _accumulate(dz, idx, hidden, weight, grad_h, grad_w, grad_b, dtype) -> None:
@@ -223,20 +242,22 @@ def _chunk_forward(z: Tensor, labels: Tensor, want_ent: bool):
     return z_label - lse, lse, ent
 
 
-def _chunk_grad(z, labels, lse, entropy, g_logp, g_ent, start):
+def _chunk_grad(z, labels, lse, entropy, g_logp, g_ent, start, m=None):
     """dL/dz for one chunk, built in place in ``z``.
 
     With p = softmax(z) and y the label:
         d logp / dz_j    = [j == y] - p_j
         d entropy / dz_j = -p_j (z_j - E_p[z]) = -p_j (logp_j + entropy)
+    Top-p: ``m`` [C,V] the nucleus weights and p = m exp(z - lse) (gspo.nucleus).
     """
     c = z.shape[0]
     logp_all = z.sub_(lse[:, None])
     gl = None if g_logp is None else g_logp[start : start + c, None]
     if g_ent is None:
-        dz = logp_all.exp_().mul_(-gl)  # one [C,V] buffer
+        dz = logp_all.exp_() if m is None else m.mul_(logp_all.exp_())
+        dz.mul_(-gl)  # one [C,V] buffer (two with top-p)
     else:
-        p = logp_all.exp()
+        p = logp_all.exp() if m is None else m.mul_(logp_all.exp())
         ge = g_ent[start : start + c, None]
         dz = logp_all.add_(entropy[:, None]).mul_(p).mul_(-ge)
         if gl is not None:

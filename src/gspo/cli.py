@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 _COMMANDS = {
-    "objective": ("gspo.cli", "objective_main", "compute the spec's GSPO objective from JSON"),
+    "objective": ("gspo.cli", "objective_main", "compute a docs/spec.md objective from JSON"),
     "train": ("gspo.train.cli", "main", "fine-tune a causal LM with GSPO"),
     "eval": ("gspo.train.evaluate", "main", "accuracy, pass@k and format rate on a task"),
 }
@@ -50,48 +50,89 @@ def objective_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gspo objective",
         description="Read {log_probs_new, log_probs_old, rewards, epsilon} as JSON and print "
-        "the GSPO objective L of docs/spec.md in the gspo repository (float64, pure Python).",
+        "the GSPO objective L of docs/spec.md in the gspo repository (float64, pure Python); "
+        "with --loss, the SAPO, CISPO or GMPO objective of the same file's sections.",
     )
     parser.epilog = (
         "epsilon must lie in (0, 1): the clip range [1 - eps, 1 + eps] needs a positive lower "
-        "bound. Like gspo_loss, each mean log-ratio is clamped to [-20, 20] before exp "
-        "(gspo.reference.MAX_LOG_RATIO): exact below, and e^20 instead of an overflow to inf "
-        "beyond; --explain names the sequences it clamped."
+        "bound. Like gspo_loss, each mean log-ratio (each token's, for sapo, cispo and gmpo) is "
+        "clamped to [-20, 20] before exp (gspo.reference.MAX_LOG_RATIO): exact below, and e^20 "
+        "instead of an overflow to inf beyond; --explain names what it clamped. "
+        "Keys besides log_probs_new, log_probs_old and rewards, per --loss: "
+        + "; ".join(f"{loss}: {_describe(loss)}" for loss in _KEYS)
+        + ". A key of another loss is refused (exit 2)."
     )
     parser.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
     parser.add_argument(
-        "--explain", action="store_true", help="print the per-sequence table before L"
-    )
+        "--explain", action="store_true",
+        help="print the per-sequence (per-token for sapo, cispo, gmpo) table before L",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loss", choices=tuple(_KEYS), default="gspo",
+        help="the objective: gspo (default), sapo, cispo or gmpo (docs/spec.md)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    from gspo.reference import explain_objective, sequence_objective
+    from gspo.reference import (
+        explain_objective,
+        explain_token_objective,
+        objective,
+        sequence_objective,
+    )
 
     try:
-        payload = _read_payload(args.file)
-        if args.explain:
-            print(explain_objective(**payload))
+        payload = _read_payload(args.file, args.loss)
+        if args.loss == "gspo":
+            explain, value = explain_objective, sequence_objective
+            text = explain(**payload) if args.explain else repr(value(**payload))
+        elif args.explain:
+            text = explain_token_objective(**payload, loss=args.loss)
         else:
-            print(repr(sequence_objective(**payload)))
+            text = repr(objective(**payload, loss=args.loss))
+        print(text)
     except (ValueError, TypeError, OSError) as err:
         print(f"gspo objective: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-_FIELDS = ("log_probs_new", "log_probs_old", "rewards", "epsilon")
+_BASE = ("log_probs_new", "log_probs_old", "rewards")
+_KEYS = {  # --loss -> (required keys, optional keys) besides _BASE
+    "gspo": (("epsilon",), ()),
+    "sapo": ((), ("tau_pos", "tau_neg")),
+    "cispo": ((), ("eps_high", "eps_low")),
+    "gmpo": ((), ("eps_low", "eps_high")),
+}
+_FIELDS = _BASE + _KEYS["gspo"][0]  # the default's keys
 
 
-def _read_payload(path: str) -> dict:
+def _describe(loss: str) -> str:
+    required, optional = _KEYS[loss]
+    if not optional:
+        return ", ".join(required)
+    return "the optional " + ", ".join(optional)  # no loss has both kinds
+
+
+def _read_payload(path: str, loss: str = "gspo") -> dict:
     text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     try:
         payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         raise ValueError(f"input is not valid JSON: {err}") from None
+    required, optional = _KEYS[loss]
+    need = [*_BASE, *required]
     if not isinstance(payload, dict):
-        raise ValueError(f"input must be a JSON object with keys {list(_FIELDS)}")
-    missing = [k for k in _FIELDS if k not in payload]
-    extra = sorted(set(payload) - set(_FIELDS))
+        raise ValueError(f"input must be a JSON object with keys {need}")
+    for key in payload:
+        users = [name for name, keys in _KEYS.items() if key in sum(keys, ())]
+        if users and key not in required + optional:
+            raise ValueError(f"key {key!r} does not apply to --loss {loss} (it takes "
+                             f"{_describe(loss)}); remove it, or pass --loss "
+                             f"{' or '.join(users)}")  # fmt: skip
+    missing = [k for k in need if k not in payload]
+    extra = sorted(set(payload) - set(need) - set(optional))
     if missing or extra:
-        raise ValueError(f"JSON keys: missing {missing}, unexpected {extra}; need {list(_FIELDS)}")
+        raise ValueError(f"JSON keys: missing {missing}, unexpected {extra}; need {need}"
+                         + (f", optionally {list(optional)}" if optional else ""))  # fmt: skip
     return payload
 
 

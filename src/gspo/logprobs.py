@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from gspo.nucleus import check_top_p, naive_nucleus_logp_all
+
 IGNORE_INDEX = -100
 
 
@@ -38,6 +40,7 @@ def naive_token_logprobs(
     return_entropy: bool = False,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    top_p: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -51,6 +54,13 @@ def naive_token_logprobs(
         logp = torch.where(labels == ignore_index, 0, logp)
         entropy = -(logp_all.exp() * logp_all).sum(-1)               # [N], same where
 
+    and with ``top_p < 1`` the log-softmax is taken over the nucleus S instead, the smallest
+    set of top tokens that the samplers keep, plus the label (gspo.nucleus)::
+
+        m = nucleus_weights(logits, labels, *nucleus_bounds(logits, top_p))  # 1 on S, else 0
+        logp_all = logits - torch.logsumexp(logits + m.log(), -1, keepdim=True)
+        entropy = -(m * logp_all.exp() * logp_all).sum(-1)
+
     Args:
         hidden: [N,H] final hidden states.
         weight: [V,H] output embedding (``lm_head.weight``).
@@ -63,6 +73,7 @@ def naive_token_logprobs(
         logit_scale: logits are multiplied by it first (Cohere's ``logit_scale``).
         softcap: then ``softcap * tanh(logits / softcap)`` (Gemma 2/3's
             ``final_logit_softcapping``); None = off.
+        top_p: in (0, 1]; < 1 scores under the nucleus (above), 1 = the full softmax.
 
     Returns:
         ``logp`` [N] (float32, or float64 for float64 inputs), and ``entropy``
@@ -70,6 +81,7 @@ def naive_token_logprobs(
     """
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index)
     check_logit_transform(logit_scale, softcap)
+    check_top_p(top_p)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
@@ -77,15 +89,19 @@ def naive_token_logprobs(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
     ignored = labels == ignore_index
     # Gather with a valid stand-in id at ignored positions, then select 0 there
     # (torch.where, not a multiply, so that nothing leaks from those rows).
     safe = torch.where(ignored, 0, labels).long()
+    if top_p < 1:
+        logp_all, m = naive_nucleus_logp_all(logits, safe, top_p)
+    else:
+        logp_all, m = torch.log_softmax(logits, dim=-1), None
     logp = torch.where(ignored, 0.0, logp_all.gather(-1, safe[:, None])[:, 0])
     if not return_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    p = logp_all.exp() if m is None else m * logp_all.exp()
+    entropy = -(p * logp_all).sum(-1)
     return logp, torch.where(ignored, 0.0, entropy)
 
 

@@ -1,9 +1,10 @@
-"""GSPO, GSPO-token and a token-level (GRPO) baseline: log-probs in, (loss, metrics) out.
+"""GSPO, GSPO-token, a token-level (GRPO) baseline, and SAPO / CISPO / GMPO: log-probs in,
+(loss, metrics) out.
 
-The objective is docs/spec.md's, batched: many groups, padded or packed sequences,
+The objectives are docs/spec.md's, batched: many groups, padded or packed sequences,
 asymmetric clipping, and a divisor that stays right under data parallelism.
-``gspo.reference.sequence_objective`` is the pure-Python contract it is tested
-against.
+``gspo.reference`` is the pure-Python contract they are tested against. SAPO, CISPO
+and GMPO are computed in gspo.objectives; this module validates and dispatches.
 
 Shapes: B sequences, T padded length, N packed tokens.
 """
@@ -15,13 +16,16 @@ import math
 import torch
 from torch import Tensor
 
+from gspo import objectives
 from gspo.advantages import NORMS
 from gspo.advantages import advantages as group_advantages
 from gspo.advantages import as_tensor as group_as_tensor
 from gspo.masking import Layout, packed_layout, padded_layout
-from gspo.reference import MAX_LOG_RATIO, check_clip_range
+from gspo.reference import MAX_LOG_RATIO, check_arguments, check_clip_range
 
-VARIANTS = ("gspo", "gspo-token", "grpo")  # the values of `gspo train --loss`
+# the values of `gspo train --loss`
+VARIANTS = ("gspo", "gspo-token", "grpo", *objectives.VARIANTS)
+GSPO_EPS = 3e-4  # eps_low's default for gspo, gspo-token and grpo (the GSPO paper's scale)
 
 # Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py in four runs
 # on a quiet 2-core machine (torch 2.13, forward + backward, README): first call 2.2-6.3 s
@@ -45,14 +49,17 @@ def gspo_loss(
     group_ids: Tensor | None = None,
     advantages: Tensor | None = None,
     adv_norm: str = "population",
-    eps_low: float = 3e-4,
+    eps_low: float | None = None,
     eps_high: float | None = None,
     variant: str = "gspo",
     num_sequences: int | None = None,
     max_log_ratio: float = MAX_LOG_RATIO,
     kl_metric: bool = True,
+    tau_pos: float | None = None,
+    tau_neg: float | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GSPO loss ``-(1/num_sequences) * sum_i L_i`` and detached metrics.
+    """The GSPO loss ``-(1/num_sequences) * sum_i L_i`` (or a variant's) and detached metrics.
 
     Padded form: ``logp``, ``logp_old`` [B,T] and ``mask`` [B,T] bool (True = a
     response token that counts). Packed form: ``logp``, ``logp_old`` [N] with
@@ -66,8 +73,8 @@ def gspo_loss(
 
     Advantages: ``rewards`` [B] with ``group_size`` (contiguous groups) or
     ``group_ids`` [B], standardised per group by ``adv_norm`` (see gspo.advantages);
-    or precomputed ``advantages`` [B] (or per token, [B,T]/[N], for the "gspo-token"
-    and "grpo" variants).
+    or precomputed ``advantages`` [B] (or per token, [B,T]/[N], for the "gspo-token",
+    "grpo", "sapo" and "cispo" variants).
 
     Variants (per sequence i with T_i valid tokens, A_i its advantage):
         "gspo"      GSPO: s_i = exp(mean_t(logp - logp_old)),
@@ -77,17 +84,39 @@ def gspo_loss(
                     "gspo" in value and gradient when A_it = A_i
         "grpo"      token-level ratio r_it = exp(logp_t - logp_old_t),
                     L_i = mean_t min(r_it A_it, clip(r_it) A_it) (for A/B tests)
+        "sapo"      SAPO (arXiv 2511.20347, its objective J): L_i = mean_t g(r_it) A_i,
+                    g(r) = (4/tau) sigmoid(tau (r - 1)), tau = tau_pos if A_i > 0
+                    else tau_neg (defaults 1.0, 1.05)
+        "cispo"     CISPO (MiniMax-M1, arXiv 2506.13585, J_CISPO):
+                    L = sum_i sum_t sg(w_it) A_i logp_it / num_tokens,
+                    w_it = min(r_it, 1 + eps_high) (and >= 1 - eps_low if given)
+        "gmpo"      GMPO (arXiv 2507.20673, J_GMPO): L_i = A_i exp(mean_t m_it),
+                    m_it = s min(s d_it, s clip(d_it, -eps_low, eps_high)),
+                    d_it = logp_t - logp_old_t, s = sign(A_i)
+    docs/spec.md works an example of each; docs/objectives.md says how peers differ.
 
     Args:
         eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] with
             0 < eps_low < 1 and eps_high > 0 (the rule of
             ``gspo.reference.check_clip_range``, shared with ``gspo objective``);
-            eps_high defaults to eps_low (the spec's symmetric epsilon). The GSPO
-            paper uses 3e-4 / 4e-4, since a length-normalised ratio stays near 1.
+            eps_low defaults to 3e-4 and eps_high to eps_low (the spec's symmetric
+            epsilon). The GSPO paper uses 3e-4 / 4e-4, since a length-normalised
+            ratio stays near 1. "cispo": eps_high caps the weight at 1 + eps_high
+            (default 4.0: a cap of 5); eps_low, only if given, floors it at
+            1 - eps_low. "gmpo": the clip range of the log-ratio, [-eps_low,
+            eps_high], both > 0 (default 0.4; eps_high defaults to eps_low).
+            "sapo" has no clip range and refuses both.
+        tau_pos, tau_neg: "sapo" only: the gate's temperatures (> 0) for A > 0
+            and A <= 0; defaults 1.0 and 1.05 (the SAPO paper's).
         num_sequences: the divisor; default B. Under data parallelism pass the
-            global number of sequences across ranks (and sum gradients).
-        max_log_ratio: bound on |mean log-ratio| (|token log-ratio| for "grpo")
-            before exp; see ``gspo.reference.MAX_LOG_RATIO``, the same rule.
+            global number of sequences across ranks (and sum gradients). Not for
+            "cispo", which divides by tokens.
+        num_tokens: "cispo" only: the divisor, default the number of valid tokens
+            of this batch. Under data parallelism (or gradient accumulation) pass
+            the global count of valid tokens across ranks and micro-batches (an
+            all-reduce of each rank's count) and sum gradients.
+        max_log_ratio: bound on |mean log-ratio| (|token log-ratio| for the
+            token-level variants) before exp; see ``gspo.reference.MAX_LOG_RATIO``.
         kl_metric: compute ``approx_kl``, the one metric that needs its own pass
             over the tokens (an ``expm1`` per token: about as much time again as
             the loss at 512 x 4096, bench/loss.py). False leaves it out.
@@ -98,7 +127,14 @@ def gspo_loss(
         or tokens for "gspo-token"/"grpo", whose clip is active, i.e. its gradient is
         cut), ratio_mean, ratio_min, ratio_max, approx_kl (k3 estimate of
         KL(old || new) per token; only with kl_metric), adv_mean, adv_std,
-        zero_adv_frac.
+        zero_adv_frac. "sapo", "cispo" and "gmpo" report the token ratios r_t and
+        replace the clip fractions by what means something for each: "sapo"
+        gate_weight_mean and gate_weight_low_frac (mean of the gate's gradient
+        weight 4 s (1 - s), s = sigmoid(tau (r_t - 1)), and the share of tokens
+        where it is below 0.5); "cispo" bound_frac_high and bound_frac_low (share
+        of tokens whose weight sits at 1 + eps_high, or at 1 - eps_low); "gmpo"
+        clip_frac_low and clip_frac_high as shares of tokens whose clip cuts the
+        gradient (A < 0 below -eps_low, A > 0 above eps_high).
 
     Host syncs (``.item()``-like waits for the device): one for a padded batch
     with ``advantages``, the validity check of every input in a single boolean.
@@ -117,13 +153,25 @@ def gspo_loss(
     rewards = group_as_tensor("rewards", rewards, getattr(logp, "device", None))
     group_ids = group_as_tensor("group_ids", group_ids, getattr(logp, "device", None))
     dtype = _compute_dtype(logp, logp_old)
-    eps_high = eps_low if eps_high is None else eps_high
-    _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio)
+    _check_names(variant, adv_norm)
+    if variant in objectives.VARIANTS or (tau_pos, tau_neg, num_tokens) != (None, None, None):
+        check_arguments(variant, eps_low=eps_low, eps_high=eps_high, tau_pos=tau_pos,
+                        tau_neg=tau_neg, num_sequences=num_sequences,
+                        num_tokens=num_tokens)  # fmt: skip
+    if variant in objectives.VARIANTS:
+        params = objectives.resolve(variant, eps_low, eps_high, tau_pos, tau_neg, max_log_ratio)
+    else:
+        eps_low = GSPO_EPS if eps_low is None else eps_low
+        eps_high = eps_low if eps_high is None else eps_high
+        check_clip_range(eps_low, eps_high, max_log_ratio)
+        lo, hi = 1.0 - eps_low, 1.0 + eps_high
     layout = _layout(logp, logp_old, mask, seq_lens, cu_seqlens, dtype)
     adv = _advantages(layout, logp, rewards, group_size, group_ids, advantages, adv_norm, variant)
     divisor = _divisor(num_sequences, layout.batch)
+    if variant == "cispo":
+        divisor = layout.count.sum() if num_tokens is None else _token_divisor(num_tokens)
 
-    bound, lo, hi = max_log_ratio, 1.0 - eps_low, 1.0 + eps_high
+    bound = max_log_ratio
     if variant == "gspo":  # the hot path: steps 2-5, backward written out
         out: dict[str, Tensor] = {}  # the forward's by-products (no gradient)
         loss = SequenceLoss.apply(
@@ -133,17 +181,22 @@ def gspo_loss(
         seq_log_ratio, ratio, clipped = out["seq_log_ratio"], out["ratio"], out["clipped"]
         log_ratio = out["log_ratio"]
         _check_valid(seq_log_ratio, adv, logp, logp_old, layout)
+        metrics = _metrics(layout, ratio, clipped, adv, per_token=False)
     else:  # per token, then a mean per sequence; autograd
         log_ratio = _log_ratio(layout, logp, logp_old, dtype)
         seq_log_ratio = layout.seq_mean(log_ratio)
-        _check_valid(seq_log_ratio, adv, logp, logp_old, layout)
+        _check_valid(seq_log_ratio, adv, logp, logp_old, layout, num_tokens)
+    if variant in objectives.VARIANTS:  # SAPO, CISPO, GMPO
+        loss, ratio, metrics = objectives.token_loss(variant, layout, logp, log_ratio, adv, params,
+                                                     bound, divisor)  # fmt: skip
+        metrics.update(_ratio_adv_metrics(layout, ratio, adv, per_token=True))
+    elif variant != "gspo":
         ratio, adv_tok = _token_ratio(layout, logp, log_ratio, seq_log_ratio, adv, variant, bound,
                                       dtype)  # fmt: skip
         term, term_clipped = ratio * adv_tok, ratio.clamp(lo, hi) * adv_tok
         loss = -layout.seq_mean(layout.select(torch.minimum(term, term_clipped))).sum() / divisor
         clipped = layout.select(term_clipped.detach() < term.detach(), False)
-        ratio = ratio.detach()
-    metrics = _metrics(layout, ratio, clipped, adv, per_token=variant != "gspo")
+        metrics = _metrics(layout, ratio.detach(), clipped, adv, per_token=True)
     if kl_metric:
         metrics["approx_kl"] = _approx_kl(layout, log_ratio, bound)
     return loss, metrics
@@ -260,11 +313,20 @@ def _metrics(layout: Layout, ratio, clipped, adv, per_token: bool) -> dict[str, 
     clipped = clipped.to(ratio.dtype)
     if not per_token:  # everything is [B]
         clip_low, clip_high = (clipped * (adv < 0)).mean(), (clipped * (adv > 0)).mean()
-        r_mean, (r_min, r_max) = ratio.mean(), torch.aminmax(ratio)
     else:
         low, high = ((ratio < 1) & (clipped > 0)), ((ratio > 1) & (clipped > 0))
         clip_low = layout.token_mean(low.to(ratio.dtype))
         clip_high = layout.token_mean(high.to(ratio.dtype))
+    return {"clip_frac_low": clip_low, "clip_frac_high": clip_high,
+            **_ratio_adv_metrics(layout, ratio, adv, per_token)}  # fmt: skip
+
+
+def _ratio_adv_metrics(layout: Layout, ratio, adv, per_token: bool) -> dict[str, Tensor]:
+    """ratio_mean/min/max over sequences ([B] ratio) or valid tokens (per_token: selected
+    [B,T]/[N]), and adv_mean, adv_std, zero_adv_frac (per token when adv is)."""
+    if not per_token:
+        r_mean, (r_min, r_max) = ratio.mean(), torch.aminmax(ratio)
+    else:
         r_mean = layout.token_mean(ratio)
         r_min, r_max = layout.token_min(ratio), layout.token_max(ratio)
     if per_token and adv.shape == ratio.shape:
@@ -275,8 +337,6 @@ def _metrics(layout: Layout, ratio, clipped, adv, per_token: bool) -> dict[str, 
         adv_std, adv_mean = torch.std_mean(adv, correction=0)
         zero_adv = (adv == 0).to(adv.dtype).mean()
     return {
-        "clip_frac_low": clip_low,
-        "clip_frac_high": clip_high,
         "ratio_mean": r_mean,
         "ratio_min": r_min,
         "ratio_max": r_max,
@@ -300,8 +360,7 @@ def _compute_dtype(logp: Tensor, logp_old: Tensor) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-def _check_scalars(eps_low, eps_high, variant, adv_norm, max_log_ratio) -> None:
-    check_clip_range(eps_low, eps_high, max_log_ratio)
+def _check_names(variant, adv_norm) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if adv_norm not in NORMS:
@@ -393,10 +452,10 @@ def _check_advantages(layout, logp, adv, variant) -> Tensor:
         raise TypeError(f"advantages must be a torch.Tensor, got {type(adv).__name__}")
     _same_device("advantages", adv, logp)
     per_token = adv.shape == logp.shape and adv.dim() == logp.dim() and adv.shape != (layout.batch,)
-    if per_token and variant == "gspo":
+    if per_token and variant not in ("gspo-token", "grpo", *objectives.PER_TOKEN_ADVANTAGES):
         raise ValueError(
-            "per-token advantages need variant='gspo-token' or 'grpo'; GSPO's ratio is per "
-            "sequence"
+            f"per-token advantages need variant='gspo-token', 'grpo', 'sapo' or 'cispo'; "
+            f"{variant!r} is per sequence (its ratio, or for gmpo sign(A_i), is one per sequence)"
         )
     if adv.shape != (layout.batch,) and not per_token:
         raise ValueError(
@@ -420,22 +479,45 @@ def _divisor(num_sequences, batch) -> int:
     return num_sequences
 
 
+def _token_divisor(num_tokens) -> int:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    return num_tokens  # >= this batch's valid tokens: checked in _check_valid's one sync
+
+
 def _same_device(name: str, x: Tensor, logp: Tensor) -> None:
     if x.device != logp.device:
         raise ValueError(f"{name} is on {x.device} but logp is on {logp.device}")
 
 
-def _check_valid(seq_log_ratio: Tensor, adv: Tensor, logp, logp_old, layout: Layout) -> None:
+def _check_valid(
+    seq_log_ratio: Tensor, adv: Tensor, logp, logp_old, layout: Layout, num_tokens=None
+) -> None:
     """Every check that needs the data, in one host sync; the diagnosis runs only on failure.
 
     A non-finite value on a valid token makes its sequence's sum non-finite, so
-    testing the [B] sums covers every valid token of logp and logp_old.
+    testing the [B] sums covers every valid token of logp and logp_old. With
+    ``num_tokens`` (CISPO's global divisor) the batch's valid tokens must not exceed it.
     """
     # NaN and inf survive a sum (inf - inf is NaN), so one sum of the [B] sums and
     # the advantages tells whether any of them is non-finite.
-    total, fewest = torch.stack([seq_log_ratio.sum() + adv.sum(), layout.count.min()]).tolist()
-    if math.isfinite(total) and fewest > 0:  # the one host sync of a valid padded call
-        return
+    if num_tokens is None:
+        total, fewest = torch.stack([seq_log_ratio.sum() + adv.sum(), layout.count.min()]).tolist()
+        if math.isfinite(total) and fewest > 0:  # the one host sync of a valid call
+            return
+    else:
+        total, fewest, tokens = torch.stack(
+            [seq_log_ratio.sum() + adv.sum(), layout.count.min(), layout.count.sum()]
+        ).tolist()
+        if tokens > num_tokens:
+            raise ValueError(
+                f"num_tokens={num_tokens} is smaller than this batch's {int(tokens)} valid "
+                "tokens; pass the global count across data-parallel ranks"
+            )
+        if math.isfinite(total) and fewest > 0:
+            return
     if layout.mask is not None and not (layout.count > 0).all():
         i = int((layout.count <= 0).nonzero()[0])
         raise ValueError(f"mask row {i} has 0 valid tokens; every sequence needs >= 1")

@@ -1,7 +1,10 @@
-"""The GSPO objective of docs/spec.md in pure Python, step by step (no torch, float64).
+"""The objectives of docs/spec.md in pure Python, step by step (no torch, float64).
 
-This is the one reference that every fast path (the PyTorch loss, the chunked
-log-prob path) is tested against. It favours being obviously right over speed.
+GSPO (``sequence_objective``) and the sequence-aware token objectives SAPO, CISPO
+and GMPO (``objective``, ``objective_terms``). This is the one reference that every
+fast path (the PyTorch loss, the chunked log-prob path) is tested against: values,
+and for SAPO / CISPO / GMPO the gradient of L in each log-probability too. It
+favours being obviously right over speed.
 """
 
 from __future__ import annotations
@@ -144,6 +147,285 @@ def explain_objective(
     return "\n".join(lines)
 
 
+# ------------------------------------------- SAPO, CISPO, GMPO (token-level ratios)
+
+OBJECTIVES = ("gspo", "sapo", "cispo", "gmpo")  # the values of `gspo objective --loss`
+TOKEN_OBJECTIVES = ("sapo", "cispo", "gmpo")
+# Defaults, each from its source (docs/spec.md says where):
+SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05  # SAPO paper's temperatures (A > 0, A <= 0)
+CISPO_EPS_HIGH = 4.0  # weight cap 1 + 4 = 5: the cap TRL recommends (ScaleRL's eps_max = 5)
+GMPO_EPS = 0.4  # GMPO paper: clip the log-ratio to [-0.4, 0.4]
+
+
+@dataclass(frozen=True)
+class TokenTerms:
+    """One sequence's quantities in the SAPO / CISPO / GMPO sections of docs/spec.md.
+
+    Per token t (tuples of length T_i): ``log_ratio`` d_t = logp_new - logp_old as
+    given (before the MAX_LOG_RATIO clamp), ``ratio`` r_t = exp(clamp(d_t)), ``value``
+    the token's factor in L_i (SAPO: the gate g(r_t); CISPO: the weight w_t; GMPO: m_t),
+    ``weight`` (SAPO: the gate's gradient weight 4 s (1 - s); CISPO: w_t; GMPO: 1.0
+    where the token's gradient passes, 0.0 where the clip or the clamp cuts it) and
+    ``gradient`` dL/dlogp_new[t] of the objective L of the whole batch (a training
+    loss -L has the opposite sign). Per sequence: ``objective`` L_i (CISPO: the
+    unnormalised sum_t w_t A_i logp_t) and ``share``, its part of L: L = fsum(shares).
+    """
+
+    advantage: float
+    log_ratio: tuple[float, ...]
+    ratio: tuple[float, ...]
+    value: tuple[float, ...]
+    weight: tuple[float, ...]
+    gradient: tuple[float, ...]
+    objective: float
+    share: float
+
+
+def objective(
+    log_probs_new: Ragged,
+    log_probs_old: Ragged,
+    rewards: Sequence[float],
+    loss: str = "gspo",
+    **params,
+) -> float:
+    """The objective L of one group (docs/spec.md), in float64, for ``loss`` in OBJECTIVES.
+
+    Advantages come from ``rewards`` by step 1 (``group_advantages``). ``params`` are the
+    loss's own: gspo ``epsilon`` (and ``epsilon_high``); sapo ``tau_pos``, ``tau_neg``;
+    cispo ``eps_high``, ``eps_low``; gmpo ``eps_low``, ``eps_high``. A training loss is -L.
+
+    Raises:
+        ValueError / TypeError: naming the argument, for a malformed input, an unknown
+        loss, or a parameter that does not apply to it.
+    """
+    if loss == "gspo":
+        return sequence_objective(log_probs_new, log_probs_old, rewards, **params)
+    _validate(log_probs_new, log_probs_old, rewards)
+    adv = group_advantages(rewards)
+    return math.fsum(t.share for t in objective_terms(log_probs_new, log_probs_old, adv, loss,
+                                                      **params))  # fmt: skip
+
+
+def objective_terms(
+    log_probs_new: Ragged, log_probs_old: Ragged, advantages: Sequence[float], loss: str, **params
+) -> list[TokenTerms]:
+    """SAPO / CISPO / GMPO terms of any number of sequences with given ``advantages`` [N]
+    (several groups at once; L averages, or for CISPO sums over tokens, across all)."""
+    terms = {"sapo": sapo_terms, "cispo": cispo_terms, "gmpo": gmpo_terms}.get(loss)
+    if terms is None:
+        raise ValueError(f"loss must be one of {OBJECTIVES}, got {loss!r}")
+    return terms(log_probs_new, log_probs_old, advantages, **params)
+
+
+def sapo_terms(
+    log_probs_new: Ragged,
+    log_probs_old: Ragged,
+    advantages: Sequence[float],
+    *,
+    tau_pos: float = SAPO_TAU_POS,
+    tau_neg: float = SAPO_TAU_NEG,
+    max_log_ratio: float = MAX_LOG_RATIO,
+) -> list[TokenTerms]:
+    """SAPO (arXiv 2511.20347, its objective J): L_i = (1/T_i) sum_t g(r_t) A_i, L = mean_i L_i.
+
+    g(r) = (4/tau) sigmoid(tau (r - 1)), tau = tau_pos if A_i > 0 else tau_neg (> 0).
+    dL/dlogp_t = 4 s (1 - s) r_t A_i / (T_i N) with s = sigmoid(tau (r_t - 1)): at
+    r_t = 1 it is A_i / (T_i N), the plain policy gradient.
+    """
+    _validate(log_probs_new, log_probs_old, advantages, "advantages")
+    for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+        _check_positive(name, value)
+    _check_positive("max_log_ratio", max_log_ratio)
+    n, out = len(log_probs_new), []
+    for a, new, old in zip(advantages, log_probs_new, log_probs_old, strict=True):
+        tau, size = (tau_pos if a > 0 else tau_neg), len(new)
+        d, r, passes = _token_ratios(new, old, max_log_ratio)
+        s = [_sigmoid(tau * (x - 1.0)) for x in r]
+        gate = [4.0 / tau * x for x in s]
+        weight = [4.0 * x * (1.0 - x) for x in s]
+        grad = [w * x * a / (size * n) if p else 0.0
+                for w, x, p in zip(weight, r, passes, strict=True)]  # fmt: skip
+        objective_i = _mean(g * a for g in gate)
+        out.append(TokenTerms(a, d, r, tuple(gate), tuple(weight), tuple(grad), objective_i,
+                              objective_i / n))  # fmt: skip
+    return out
+
+
+def cispo_terms(
+    log_probs_new: Ragged,
+    log_probs_old: Ragged,
+    advantages: Sequence[float],
+    *,
+    eps_high: float = CISPO_EPS_HIGH,
+    eps_low: float | None = None,
+    num_tokens: int | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
+) -> list[TokenTerms]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, J_CISPO):
+    L = (sum_i sum_t sg(w_t) A_i logp_t) / num_tokens, num_tokens = sum_i T_i by default.
+
+    w_t = min(r_t, 1 + eps_high), and max(w_t, 1 - eps_low) only when eps_low is given
+    (MiniMax-M1 sets no lower bound). dL/dlogp_t = w_t A_i / num_tokens: at r_t = 1
+    (w_t = 1) the plain policy gradient A_i / sum T. ``num_tokens`` >= sum_i T_i is the
+    global count under data parallelism.
+    """
+    _validate(log_probs_new, log_probs_old, advantages, "advantages")
+    _check_positive("eps_high", eps_high)
+    if eps_low is not None:
+        check_clip_range(eps_low, eps_high, max_log_ratio)
+    _check_positive("max_log_ratio", max_log_ratio)
+    total = sum(len(row) for row in log_probs_new)
+    if num_tokens is None:
+        num_tokens = total
+    elif isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < total:
+        raise ValueError(f"num_tokens must be an int >= the {total} tokens given, got "
+                         f"{num_tokens!r}")  # fmt: skip
+    out = []
+    for a, new, old in zip(advantages, log_probs_new, log_probs_old, strict=True):
+        d, r, _ = _token_ratios(new, old, max_log_ratio)
+        w = [min(x, 1.0 + eps_high) for x in r]
+        if eps_low is not None:
+            w = [max(x, 1.0 - eps_low) for x in w]
+        objective_i = math.fsum(x * a * lp for x, lp in zip(w, new, strict=True))
+        grad = tuple(x * a / num_tokens for x in w)
+        out.append(TokenTerms(a, d, r, tuple(w), tuple(w), grad, objective_i,
+                              objective_i / num_tokens))  # fmt: skip
+    return out
+
+
+def gmpo_terms(
+    log_probs_new: Ragged,
+    log_probs_old: Ragged,
+    advantages: Sequence[float],
+    *,
+    eps_low: float = GMPO_EPS,
+    eps_high: float | None = None,
+    max_log_ratio: float = MAX_LOG_RATIO,
+) -> list[TokenTerms]:
+    """GMPO (arXiv 2507.20673, J_GMPO): L_i = A_i exp((1/T_i) sum_t m_t), L = mean_i L_i.
+
+    c_t = clip(d_t, -eps_low, eps_high) (log space, both > 0), s = sign(A_i),
+    m_t = s min(s d_t, s c_t): the pessimistic side of the clip, as PPO's min. A token
+    whose m_t is the clip bound passes no gradient; the others get
+    dL/dlogp_t = A_i exp(mean_t m_t) / (T_i N). eps_high defaults to eps_low.
+    """
+    _validate(log_probs_new, log_probs_old, advantages, "advantages")
+    eps_high = eps_low if eps_high is None else eps_high
+    for name, value in (("eps_low", eps_low), ("eps_high", eps_high),
+                        ("max_log_ratio", max_log_ratio)):  # fmt: skip
+        _check_positive(name, value)
+    n, out = len(log_probs_new), []
+    for a, new, old in zip(advantages, log_probs_new, log_probs_old, strict=True):
+        d, r, passes = _token_ratios(new, old, max_log_ratio)
+        sign = (a > 0) - (a < 0)
+        m, weight = [], []
+        for x, p in zip(d, passes, strict=True):
+            x = min(max(x, -max_log_ratio), max_log_ratio)  # MAX_LOG_RATIO
+            c = min(max(x, -eps_low), eps_high)
+            cut = sign * c < sign * x  # A > 0: x above eps_high; A < 0: x below -eps_low
+            m.append(sign * min(sign * x, sign * c))
+            weight.append(1.0 if p and not cut and sign != 0 else 0.0)
+        scale = math.exp(_mean(m))
+        objective_i = a * scale
+        grad = tuple(a * scale / (len(new) * n) if w else 0.0 for w in weight)
+        out.append(TokenTerms(a, d, r, tuple(m), tuple(weight), grad, objective_i,
+                              objective_i / n))  # fmt: skip
+    return out
+
+
+def _token_ratios(new, old, bound):
+    """(d_t, r_t = exp(clamp(d_t)), whether the clamp lets d_t's gradient pass) per token."""
+    d = tuple(a - b for a, b in zip(new, old, strict=True))
+    r = tuple(math.exp(min(max(x, -bound), bound)) for x in d)
+    return d, r, tuple(abs(x) <= bound for x in d)
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+_EXPLAIN = {  # loss -> (column header, TokenTerms field or callable) after "i t A_i d_t r_t"
+    "sapo": (("g(r_t)", "value"), ("4s(1-s)", "weight")),
+    "cispo": (("logp_t", None), ("w_t", "weight")),
+    "gmpo": (("m_t", "value"), ("passes", "weight")),
+}
+
+
+def explain_token_objective(
+    log_probs_new: Ragged, log_probs_old: Ragged, rewards: Sequence[float], loss: str, **params
+) -> str:
+    """A per-token table for SAPO / CISPO / GMPO (docs/spec.md's worked examples), then
+    each L_i and L."""
+    _validate(log_probs_new, log_probs_old, rewards)
+    terms = objective_terms(log_probs_new, log_probs_old, group_advantages(rewards), loss,
+                            **params)  # fmt: skip
+    extra = _EXPLAIN[loss]
+    header = ("i", "t", "A_i", "d_t", "r_t", *(h for h, _ in extra), "dL/dlogp_t")
+    rows = []
+    for i, (term, new) in enumerate(zip(terms, log_probs_new, strict=True)):
+        for t, lp in enumerate(new):
+            cells = [str(i), str(t), f"{term.advantage:.6f}", f"{term.log_ratio[t]:.6f}",
+                     f"{term.ratio[t]:.6f}"]  # fmt: skip
+            for head, field in extra:
+                value = lp if field is None else getattr(term, field)[t]
+                cells.append(("yes" if value else "no") if head == "passes" else f"{value:.6f}")
+            rows.append((*cells, f"{term.gradient[t]:.6f}"))
+    widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    what = {"sapo": "L_i = mean_t g(r_t) A_i", "cispo": "sum_t w_t A_i logp_t",
+            "gmpo": "L_i = A_i exp(mean_t m_t)"}[loss]  # fmt: skip
+    lines += [f"sequence {i}: {what} = {t.objective:.6f}" for i, t in enumerate(terms)]
+    lines += [
+        f"sequence {i} token {k}: log-ratio {x:.6g} clamped to "
+        f"{math.copysign(MAX_LOG_RATIO, x):+g} before exp (MAX_LOG_RATIO)"
+        for i, t in enumerate(terms)
+        for k, x in enumerate(t.log_ratio)
+        if abs(x) > MAX_LOG_RATIO
+    ]
+    total = math.fsum(t.share for t in terms)
+    how = "sum_i (sum_t w_t A_i logp_t) / sum_i T_i" if loss == "cispo" else "mean_i L_i"
+    lines.append(f"L = {how} = {total!r}")
+    return "\n".join(lines)
+
+
+# Which keyword of gspo_loss each variant takes (None: it does not apply; refused if given).
+# Here, in pure Python, so that `gspo train`'s config checks the same table without torch.
+APPLIES = {
+    "tau_pos": ("sapo",),
+    "tau_neg": ("sapo",),
+    "eps_low": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
+    "eps_high": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
+    "num_sequences": ("gspo", "gspo-token", "grpo", "sapo", "gmpo"),
+    "num_tokens": ("cispo",),
+}
+WHY = {
+    "num_sequences": "CISPO divides by the batch's token count: pass num_tokens instead",
+    "num_tokens": "this variant averages per sequence: pass num_sequences instead",
+    "eps_low": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
+    "eps_high": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
+}
+
+
+def check_arguments(variant: str, **given) -> None:
+    """Refuse a keyword of gspo_loss that the variant does not use (given = not None)."""
+    for name, value in given.items():
+        if value is not None and variant not in APPLIES[name]:
+            users = ", ".join(repr(v) for v in APPLIES[name])
+            why = WHY.get(name, f"it applies to variant={users} only")
+            raise ValueError(f"{name}={value!r} does not apply to variant={variant!r}: {why}; "
+                             f"remove it")  # fmt: skip
+
+
+def _check_positive(name: str, value) -> None:
+    _check_number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
 def _mean(values) -> float:
     values = list(values)
     return math.fsum(values) / len(values)
@@ -173,9 +455,9 @@ def check_clip_range(
         )
 
 
-def _validate(log_probs_new, log_probs_old, rewards) -> None:
+def _validate(log_probs_new, log_probs_old, rewards, rewards_name="rewards") -> None:
     for name, value in (("log_probs_new", log_probs_new), ("log_probs_old", log_probs_old),
-                        ("rewards", rewards)):  # fmt: skip
+                        (rewards_name, rewards)):  # fmt: skip
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise TypeError(f"{name} must be a list, got {type(value).__name__}")
     n = len(log_probs_new)
@@ -184,7 +466,7 @@ def _validate(log_probs_new, log_probs_old, rewards) -> None:
     if len(log_probs_old) != n or len(rewards) != n:
         raise ValueError(
             f"outer lengths differ: log_probs_new has {n} sequences, log_probs_old "
-            f"{len(log_probs_old)}, rewards {len(rewards)}"
+            f"{len(log_probs_old)}, {rewards_name} {len(rewards)}"
         )
     for i, (new, old) in enumerate(zip(log_probs_new, log_probs_old, strict=True)):
         for name, row in (("log_probs_new", new), ("log_probs_old", old)):
@@ -200,7 +482,7 @@ def _validate(log_probs_new, log_probs_old, rewards) -> None:
             _check_number(f"log_probs_new[{i}][{t}]", a)
             _check_number(f"log_probs_old[{i}][{t}]", b)
     for i, r in enumerate(rewards):
-        _check_number(f"rewards[{i}]", r)
+        _check_number(f"{rewards_name}[{i}]", r)
 
 
 def _check_number(name: str, value) -> None:

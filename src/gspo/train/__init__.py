@@ -3,6 +3,7 @@
 loop.py         the step, top to bottom (launch commands in its docstring)
 config.py       one frozen dataclass per concern, composed by TrainConfig
 cli.py          `gspo train`: flags generated from the config, --config FILE, --compare
+compare.py      `gspo train --compare`: several losses and seeds, one plot
 evaluate.py     `gspo eval`: accuracy, pass@k and the task's checks, through the engines
 models.py       --model -> the policy, tokenizer, KL reference, sampler weights, save/load
 tiny.py         the built-in random Qwen2 and character tokenizer (no downloads)
@@ -12,6 +13,7 @@ tasks/          prompts + reward behind one class: digitsum, copy, arith, files 
 rewards.py      user rewards: import, weighted sums, checks of every batch's values
 data.py         start-up checks: prompts fit the model (--max-prompt-tokens), warnings
 rollout.py      what every engine's samples become: prompt encoding, EOS masks, the Rollout
+sampling.py     a step's batch: rollouts + rewards, dynamic sampling, truncated and overlong
 engines/        samplers behind one protocol: hf.py (generate), vllm.py (vLLM in process)
 update.py       old log-probs once, then minibatch steps (+ k3 KL), micro-batches
 microbatch.py   micro-batches by token budget, and their metrics merged
@@ -20,7 +22,7 @@ checkpoint.py   save and restore everything, atomically
 report.py       per-step metrics, samples, progress bar, TensorBoard / W&B
 distributed.py  DDP / FSDP2 under torchrun, rank sharding, metric reductions
 rundir.py       the run directory: never reused without --resume, created when training starts
-plot.py         reward.png and the GSPO-vs-GRPO comparison
+plot.py         reward.png and compare.png (losses' held-out curves over seeds)
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """`gspo train`: flags generated from ``TrainConfig`` (gspo.train.config), plus ``--config FILE``
-and ``--compare``.
+and ``--compare`` (gspo.train.compare).
 
 Precedence: defaults < the resumed run's config.json < --config FILE < flags.
 Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the fix),
-3 the reward function failed (a checkpoint was saved first), 130 stopped by a signal
-(a checkpoint was saved; continue with --resume RUN_DIR).
+3 the reward function or the --env environment failed (a checkpoint was saved first),
+130 stopped by a signal (a checkpoint was saved; continue with --resume RUN_DIR).
 """
 
 from __future__ import annotations
@@ -30,9 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of field = value")
     parser.add_argument(
         "--compare",
-        action="store_true",
-        help="run --loss gspo, --loss grpo (same clip range) and grpo with eps 0.2 into "
-        "RUN_DIR/{gspo,grpo,grpo-eps0.2} and draw RUN_DIR/compare.png",
+        nargs="*",
+        metavar="LOSS[:OPTION=VALUE,...]",
+        help="train once per loss (and per --compare-seeds) into RUN_DIR/<loss>/seed<k> and "
+        "draw their held-out curves in RUN_DIR/compare.png; e.g. --compare gspo grpo "
+        "'grpo:eps_low=0.2,eps_high=0.2'; alone: those three (gspo.train.compare)",
+    )
+    parser.add_argument(
+        "--compare-seeds",
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="with --compare: run every loss with each of these seeds (the plot shows the "
+        "mean and the min-max band); default: --seed",
     )
     add_arguments(parser, TrainConfig)
     return parser
@@ -72,8 +82,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _main(argv: list[str]) -> int:
     try:
         config, args = parse_config(argv)
-        if args.compare:
-            return _compare(config)
+        if args.compare_seeds and args.compare is None:
+            raise ValueError("--compare-seeds seeds the runs of --compare: add --compare "
+                             "LOSS ..., or use --seed for one run")  # fmt: skip
+        if args.compare is not None:
+            from gspo.train.compare import run_compare
+
+            return run_compare(config, args.compare, args.compare_seeds or ())
         from gspo.train.loop import train
 
         summary = train(config)
@@ -84,9 +99,10 @@ def _main(argv: list[str]) -> int:
         print("gspo train: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
     except _reward_error() as err:
-        print(f"gspo train: reward error: {err}", file=sys.stderr)
+        what = "environment" if type(err).__name__ == "EnvError" else "reward"
+        print(f"gspo train: {what} error: {err}", file=sys.stderr)
         print("gspo train: a checkpoint of the state before this step was saved; fix the "
-              f"reward and continue with {resume_command('RUN_DIR')}", file=sys.stderr)  # fmt: skip
+              f"{what} and continue with {resume_command('RUN_DIR')}", file=sys.stderr)  # fmt: skip
         return 3
     return _report(summary)
 
@@ -118,36 +134,3 @@ def resume_command(run_dir) -> str:
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     nodes = "" if per_node == world else f"--nnodes {world // per_node} "
     return f"torchrun {nodes}--nproc-per-node {per_node} -m gspo train --resume {run_dir}"
-
-
-def _compare(config: TrainConfig) -> int:
-    """The same job with sequence-level (GSPO) and token-level (GRPO) ratios: GRPO once with
-    the same clip range and once with the 0.2 that token-level methods usually use."""
-    import time
-
-    from gspo.train.loop import train
-    from gspo.train.plot import plot_compare, read_metrics
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(config.run.run_dir or Path("runs") / f"compare-{stamp}")
-    variants = {
-        "gspo": {"loss": "gspo"},
-        "grpo": {"loss": "grpo"},
-        "grpo-eps0.2": {"loss": "grpo", "eps_low": 0.2, "eps_high": 0.2},
-    }
-    runs, lines = {}, []
-    for name, change in variants.items():
-        run = config.replace(**change, run_dir=str(base / name), resume=None)
-        t0 = time.perf_counter()
-        summary = train(run)
-        seconds = time.perf_counter() - t0
-        runs[name] = summary["run_dir"]
-        evals = [r["eval_reward"] for r in read_metrics(summary["run_dir"]) if "eval_reward" in r]
-        eps = f"{run.objective.eps_low:g}/{run.objective.eps_high:g}"
-        lines.append(f"{name:<12} eps {eps}  held-out first "
-                     f"{evals[0]:.3f} best {max(evals):.3f} last {evals[-1]:.3f}  "
-                     f"{seconds:.0f} s")  # fmt: skip
-    out = plot_compare(runs, base / "compare.png")
-    print("\n".join(lines))
-    print(f"gspo train --compare: wrote {out}")
-    return 0

@@ -6,6 +6,8 @@
     LossConfig      the objective, the KL penalty, advantages, old policy and corrections
     OptimConfig     AdamW, schedule, what trains (LoRA), memory and precision of the step
     RunConfig       steps and batch, seed, outputs, cadence, devices, logging
+    BatchConfig     which samples make a step's batch and which reach the loss (DAPO's
+                    dynamic sampling, overlong filtering and soft overlong punishment)
 
 Flags, config files and a run's config.json are flat (``--lr``, ``lr = 1e-4``): every
 field's name is unique across the concerns (gspo.config.Composite). ``gspo eval``
@@ -19,10 +21,16 @@ import warnings
 from dataclasses import dataclass, field
 
 from gspo.config import Composite, check, check_choices, check_dataset_fields, option
+from gspo.reference import APPLIES, WHY
 
+# Losses that take per-token advantages (token-tis weights): gspo_loss's rule.
+PER_TOKEN_ADVANTAGES = ("gspo-token", "grpo", "sapo", "cispo")
 # gspo_loss's variants (gspo.loss.VARIANTS; a test holds the two equal): written out so
 # that `gspo train --help` does not import torch.
-LOSSES = ("gspo", "gspo-token", "grpo")
+LOSSES = ("gspo", "gspo-token", "grpo", "sapo", "cispo", "gmpo")
+# The trainer's clip range for the ratio-clipping losses when --eps-low/--eps-high are not
+# given (the default run's tuning; the GSPO paper's is 3e-4 / 4e-4, gspo_loss's default).
+CLIP_RANGE = {"gspo": (0.003, 0.004), "gspo-token": (0.003, 0.004), "grpo": (0.003, 0.004)}
 
 
 class TrainWarning(UserWarning):
@@ -117,6 +125,14 @@ class TaskConfig:
         metavar="INT",
     )
     eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
+    env: str | None = option(
+        None, "multi-turn episodes with an environment that answers the model and scores the "
+        "episode: a built-in (calculator) or your class as module:Class, imported from the "
+        "current directory (docs/environments.md); none = one prompt, one completion",
+        metavar="NAME")  # fmt: skip
+    max_turns: int | None = option(
+        None, "with --env: most replies of the model per episode (then it ends, counted as "
+        "truncated); none = 4", metavar="INT")  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
@@ -130,6 +146,7 @@ class TaskConfig:
         check(not self.reward or self.prompts is not None or self.dataset is not None,
               "reward", self.reward, "a user reward needs its prompts: add --prompts FILE.jsonl "
               "or --dataset PATH")  # fmt: skip
+        self._check_env()
         self._check_task()
         check_dataset_fields(self)
         for spec in self.reward:
@@ -141,6 +158,21 @@ class TaskConfig:
               self.reward_weights, "weights must be finite")  # fmt: skip
         check(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1, "max_prompt_tokens",
               self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
+
+    def _check_env(self) -> None:
+        from gspo.train.envs.registry import names
+
+        env, turns = self.env, self.max_turns
+        check(env is None or env in names() or ":" in env, "env", env,
+              f"use a built-in environment ({', '.join(names())}) or your class as "
+              "'module:Class'")  # fmt: skip
+        check(turns is None or env is not None, "max_turns", turns,
+              "it bounds the episodes of an environment: add --env NAME")  # fmt: skip
+        check(turns is None or turns >= 1, "max_turns", turns, "use a positive integer")
+        check(env is None or not self.reward, "reward", self.reward,
+              "with --env the environment's reward() scores each episode: drop --reward")
+        if env is not None and turns is None:
+            object.__setattr__(self, "max_turns", 4)
 
     def _check_task(self) -> None:
         from gspo.train.tasks.registry import TASKS
@@ -158,7 +190,8 @@ class TaskConfig:
         readers = [name for name, t in TASKS.items() if t.question_field]
         for source in ("prompts", "dataset"):
             value = getattr(self, source)
-            check(value is None or bool(self.reward) or task.question_field is not None, source,
+            check(value is None or bool(self.reward) or self.env is not None
+                  or task.question_field is not None, source,
                   value, "your prompts need your reward: add --reward module:function (or use "
                   f"--task {' / '.join(readers)} with question and answer fields)")  # fmt: skip
 
@@ -203,11 +236,23 @@ class LossConfig:
 
     loss: str = option(
         "gspo",
-        "gspo (sequence ratio), gspo-token, or grpo (token ratios): gspo_loss's variant",
+        "the objective (gspo_loss's variant, docs/spec.md): gspo (sequence ratio), gspo-token, "
+        "grpo (token ratios), sapo (soft gate), cispo (clipped weight on REINFORCE), gmpo "
+        "(geometric mean of clipped token ratios)",
         choices=LOSSES,
     )
-    eps_low: float = option(0.003, "clip range below 1: ratio >= 1 - eps_low")
-    eps_high: float = option(0.004, "clip range above 1: ratio <= 1 + eps_high")
+    eps_low: float | None = option(
+        None, "clip range below: ratio >= 1 - eps_low (gmpo: log-ratio >= -eps_low); none = "
+        "the loss's own: 0.003 for gspo, gspo-token, grpo; no lower bound for cispo; 0.4 for "
+        "gmpo; sapo has none")  # fmt: skip
+    eps_high: float | None = option(
+        None, "clip range above: ratio <= 1 + eps_high (cispo: the weight's cap - 1; gmpo: "
+        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo; 4.0 "
+        "for cispo; eps_low for gmpo; sapo has none")  # fmt: skip
+    tau_pos: float | None = option(
+        None, "sapo: the gate's temperature for positive advantages; none = 1.0")
+    tau_neg: float | None = option(
+        None, "sapo: the gate's temperature for negative advantages; none = 1.05")
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
     adv_norm: str = option(
         "population",
@@ -226,18 +271,36 @@ class LossConfig:
     correction_high: float = option(1.01, "seq-mask: drop sequences whose mean ratio is above")
     correction_cap: float = option(2.0, "seq-tis / token-tis: truncate importance weights at this")
 
+    def gspo_loss_options(self) -> dict:
+        """The keywords of ``gspo_loss`` this objective takes: the variant, and its clip
+        range or gate temperatures (those not given left to the loss's own defaults)."""
+        low, high = CLIP_RANGE.get(self.loss, (None, None))
+        options = {"variant": self.loss,
+                   "eps_low": low if self.eps_low is None else self.eps_low,
+                   "eps_high": high if self.eps_high is None else self.eps_high,
+                   "tau_pos": self.tau_pos, "tau_neg": self.tau_neg}  # fmt: skip
+        return {k: v for k, v in options.items() if v is not None}
+
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("eps_low", "eps_high"):
-            check(getattr(self, name) > 0, name, getattr(self, name), "it must be > 0")
+        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "it must be > 0, or none")
+            users = APPLIES[name]
+            check(value is None or self.loss in users, name, value,
+                  f"--loss {self.loss} does not use it ({WHY.get(name, 'it applies to')}); "
+                  f"it applies to --loss {' / '.join(users)}: drop it")  # fmt: skip
+        check(self.eps_low is None or self.loss == "gmpo" or self.eps_low < 1, "eps_low",
+              self.eps_low, "the lower bound 1 - eps_low must be a positive ratio: use (0, 1)")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
         check(0 < self.correction_low < 1, "correction_low", self.correction_low, "use (0, 1)")
         check(self.correction_high > 1, "correction_high", self.correction_high, "use > 1")
         check(self.correction_cap >= 1, "correction_cap", self.correction_cap, "use >= 1")
-        check(self.rollout_correction != "token-tis" or self.loss != "gspo",
+        check(self.rollout_correction != "token-tis" or self.loss in PER_TOKEN_ADVANTAGES,
               "rollout_correction", self.rollout_correction,
-              "per-token weights need a per-token loss: add --loss gspo-token or --loss grpo "
-              "(GSPO's ratio is one per sequence; use seq-tis or seq-mask with it)")  # fmt: skip
+              "per-token weights need a per-token loss (one that takes per-token advantages): "
+              f"--loss {' / '.join(PER_TOKEN_ADVANTAGES)} (a sequence-level ratio, as gspo's or "
+              "gmpo's, takes seq-tis or seq-mask)")  # fmt: skip
         check(self.rollout_correction == "none" or self.old_logprobs == "trainer",
               "rollout_correction", self.rollout_correction,
               "a correction weighs the trainer's old log-probs against the sampler's: it needs "
@@ -364,6 +427,46 @@ class RunConfig:
         check(self.samples_per_step >= 0, "samples_per_step", self.samples_per_step, "use >= 0")
 
 
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """Which samples make a step's batch and which reach the loss (gspo.train.sampling):
+    DAPO (arXiv 2503.14476) section 3.2's dynamic sampling and section 3.4's overlong
+    filtering and soft overlong punishment."""
+
+    dynamic_sampling: bool = option(
+        False, "drop groups whose rewards are all equal (no advantage, no gradient) and "
+        "sample more prompts until the step has --prompts-per-step groups that are not "
+        "(DAPO 3.2)")  # fmt: skip
+    max_sampling_rounds: int | None = option(
+        None, "with --dynamic-sampling: rounds of --prompts-per-step prompts at most per "
+        "step; then the step trains on the groups it has and says so; none = 4",
+        metavar="INT")  # fmt: skip
+    mask_truncated: bool = option(
+        False, "completions cut at --max-new-tokens (no EOS) get no loss: their sequences "
+        "leave the loss and its divisor (DAPO 3.4's overlong filtering)")  # fmt: skip
+    overlong_penalty: int = option(
+        0, "BUFFER: add DAPO 3.4's soft overlong punishment to the reward, 0 up to "
+        "max_new_tokens - BUFFER tokens, then falling linearly to -1 at max_new_tokens; "
+        "0 = off", metavar="BUFFER")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        rounds = self.max_sampling_rounds
+        check(rounds is None or self.dynamic_sampling, "max_sampling_rounds", rounds,
+              "it bounds --dynamic-sampling's rounds: add --dynamic-sampling, or drop "
+              "it")  # fmt: skip
+        check(rounds is None or rounds >= 1, "max_sampling_rounds", rounds,
+              "use a positive integer (1 = no refill), or none for 4")  # fmt: skip
+        check(self.overlong_penalty >= 0, "overlong_penalty", self.overlong_penalty,
+              "use a buffer of >= 1 tokens, or 0 for no penalty")  # fmt: skip
+
+    @property
+    def rounds(self) -> int:
+        """Sampling rounds at most per step (1 without dynamic sampling)."""
+        if not self.dynamic_sampling:
+            return 1
+        return 4 if self.max_sampling_rounds is None else self.max_sampling_rounds
+
+
 @dataclass(frozen=True, init=False)
 class TrainConfig(Composite):
     """Everything `gspo train` reads. Defaults are the built-in job: a tiny Qwen2-style model
@@ -376,11 +479,20 @@ class TrainConfig(Composite):
     objective: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         n_seq = self.run.prompts_per_step * self.run.group_size
         fix = f"it must divide prompts_per_step * group_size = {n_seq}"
         check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
+        limit, buffer = self.sampling.max_new_tokens, self.batch.overlong_penalty
+        check(buffer <= limit, "overlong_penalty", buffer,
+              f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "
+              f"{limit}, or 0 for no penalty")  # fmt: skip
+        # Under FSDP every generate() is a collective, but episodes end after different
+        # numbers of turns on each rank: refused rather than left to hang.
+        check(self.data.env is None or not self.run.fsdp, "env", self.data.env,
+              "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
         # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master
         # weights); the samplers compute otherwise (HF generate and vLLM in fp32; vLLM's own
         # bf16 is further still), so their log-probs are not the old policy's: measured on

@@ -95,6 +95,14 @@ def sequence_len(model, prompt_tokens: int | None, max_new_tokens: int) -> int:
     return need
 
 
+def engine_prompt_tokens(config, longest: int) -> int | None:
+    """What a rollout engine is told of the prompts (``prompt_tokens``): the longest one
+    ``fit`` accepted, or None (the model's positions) under ``--env``, whose later turns
+    carry the earlier ones; episodes.MultiTurn ends an episode at the engine's ``max_len``,
+    so vLLM and hf (the model's positions) then cut episodes alike."""
+    return None if getattr(config.data, "env", None) else longest
+
+
 def start_warnings(config, pool_size: int, dropped: int = 0) -> None:
     """Settings that run but do not do what their names suggest, and the prompts dropped by
     --max-prompt-tokens (rank 0 calls this, so a run warns once)."""

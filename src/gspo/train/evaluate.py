@@ -17,6 +17,12 @@ task can read) and, for arith, the last-number accuracy (the last number of the 
 completion is the answer, format aside: what the model computes even when it ignores the
 ``Answer:`` line). A completion is *correct* when its reward is 1, the maximum of the
 built-in tasks. Output: a table, then one JSON line; every completion goes to ``--out``.
+
+With ``--env`` (gspo.train.episodes) each question is an episode: the greedy completion is
+the model's last reply, the environment's reward scores it, and the summary adds the
+greedy episodes' tool-call rate (the share with at least one environment answer), turns
+per episode and truncated share; every greedy episode's turns go to ``--out``
+(``greedy_turns``).
 """
 
 from __future__ import annotations
@@ -126,39 +132,36 @@ def load_questions(config: EvalConfig) -> list[dict]:
     return load_prompts_file(d.prompts, d.task)
 
 
-def _generate(questions, config: EvalConfig, sampler) -> tuple[list[str], list[str]]:
-    """(greedy, sampled): one greedy completion per question and ``config.n`` sampled ones
-    (contiguous per question) from the engine ``sampler`` (gspo.train.engines: one
-    generation path for train and eval). Asked ``sequences_per_call // (1 + n)`` questions
-    at a time, so that the bar (stderr) counts every completion and shows the time left."""
+def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
+             sampler=None) -> tuple[dict, list]:  # fmt: skip
+    """(summary, records): score greedy and sampled completions of every question, through
+    the same episodes as training (gspo.train.episodes: one completion, or --env's turns).
+    Asked ``sequences_per_call // (1 + n)`` questions at a time, so that the bar (stderr)
+    counts every completion and shows the time left."""
     from tqdm import tqdm
 
-    per_call = max(1, config.sequences_per_call // (1 + config.n))
-    greedy, sampled = [], []
-    with tqdm(total=len(questions) * (1 + config.n), unit="seq", file=sys.stderr,
-              desc="gspo eval", disable=not config.progress, leave=False) as bar:  # fmt: skip
-        for start in range(0, len(questions), per_call):
-            chunk = questions[start : start + per_call]
-            greedy += sampler.sample(chunk, group_size=1, greedy=True).completions
-            if config.n:
-                sampled += sampler.sample(chunk, group_size=config.n, greedy=False).completions
-            bar.update(len(chunk) * (1 + config.n))
-    return greedy, sampled
-
-
-def evaluate(questions: list[dict], config: EvalConfig, sampler) -> tuple[dict, list]:
-    """(summary, records): score greedy and sampled completions of every question."""
-    from gspo.train.rewards import load_rewards, score
+    from gspo.train import episodes
+    from gspo.train.rewards import load_rewards
     from gspo.train.tasks import get
 
     task, d = get(config.data.task), config.data
     reward_fn = load_rewards(d.reward, d.reward_weights) if d.reward else task.reward
-    greedy, sampled = _generate(questions, config, sampler)
-    greedy_rewards = score(reward_fn, questions, greedy)
-    sampled_rewards = []
-    if config.n:
-        repeated = [q for q in questions for _ in range(config.n)]
-        sampled_rewards = score(reward_fn, repeated, sampled)
+    collect = episodes.build(d, config.sampling, sampler, tokenizer, model, reward_fn)
+    per_call = max(1, config.sequences_per_call // (1 + config.n))
+    greedy, greedy_rewards, turns, sampled, sampled_rewards = [], [], [], [], []
+    with tqdm(total=len(questions) * (1 + config.n), unit="seq", file=sys.stderr,
+              desc="gspo eval", disable=not config.progress, leave=False) as bar:  # fmt: skip
+        for start in range(0, len(questions), per_call):
+            chunk = questions[start : start + per_call]
+            rollout = collect.rollout(chunk, group_size=1, greedy=True)
+            greedy += rollout.completions
+            greedy_rewards += collect.score(rollout)
+            turns = None if rollout.episodes is None else turns + rollout.episodes  # --env
+            if config.n:
+                sampled_rollout = collect.rollout(chunk, group_size=config.n, greedy=False)
+                sampled += sampled_rollout.completions
+                sampled_rewards += collect.score(sampled_rollout)
+            bar.update(len(chunk) * (1 + config.n))
     records = []
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
@@ -174,7 +177,14 @@ def evaluate(questions: list[dict], config: EvalConfig, sampler) -> tuple[dict, 
             "samples": samples, "sample_rewards": rewards,
             "samples_correct": sum(r == 1.0 for r in rewards),
         })  # fmt: skip
-    return summarize(records, config.n), records
+        if turns is not None:  # the greedy episode, turn by turn
+            records[-1].update(greedy_turns=turns[i]["turns"],
+                               greedy_tool_calls=turns[i]["tool_calls"],
+                               greedy_truncated=turns[i]["truncated"])  # fmt: skip
+    summary = summarize(records, config.n)
+    if turns is not None:  # greedy episodes: how the model used the environment
+        summary.update(episodes.episode_metrics(turns))
+    return summary, records
 
 
 def summarize(records: Sequence[dict], n: int) -> dict:
@@ -226,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gspo eval: error: {err}", file=sys.stderr)
         return 2
     print(table(summary, config.n))
+    if "turns_per_episode" in summary:
+        print(f"--env {config.data.env}, greedy episodes: tool-call rate "
+              f"{summary['tool_call_rate']:.3f}, turns per episode "
+              f"{summary['turns_per_episode']:.2f}, truncated {summary['truncated_frac']:.3f}")
     print(json.dumps(summary))
     return 0
 
@@ -236,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --prompts/--dataset (and so its --reward) are not taken: training held out only their last
 # rows.
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", *(f.name for f in dataclasses.fields(SamplingConfig)))
+                     "max_prompt_tokens", "env", "max_turns",
+                     *(f.name for f in dataclasses.fields(SamplingConfig)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,10 +319,11 @@ def run(config: EvalConfig) -> dict:
     model.to(device).eval()
     sampler = engine_class(config.sampling.rollout).for_eval(
         model, tokenizer, config.sampling, device=device, seed=config.seed,
-        batch_size=config.sequences_per_call, prompt_tokens=longest)  # fmt: skip
+        batch_size=config.sequences_per_call,
+        prompt_tokens=data.engine_prompt_tokens(config, longest))  # fmt: skip
     start = time.perf_counter()
     try:
-        summary, records = evaluate(questions, config, sampler)
+        summary, records = evaluate(model, tokenizer, questions, config, sampler)
     finally:
         sampler.close()
     seconds = round(time.perf_counter() - start, 1)

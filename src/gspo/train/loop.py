@@ -10,11 +10,14 @@ Launch:
     torchrun --nproc-per-node 2 -m gspo train --fsdp   # FSDP2 (fully_shard)
 
 One step:
-    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards -> group
-    advantages -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
+    prompts (this rank's share) -> G samples each (the --rollout engine) -> rewards (and,
+    with --dynamic-sampling, more rounds until the step's groups are informative:
+    sampling.py) -> group advantages
+    -> old log-probs once (+ sampler mismatch) -> ``minibatches`` optimizer steps
     (gspo_loss, optional k3 KL) -> the new weights into the sampler
     -> metrics.jsonl, progress bar, held-out greedy eval every ``eval_every`` steps
     -> checkpoint every ``checkpoint_every`` steps, on SIGINT/SIGTERM and on reward errors.
+With ``--env`` a rollout is a batch of multi-turn episodes (episodes.py): the same step.
 
 Each concern is behind its own module, so this file holds no model-, task- or engine-specific
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
@@ -37,12 +40,13 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, models, rundir
+from gspo.train import data, engines, episodes, models, rundir, sampling
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
-from gspo.train.rewards import RewardError, score
-from gspo.train.tasks import build_task, prompts_at
+from gspo.train.rewards import RewardError
+from gspo.train.rollout import eos_ids
+from gspo.train.tasks import build_task
 from gspo.train.update import lr_lambda, update
 
 
@@ -134,15 +138,19 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     # the sampler (--rollout): built once, from the current (resumed) weights
     # (sized for the longest prompt kept above: data.sequence_len)
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,
-                            prompt_tokens=longest)  # fmt: skip
+                            prompt_tokens=data.engine_prompt_tokens(config, longest))  # fmt: skip
     cleanup.callback(sampler.close)
+    # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes
+    collect = episodes.build(d, config.sampling, sampler, policy.tokenizer, policy.model,
+                             reward_fn)  # fmt: skip
     group_size = run.group_size
+    eos = eos_ids(policy.hf_model, policy.tokenizer)  # what ends a response (--mask-truncated)
 
     def evaluate(on_error=None) -> float:
         mine = held_out[world.rank :: world.size]
-        rollout = sampler.sample(mine, group_size=1, greedy=True)
-        on_error = on_error or (lambda: save(step, position))
-        rewards = _score_all(reward_fn, rollout, world, on_error)
+        on_error = on_error or functools.partial(save, step, position)
+        rollout = _sample(collect, world, on_error, mine, group_size=1, greedy=True)
+        rewards = _score(collect, world, on_error, rollout)
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
 
@@ -171,22 +179,26 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     with Stop() as stop:
         for step in range(start + 1, run.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
-            # prompts -> rollouts: this rank's contiguous share of the step's prompts
-            prompts = prompts_at(pool, run.seed, position, run.prompts_per_step)
-            rollout = sampler.sample(dd.shard(prompts, world), group_size=group_size,
-                                     greedy=False)  # fmt: skip
-            times = {"time_rollout": time.perf_counter() - t0}
-            # rewards -> advantages over whole groups, once per rollout batch (spec step 1)
-            # on a reward error, save the state this step started from (RNG included)
+            # prompts -> rollouts -> rewards: this rank's contiguous share of the step's
+            # prompts (more rounds under --dynamic-sampling), and the sequences in the loss;
+            # on a reward or environment error, save the state this step started from
             on_error = functools.partial(save, step - 1, position, rng_before)
-            rewards = _score_all(reward_fn, rollout, world, on_error)
-            position += run.prompts_per_step
+            batch = sampling.collect(
+                functools.partial(_sample, collect, world, on_error), pool, position=position,
+                config=config, world=world, eos=eos,
+                score=functools.partial(_score, collect, world, on_error),
+                pad_id=policy.tokenizer.pad_token_id, step=step,
+            )  # fmt: skip
+            rollout, rewards = batch.rollout, batch.rewards
+            times = {"time_rollout": time.perf_counter() - t0}  # rewards included
+            position += batch.consumed  # every prompt sampled, so resume samples the same
+            # advantages over whole groups, once per rollout batch (spec step 1)
             reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
             adv = advantages(reward_t, group_size=group_size, norm=config.objective.adv_norm)
             # old log-probs once, then the minibatch optimizer steps
             t1 = time.perf_counter()
             history = update(logprobs, ref_logprobs, optimizer, scheduler, rollout, adv,
-                             config=config, world_size=world.size)  # fmt: skip
+                             config=config, world_size=world.size, keep=batch.keep)  # fmt: skip
             t2 = time.perf_counter()
             # the next step samples the new policy (under LoRA: W + s B A, merged on the fly)
             sampler.load_weights(policy.sampler_weights())
@@ -194,10 +206,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             times["time_update"] = t2 - t1  # old log-probs included; also given apart below
             record = step_metrics(step, rewards, rollout, history, t0,
                                   scheduler.get_last_lr()[0], world)  # fmt: skip
+            record.update(batch.metrics)
+            record.update(dd.all_mean(collect.metrics(rollout), world))  # {} single-turn
             record.update(times)
             groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
-                                   group_size=group_size,
-                                   count=run.samples_per_step)  # fmt: skip
+                                   group_size=group_size, count=run.samples_per_step,
+                                   episodes=rollout.episodes)  # fmt: skip
             evaluating = step % run.eval_every == 0 or step == run.steps
             if evaluating:
                 record["eval_reward"] = evaluate()
@@ -241,17 +255,30 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
                          f"rank ({world.size})")  # fmt: skip
 
 
-def _score_all(reward_fn, rollout, world: dd.World, on_error) -> list[float]:
-    """Score this rank's rollouts; if any rank's reward fails, every rank checkpoints
-    (``on_error``) and the run stops with the failing rank's message."""
-    error = None
+def _sample(collect, world: dd.World, on_error, prompts, *, group_size: int, greedy: bool):
+    """This rank's rollout of ``prompts`` (gspo.train.episodes), guarded (``_guarded``)."""
+    return _guarded(lambda: collect.rollout(prompts, group_size=group_size, greedy=greedy),
+                    world, on_error)  # fmt: skip
+
+
+def _score(collect, world: dd.World, on_error, rollout) -> list[float]:
+    """This rank's rewards of ``rollout``, guarded (``_guarded``)."""
+    return _guarded(lambda: collect.score(rollout), world, on_error)
+
+
+def _guarded(work, world: dd.World, on_error):
+    """``work()`` on this rank; if any rank's reward or environment fails (RewardError,
+    EnvError), every rank checkpoints (``on_error``) and the run stops with the failing
+    rank's message. Every rank calls this at the same points, so they stay in step."""
+    error = result = None
     try:
-        rewards = score(reward_fn, rollout.prompts, rollout.completions)
+        result = work()
     except RewardError as err:
-        error, rewards = err, []
+        error = err
     if dd.any_rank(error is not None, world):
         on_error()
         if error is None:
-            raise RewardError("the reward function failed on another rank (see its message)")
+            raise RewardError("the reward function or environment failed on another rank (see "
+                              "its message)")  # fmt: skip
         raise error
-    return rewards
+    return result

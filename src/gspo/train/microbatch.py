@@ -23,9 +23,12 @@ from gspo.train.rollout import Rollout
 
 
 def row_spans(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: left padding of its prompt [B], and its response length [B]."""
-    pad = (rollout.attention_mask[:, : rollout.prompt_len] == 0).sum(dim=1)
-    return pad, rollout.response_mask.sum(dim=1)
+    """Per row: left padding of its prompt [B], and its response length [B]: its real
+    tokens after the prompt (a multi-turn episode's environment tokens included; for a
+    single-turn rollout the same as the response mask's count)."""
+    p = rollout.prompt_len
+    pad = (rollout.attention_mask[:, :p] == 0).sum(dim=1)
+    return pad, (rollout.attention_mask[:, p:] != 0).sum(dim=1)
 
 
 def plan(rollout: Rollout, max_tokens: int | None, *, count: int | None = None) -> list[slice]:
@@ -127,7 +130,8 @@ def merge_metrics(pieces: list[tuple[dict, int, int]], sequence_level: bool) -> 
         return pieces[0][0]
     token_keys = {"entropy", "approx_kl"}
     if not sequence_level:
-        token_keys |= {"clip_frac_low", "clip_frac_high", "ratio_mean"}
+        token_keys |= {"clip_frac_low", "clip_frac_high", "ratio_mean", "gate_weight_mean",
+                       "gate_weight_low_frac", "bound_frac_high", "bound_frac_low"}
     seqs = [s for _, s, _ in pieces]
     toks = [t for _, _, t in pieces]
     out = {}

@@ -78,9 +78,9 @@ class Report:
                 self.bar.write(f"step {record['step']}:\n{format_group(group)}")
         self.metrics(record)
         self.bar.update(1)
-        self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                             clip=f"{record['clip_frac']:.3f}",
-                             eval=f"{self.last_eval:.3f}")  # fmt: skip
+        shown = {"reward": record["reward_mean"], "clip": record.get("clip_frac"),
+                 "eval": self.last_eval}  # fmt: skip
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 
     def samples(self, step: int, groups: list[dict]) -> None:
         """The step's first groups, as built by :func:`sample_groups`."""
@@ -121,27 +121,45 @@ def step_metrics(step: int, rewards, rollout, history: list[dict], t0: float, lr
         [sum(rewards), sum(r * r for r in rewards), float(lengths.sum()), n], world
     )
     mean = s / count
-    local = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    # A minibatch with no sequence in the loss (gspo.train.sampling: tied or truncated) has
+    # NaN loss metrics: means and extremes are over the minibatches and ranks that had some.
+    seen = {k: [h[k] for h in history if not math.isnan(h[k])] for k in history[0]}
+    local = {k: sum(v) / len(v) if v else math.nan for k, v in seen.items()}
     extremes = {k: big for k in local if (big := largest(k)) is not None}
     for key, big in extremes.items():
-        local[key] = (max if big else min)(h[key] for h in history)
+        local[key] = (max if big else min)(seen[key]) if seen[key] else math.nan
     # several reward functions: each one's mean on its own (rewards.Scores.parts)
     local.update({f"reward/{name}": sum(v) / n for name, v in rewards.parts.items()})
-    merged = dd.all_mean(local, world)
+    merged = _mean_over_ranks(local, world)
     for key, big in extremes.items():
-        merged[key] = dd.all_extreme(local[key], world, largest=big)
+        bound = -math.inf if big else math.inf  # a rank with nothing to offer
+        value = local[key] if not math.isnan(local[key]) else bound
+        value = dd.all_extreme(value, world, largest=big)
+        merged[key] = value if math.isfinite(value) else math.nan
+    if "clip_frac_low" in merged:  # the losses that clip (not sapo's gate, cispo's weight)
+        merged["clip_frac"] = merged["clip_frac_low"] + merged["clip_frac_high"]
     elapsed = time.perf_counter() - t0
     return {
         "step": step,
         "reward_mean": mean,
         "reward_std": max(0.0, s2 / count - mean * mean) ** 0.5,
         **merged,
-        "clip_frac": merged["clip_frac_low"] + merged["clip_frac_high"],
         "response_len": tokens / count,
         "lr": lr,
         "step_time": elapsed,
         "tokens_per_s": tokens / elapsed,
     }
+
+
+def _mean_over_ranks(local: dict[str, float], world: dd.World) -> dict[str, float]:
+    """The mean of each value over the ranks where it is not NaN (NaN where it is nowhere)."""
+    if not world.distributed:
+        return dict(local)
+    keys = sorted(local)
+    present = [0.0 if math.isnan(local[k]) else 1.0 for k in keys]
+    sums = dd.all_sum([0.0 if math.isnan(local[k]) else local[k] for k in keys] + present, world)
+    return {k: sums[i] / sums[i + len(keys)] if sums[i + len(keys)] else math.nan
+            for i, k in enumerate(keys)}  # fmt: skip
 
 
 def _progress(total: int, initial: int, *, show: bool):
@@ -151,17 +169,23 @@ def _progress(total: int, initial: int, *, show: bool):
                 dynamic_ncols=True)  # fmt: skip
 
 
-def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count: int) -> list:
+def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count: int,
+                  episodes=None) -> list:  # fmt: skip
     """The first ``count`` groups of a step: ``{"prompt", "completions": [{"text",
-    "reward", "advantage"}]}``; ``prompts`` and the rest are per sequence [B]."""
+    "reward", "advantage"}]}``; ``prompts`` and the rest are per sequence [B]. With
+    multi-turn ``episodes`` (Rollout.episodes) each completion also has ``"turns"``, the
+    episode's messages in order, and ``"truncated"``; its ``"text"`` is the last reply."""
     out = []
     for g in range(min(count, len(completions) // group_size)):
         rows = range(g * group_size, (g + 1) * group_size)
-        out.append({
-            "prompt": prompts[rows[0]]["prompt"],
-            "completions": [{"text": completions[i], "reward": float(rewards[i]),
-                             "advantage": float(adv[i])} for i in rows],
-        })  # fmt: skip
+        items = []
+        for i in rows:
+            item = {"text": completions[i], "reward": float(rewards[i]),
+                    "advantage": float(adv[i])}  # fmt: skip
+            if episodes is not None:
+                item.update(turns=episodes[i]["turns"], truncated=episodes[i]["truncated"])
+            items.append(item)
+        out.append({"prompt": prompts[rows[0]]["prompt"], "completions": items})
     return out
 
 
@@ -169,7 +193,15 @@ def format_group(group: dict, width: int = 100) -> str:
     """A group as a few printable lines (for the console every --eval-every steps)."""
     lines = [f"prompt: {_clip(group['prompt'], width)}"]
     for c in group["completions"]:
-        lines.append(f"  r={c['reward']:+.2f} A={c['advantage']:+.2f} | {_clip(c['text'], width)}")
+        head = f"  r={c['reward']:+.2f} A={c['advantage']:+.2f} | "
+        if "turns" not in c:
+            lines.append(head + _clip(c["text"], width))
+            continue
+        # an episode, turn by turn (the first message is the prompt, printed above)
+        turns = c["turns"][1:]
+        cut = " (truncated)" if c.get("truncated") else ""
+        lines.append(head + f"{sum(t['role'] == 'assistant' for t in turns)} turns{cut}")
+        lines += [f"      {t['role']}: {_clip(t['content'], width)}" for t in turns]
     return "\n".join(lines)
 
 

@@ -39,6 +39,11 @@ class Rollout:
     # [B, T] float32: the sampler's log-prob of each sampled token, under the distribution it
     # sampled from (after temperature and top-p); 0 where response_mask is False.
     logp_sampler: torch.Tensor | None = None
+    # Multi-turn episodes (gspo.train.episodes), else None. The response then holds the
+    # model's turns *and* the environment's tokens between them: attention_mask is 1 on
+    # all of them, response_mask only on the model's. Per row: {"turns": [{"role",
+    # "content"}, ...], "reward", "truncated", "tool_calls"}.
+    episodes: list[dict] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -52,6 +57,7 @@ class Rollout:
             prompt_len=self.prompt_len,
             completions=self.completions[index],
             logp_sampler=None if self.logp_sampler is None else self.logp_sampler[index],
+            episodes=None if self.episodes is None else self.episodes[index],
         )
 
 
@@ -191,9 +197,7 @@ def assemble(
     response = torch.where(mask, response, torch.full_like(response, pad))
     logp = torch.where(mask, logp, torch.zeros_like(logp))
     # The model's own markers go; the user's added special tokens stay (module docstring).
-    own = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-           tokenizer.unk_token_id)  # fmt: skip
-    strip = torch.tensor(sorted({*eos, *(i for i in own if i is not None)}), dtype=torch.long)
+    strip = torch.tensor(own_specials(tokenizer, eos), dtype=torch.long)
     keep = mask & ~torch.isin(response, strip)
     completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=False)
                    for r, m in zip(response, keep, strict=True)]  # fmt: skip
@@ -206,6 +210,14 @@ def assemble(
         completions=completions,
         logp_sampler=None if logps is None else logp.to(device),
     )
+
+
+def own_specials(tokenizer, eos: Sequence[int]) -> list[int]:
+    """The ids a completion's text leaves out (module docstring): every EOS id and the
+    tokenizer's own BOS, EOS, pad and UNK."""
+    own = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id)  # fmt: skip
+    return sorted({*eos, *(i for i in own if i is not None)})
 
 
 def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
@@ -235,4 +247,6 @@ def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         prompt_len=P,
         completions=[c for r in parts for c in r.completions],
         logp_sampler=torch.cat(logp) if len(logp) == len(parts) else None,
+        episodes=None if any(r.episodes is None for r in parts) else
+        [e for r in parts for e in r.episodes],  # fmt: skip
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
@@ -33,13 +34,14 @@ from gspo.train.rollout import Rollout, eval_mode
 
 
 def response_logprobs(
-    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False
+    logprobs, rollout: Rollout, *, temperature: float, entropy: bool = False, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logp [B, T] of the response tokens (0 where masked), and the entropy [B, T] if asked.
 
     ``logprobs(input_ids, attention_mask)`` returns [B, L-1] with column t scoring token t+1,
     so the response (tokens P .. L-1) is columns P-1 .. L-2. Only those targets are scored
-    (``target_mask``): the LM head never projects a prompt position.
+    (``target_mask``): the LM head never projects a prompt position. ``top_p`` < 1: under
+    the nucleus the engines sample from (gspo.nucleus), so that trainer and sampler agree.
     """
     start = rollout.prompt_len - 1
     mask = rollout.response_mask
@@ -50,6 +52,7 @@ def response_logprobs(
         temperature=temperature,
         return_entropy=entropy,
         target_mask=target,
+        top_p=top_p,
     )
     logp, ent = out if entropy else (out, None)
     return logp[:, start:], (ent[:, start:] if ent is not None else None)
@@ -83,35 +86,49 @@ def minibatch_loss(
     config,
     world_size: int,
     num_sequences: int | None = None,
+    keep: torch.Tensor | None = None,
+    num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to backpropagate on this rank (already scaled for gradient averaging).
 
     ``num_sequences``: the divisor, the global sequence count of the whole minibatch when
-    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``.
+    ``batch`` is one micro-batch of it; default ``len(batch) * world_size``. ``num_tokens``:
+    CISPO's divisor, the minibatch's valid tokens over every micro-batch and rank
+    (``global_tokens``); default this batch's alone.
+    ``keep`` [b] bool: only these sequences are in the loss (gspo.train.sampling: tied
+    groups, truncated completions); the others are indexed away after the forward, so their
+    gradient is exactly 0, and ``num_sequences`` (``num_tokens``) then counts the kept ones.
+    The forward still runs on every row, so that ranks and micro-batches keep their shapes.
+    With no row kept the loss is an empty sum (0, zero gradient) and the metrics are NaN.
     """
     objective = config.objective
-    mask = batch.response_mask
-    logp, ent = response_logprobs(logprobs, batch, temperature=config.sampling.temperature,
-                                  entropy=True)  # fmt: skip
+    sampling = config.sampling
+    logp, ent = response_logprobs(logprobs, batch, temperature=sampling.temperature,
+                                  entropy=True, top_p=sampling.top_p)  # fmt: skip
+    full_logp, mask = logp, batch.response_mask
+    if keep is not None:
+        logp, ent, logp_old, mask = logp[keep], ent[keep], logp_old[keep], mask[keep]
+        adv, ref_logp = adv[keep], None if ref_logp is None else ref_logp[keep]
+        if not bool(keep.any()):
+            metrics = dict.fromkeys(loss_metric_names(config), torch.tensor(math.nan))
+            loss = logp.sum()  # 0, and a graph through every parameter (DDP reduces them all)
+            metrics.update(loss=loss.detach(), logp=full_logp.detach())
+            return loss * world_size, metrics
     # the global count: every rank has equal slices
     num_sequences = num_sequences or len(batch) * world_size
-    loss, metrics = gspo_loss(
-        logp,
-        logp_old,
-        mask,
-        advantages=adv,
-        eps_low=objective.eps_low,
-        eps_high=objective.eps_high,
-        variant=objective.loss,
-        num_sequences=num_sequences,
-    )
+    # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
+    # over its sequences
+    divisor = ({"num_tokens": num_tokens or int(mask.sum())} if objective.loss == "cispo"
+               else {"num_sequences": num_sequences})  # fmt: skip
+    loss, metrics = gspo_loss(logp, logp_old, mask, advantages=adv,
+                              **objective.gspo_loss_options(), **divisor)  # fmt: skip
     if ref_logp is not None and objective.kl_coef > 0:
         kl = k3_kl(logp, ref_logp, mask)
         loss = loss + objective.kl_coef * kl.sum() / num_sequences
-        metrics["kl_ref"] = (kl.sum() / len(batch)).detach()
+        metrics["kl_ref"] = (kl.sum() / len(kl)).detach()
     metrics["entropy"] = masked_mean(ent, mask).detach()
     metrics["loss"] = loss.detach()
-    metrics["logp"] = logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
+    metrics["logp"] = full_logp.detach()  # [b, T], for the mismatch when logp_old is the sampler's
     # DDP / FSDP divide the summed gradient by world_size; undo it so ranks *sum*.
     return loss * world_size, metrics
 
@@ -126,14 +143,22 @@ def update(
     *,
     config,
     world_size: int = 1,
+    keep: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """All minibatch steps for one rollout batch; returns one metrics dict per step.
+
+    ``keep`` [B] bool: the sequences in the loss (gspo.train.sampling; None = all). With
+    --dynamic-sampling or --mask-truncated each minibatch's loss is divided by the number of
+    its sequences in the loss over all ranks (``kept_counts``), so the loss equals gspo_loss
+    over the kept sequences alone; a minibatch with none anywhere makes no optimizer step.
 
     With ``--max-tokens-per-microbatch`` each forward (old log-probs, and each
     minibatch's forward + backward) runs on micro-batches of at most that many padded
     tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
     """
     budget, optim = config.optim.max_tokens_per_microbatch, config.optim
+    size = len(rollout) // optim.minibatches
+    divisors = kept_counts(keep, config, size, world_size, len(rollout))
     start = time.perf_counter()
     with torch.no_grad():
         logp_old, mismatch, adv = old_logprobs(logprobs, rollout, adv, config, budget, world_size)
@@ -141,7 +166,6 @@ def update(
         if ref_logprobs is not None:
             ref_logp = trainer_logprobs(ref_logprobs, rollout, config, budget, world_size)
     seconds_old = time.perf_counter() - start  # old (and reference) log-probs
-    size = len(rollout) // optim.minibatches
     # The optimizer's own list: under FSDP2, module.parameters() can return the root group's
     # temporary unsharded tensors (after a forward), whose .grad is None, and clipping would
     # then silently skip the embeddings.
@@ -150,6 +174,17 @@ def update(
     for k in range(optim.minibatches):
         part = slice(k * size, (k + 1) * size)
         optimizer.zero_grad(set_to_none=True)
+        if divisors is not None and divisors[k] == 0:
+            # No sequence of this minibatch is in the loss on any rank: no step at all
+            # (AdamW would still move the weights on its momentum); the schedule advances
+            # (torch warns when that comes before any optimizer step: here it is meant).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+                scheduler.step()
+            history.append({**dict.fromkeys(loss_metric_names(config), math.nan), "loss": 0.0,
+                            "grad_norm": 0.0, **(mismatch or {}),
+                            "time_old_logprobs": seconds_old})  # fmt: skip
+            continue
         metrics = accumulate_gradients(
             logprobs,
             rollout.select(part),
@@ -159,6 +194,8 @@ def update(
             config=config,
             world_size=world_size,
             budget=budget,
+            keep=None if divisors is None else _kept(keep, part, size, adv.device),
+            num_sequences=None if divisors is None else divisors[k],
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
@@ -175,27 +212,66 @@ def update(
 
 def trainer_logprobs(logprobs, rollout: Rollout, config, budget, world_size: int) -> torch.Tensor:
     """logp [B, T] under ``logprobs`` (no grad), one micro-batch of ``budget`` tokens at a time."""
-    temperature = config.sampling.temperature
+    sampling = config.sampling
     if not budget:
-        return response_logprobs(logprobs, rollout, temperature=temperature)[0]
+        return response_logprobs(logprobs, rollout, temperature=sampling.temperature,
+                                 top_p=sampling.top_p)[0]  # fmt: skip
     pieces = []
     for part in mb.plan_everywhere(rollout, budget, world_size):
         piece, width = mb.trim(rollout.select(part))
-        logp, _ = response_logprobs(logprobs, piece, temperature=temperature)
+        logp, _ = response_logprobs(logprobs, piece, temperature=sampling.temperature,
+                                    top_p=sampling.top_p)  # fmt: skip
         pieces.append(mb.padded(logp, rollout.response_mask.shape[1]))
     return torch.cat(pieces)
 
 
+def kept_counts(keep, config, size: int, world_size: int, rows: int) -> list[int] | None:
+    """Per minibatch of ``size`` rows: its sequences in the loss over all ranks (None when
+    the config keeps every sequence). Decided by the config, so that every rank joins the
+    all-reduce even where its own ``keep`` is None."""
+    if not (config.batch.dynamic_sampling or config.batch.mask_truncated):
+        return None
+    keep = torch.ones(rows, dtype=torch.bool) if keep is None else keep.cpu()
+    counts = keep.view(-1, size).sum(dim=1).to(torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return [int(c) for c in counts.tolist()]
+
+
+def _kept(keep, part: slice, size: int, device) -> torch.Tensor:
+    return torch.ones(size, dtype=torch.bool, device=device) if keep is None else keep[part]
+
+
+def loss_metric_names(config) -> list[str]:
+    """The names of minibatch_loss's metrics (less loss and logp), for a minibatch with no
+    sequence in the loss, whose values are NaN."""
+    one = torch.zeros(1, 1)
+    _, metrics = gspo_loss(one, one, torch.ones(1, 1, dtype=torch.bool), advantages=torch.zeros(1),
+                           **config.objective.gspo_loss_options())  # fmt: skip
+    names = [*metrics, "entropy"]
+    return names + (["kl_ref"] if config.objective.kl_coef > 0 else [])
+
+
 def accumulate_gradients(
-    logprobs, batch: Rollout, *, logp_old, adv, ref_logp, config, world_size: int, budget
+    logprobs, batch: Rollout, *, logp_old, adv, ref_logp, config, world_size: int, budget,
+    keep: torch.Tensor | None = None, num_sequences: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics."""
+    """Backward of one minibatch's loss, micro-batch by micro-batch; returns its metrics.
+    ``keep`` [b] and ``num_sequences``: see minibatch_loss (the count is the minibatch's)."""
     parts = mb.plan_everywhere(batch, budget, world_size) if budget else [slice(0, len(batch))]
-    num_sequences = len(batch) * world_size
+    num_sequences = num_sequences or len(batch) * world_size
+    kept_mask = batch.response_mask if keep is None else \
+        torch.where(keep[:, None], batch.response_mask, False)  # fmt: skip
+    num_tokens = global_tokens(kept_mask, world_size)
     pieces, logps = [], []
     for j, part in enumerate(parts):
         piece, width = mb.trim(batch.select(part)) if budget else (batch.select(part), None)
         cols = slice(0, width)
+        mine = None if keep is None else keep[part]
         with mb.no_sync(logprobs, last=j == len(parts) - 1):
             loss, metrics = minibatch_loss(
                 logprobs,
@@ -206,16 +282,34 @@ def accumulate_gradients(
                 config=config,
                 world_size=world_size,
                 num_sequences=num_sequences,
+                keep=mine,
+                num_tokens=num_tokens,
             )
             loss.backward()
         logps.append(mb.padded(metrics.pop("logp"), batch.response_mask.shape[1]))
-        pieces.append((metrics, len(piece), int(piece.response_mask.sum())))
-    metrics = mb.merge_metrics(pieces, sequence_level=config.objective.loss == "gspo")
+        kept = piece.response_mask if mine is None else piece.response_mask[mine]
+        pieces.append((metrics, len(kept), int(kept.sum())))
+    # a piece with no sequence in the loss has NaN metrics and weighs nothing
+    counted = [p for p in pieces if p[1] > 0] or pieces[:1]
+    total_loss = sum(p[0]["loss"] for p in pieces)  # each is already over the whole divisor
+    metrics = mb.merge_metrics(counted, sequence_level=config.objective.loss == "gspo")
+    metrics["loss"] = total_loss
     metrics["logp"] = torch.cat(logps)  # [b, T] for the sampler mismatch (update())
-    if len(pieces) > 1:  # these three are not means of their pieces: take them whole
-        metrics.update(adv_mean=adv.mean(), adv_std=adv.std(unbiased=False),
-                       zero_adv_frac=(adv == 0).float().mean())  # fmt: skip
+    if len(counted) > 1:  # these three are not means of their pieces: take them whole
+        kept_adv = adv if keep is None else adv[keep]
+        metrics.update(adv_mean=kept_adv.mean(), adv_std=kept_adv.std(unbiased=False),
+                       zero_adv_frac=(kept_adv == 0).float().mean())  # fmt: skip
     return metrics
+
+
+def global_tokens(mask: torch.Tensor, world_size: int) -> int:
+    """The valid tokens of ``mask`` [B, T] summed over data-parallel ranks."""
+    count = mask.sum()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(count)
+    return int(count)
 
 
 def old_logprobs(

@@ -9,7 +9,8 @@ registry (registry.py) whose keys are ``--rollout``'s choices.
 
 ``hf``: Hugging Face ``generate`` on the policy module itself (no copy, nothing to sync).
 ``vllm``: a vLLM engine in this process, holding its own copy of the weights.
-Both sample from the distribution the trainer's log-probs describe (see each file).
+Both sample from the distribution the trainer's log-probs describe (see each file); at
+--top-p < 1 the trainer's log-probs apply the same nucleus cut (gspo.nucleus, docs/top-p.md).
 A new engine is one file with a class that has ``for_run`` (below) and the protocol's three
 methods, plus its line in registry.py.
 """

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from gspo.train import distributed as dd
+from gspo.train.models import position_limit
 from gspo.train.rollout import Rollout, assemble, concat, encode_prompts, eos_ids, eval_mode
 
 
@@ -63,6 +64,29 @@ class HFEngine:
                                       synced=self.synced,
                                       system_prompt=c.system_prompt))  # fmt: skip
         return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
+
+    def generate_from(self, ids: Sequence[Sequence[int]], *, greedy: bool):
+        """Continue each sequence of token ids by one response (a turn of gspo.train.episodes):
+        per row, (the sampled ids up to and including the first EOS, the sampler's log-prob of
+        each, or None when greedy). Batched as ``sample`` batches its sequences."""
+        c = self.sampling
+        per_call = self.batch_size or len(ids)
+        out = []
+        with self.gathered():
+            for start in range(0, len(ids), per_call):
+                response, logps, eos = generate_ids(
+                    self.model, self.tokenizer, ids[start : start + per_call],
+                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
+                    greedy=greedy, synced=self.synced)  # fmt: skip
+                for i, row in enumerate(response.cpu().tolist()):
+                    n = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
+                    out.append((row[:n], None if logps is None else logps[i][:n]))
+        return out
+
+    @property
+    def max_len(self) -> int | None:
+        """The longest sequence the model takes (None: its config does not say)."""
+        return position_limit(self.model)
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         pass  # generate() runs the policy module: it is always current
@@ -112,6 +136,20 @@ def generate(
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(group_size)]
     ids = encode_prompts(tokenizer, rows, system_prompt)
+    response, logps, eos = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p, greedy=greedy,
+                                        synced=synced)  # fmt: skip
+    return assemble(tokenizer, rows, ids, response.cpu().tolist(), logps, eos=eos,
+                    device=device)  # fmt: skip
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float, top_p: float, greedy: bool, synced: bool = False):  # fmt: skip
+    """One ``generate`` call on token ids (left-padded together): the sampled ids
+    [B, T_gen] (pad after each row's EOS), the sampler's log-prob of each (a [B][T_gen]
+    list; None when greedy), and the EOS ids that stopped it."""
+    device = next(model.parameters()).device
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     enc = {k: v.to(device) for k, v in enc.items()}
     gen_config = fresh_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
@@ -131,5 +169,4 @@ def generate(
         steps = [torch.log_softmax(s.float(), dim=-1).gather(-1, response[:, t, None])[:, 0]
                  for t, s in enumerate(out.scores)]  # fmt: skip
         logps = torch.stack(steps, dim=1).cpu().tolist()
-    return assemble(tokenizer, rows, ids, response.cpu().tolist(), logps,
-                    eos=gen_config.eos_token_id, device=device)  # fmt: skip
+    return response, logps, gen_config.eos_token_id

@@ -163,6 +163,41 @@ class VLLMEngine:
         return assemble(self.tokenizer, rows, prompt_ids, responses, None if greedy else logps,
                         eos=self.eos)  # fmt: skip
 
+    def generate_from(self, ids: Sequence[Sequence[int]], *, greedy: bool):
+        """Continue each sequence of token ids by one response (a turn of gspo.train.episodes),
+        all rows in one call (the prefix cache makes an episode's repeated context cheap):
+        per row, (the sampled ids, up to and including an EOS, the sampler's log-prob of each,
+        or None when greedy)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        c = self.sampling
+        params = SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else c.temperature,
+            top_p=1.0 if greedy else c.top_p,
+            top_k=0,
+            max_tokens=c.max_new_tokens,
+            stop_token_ids=self.eos,
+            logprobs=None if greedy else 0,
+            detokenize=False,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in ids], params,
+                                 use_tqdm=False)  # fmt: skip
+        found = []
+        for out in outs:
+            sample = out.outputs[0]
+            tokens = list(sample.token_ids)
+            logps = None if greedy else [step[t].logprob for t, step in
+                                         zip(tokens, sample.logprobs, strict=True)]  # fmt: skip
+            found.append((tokens, logps))
+        return found
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence (prompt + every turn) the engine takes."""
+        return self.llm.llm_engine.model_config.max_model_len
+
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the policy's weights into the engine in place, then drop its prefix cache."""
         def weights():

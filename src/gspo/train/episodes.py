@@ -1,0 +1,270 @@
+"""Episodes: prompts -> a Rollout -> its rewards, one interface whether or not ``--env`` is
+given, so that the loop and `gspo eval` have no branch for it.
+
+    episodes = build(config.data, config.sampling, sampler, tokenizer, model, reward_fn)
+    rollout = episodes.rollout(prompts, group_size=G, greedy=False)
+    rewards = episodes.score(rollout)          # rewards.Scores, [B]
+    record.update(episodes.metrics(rollout))   # {} for single-turn runs
+
+``SingleTurn``: one prompt, one completion (the engine's ``sample``), scored by the reward
+function. ``MultiTurn``: the model writes, the environment (gspo.train.envs) answers, the
+model writes again, until the environment's ``step`` returns None or ``--max-turns``
+replies were written; the environment's ``reward()`` scores the episode.
+
+Token ids end to end (docs/environments.md): an episode's ids start as its first message
+rendered exactly as a prompt is (rollout.encode_prompts); each turn appends the model's
+sampled ids as they came from the engine (never decoded and re-encoded), then the ids of
+the *new* text only: the chat template's end of the model's turn (minus the EOS the model
+already wrote), the environment's message as a user turn, and the template's opening of the
+next assistant turn. The new text is the difference between the template's rendering of the
+conversation with and without the new message (with a sentinel as the last reply, so that
+how a template re-renders past replies does not matter). Without a chat template the
+environment's message is appended as ``PLAIN_SEPARATOR + message + PLAIN_SEPARATOR``.
+
+In the Rollout, the response is everything after the first message: ``response_mask``
+[B, T] is True on the model's tokens only (the loss, its ``T_i``, the KL, the old and
+the sampler's log-probs see nothing else), ``attention_mask`` is 1 on every real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gspo.train.envs.base import EnvError, call, check_message, check_reward, load_env
+from gspo.train.rewards import Scores, score
+from gspo.train.rollout import Rollout, encode_prompts, eos_ids, own_specials
+
+PLAIN_SEPARATOR = "\n"  # around an environment's message when the model has no chat template
+SENTINEL = "\ue000gspo-reply\ue000"  # stands for the model's last reply while rendering
+
+
+class SingleTurn:
+    """One prompt, one completion, the reward function's score: today's runs, unchanged."""
+
+    def __init__(self, sampler, reward_fn) -> None:
+        self.sampler, self.reward_fn = sampler, reward_fn
+
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+        return self.sampler.sample(prompts, group_size=group_size, greedy=greedy)
+
+    def score(self, rollout: Rollout) -> Scores:
+        return score(self.reward_fn, rollout.prompts, rollout.completions)
+
+    def metrics(self, rollout: Rollout) -> dict[str, float]:
+        return {}
+
+
+class Turns:
+    """How an environment's message becomes token ids after the model's reply (module
+    docstring). ``system_prompt``: put first, as rollout.render_prompt does."""
+
+    def __init__(self, tokenizer, system_prompt: str | None, eos: Sequence[int]) -> None:
+        self.tokenizer, self.system_prompt, self.eos = tokenizer, system_prompt, set(eos)
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+
+    def first_ids(self, messages: Sequence[str | list]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, [{"prompt": m} for m in messages],
+                              self.system_prompt)  # fmt: skip
+
+    def _history(self, first: str | list, later: Sequence[dict]) -> list[dict]:
+        messages = [{"role": "user", "content": first}] if isinstance(first, str) else \
+            list(first)  # fmt: skip
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages + list(later)
+
+    def env_text(self, first, later: Sequence[dict], reply_ids: Sequence[int],
+                 message: str) -> str:  # fmt: skip
+        """The text that follows the model's reply ``reply_ids`` (its tokens) when the
+        environment answers ``message``; ``first``/``later``: the conversation so far, the
+        reply last."""
+        if not self.templated:
+            return f"{PLAIN_SEPARATOR}{message}{PLAIN_SEPARATOR}"
+        apply = self.tokenizer.apply_chat_template
+        history = self._history(first, later[:-1]) + [{"role": "assistant", "content": SENTINEL}]
+        try:
+            before = apply(history, tokenize=False, add_generation_prompt=False)
+            after = apply(history + [{"role": "user", "content": message}], tokenize=False,
+                          add_generation_prompt=True)  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - the template is code from the model's files
+            reason = " ".join(str(err).split())[:200]
+            raise ValueError(f"--env: the tokenizer's chat template fails on a conversation "
+                             f"of user and assistant turns ({type(err).__name__}: {reason}); "
+                             "use a model whose template renders one (--model)") from None
+        if SENTINEL not in before or not after.startswith(before):
+            raise ValueError(
+                "--env: the tokenizer's chat template does not render a conversation as the "
+                "beginning of its continuation (so a new turn cannot be appended to the "
+                "episode's tokens); use a model whose template does (--model)"
+            )
+        closing = before[before.rindex(SENTINEL) + len(SENTINEL) :]  # the template's end of turn
+        if reply_ids and reply_ids[-1] in self.eos:  # the model wrote that marker itself
+            written = self.tokenizer.decode([reply_ids[-1]], skip_special_tokens=False)
+            closing = closing.removeprefix(written)
+        return closing + after[len(before) :]
+
+    def env_ids(self, first, later, reply_ids, message: str) -> list[int]:
+        text = self.env_text(first, later, reply_ids, message)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check(self) -> None:
+        """Fail at start, not mid-run, if the template cannot take turns."""
+        self.env_ids("1 + 1?", [{"role": "assistant", "content": "<calc>1 + 1</calc>"}],
+                     sorted(self.eos)[:1], "1 + 1 = 2")  # fmt: skip
+
+
+class MultiTurn:
+    """Episodes with an environment class ``env_class`` (module docstring)."""
+
+    def __init__(self, sampler, tokenizer, env_class: type, *, max_turns: int,
+                 system_prompt: str | None, eos: Sequence[int], max_new_tokens: int,
+                 max_len: int | None = None,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
+        self.device = device
+        self.sampler, self.tokenizer, self.env_class = sampler, tokenizer, env_class
+        self.max_turns, self.max_new_tokens, self.max_len = max_turns, max_new_tokens, max_len
+        self.eos = list(eos)
+        self.strip = set(own_specials(tokenizer, eos))
+        self.turns = Turns(tokenizer, system_prompt, eos)
+        self.turns.check()
+
+    def reply_text(self, ids: Sequence[int]) -> str:
+        """The reply as the environment reads it: the rule of Rollout.completions."""
+        return self.tokenizer.decode([i for i in ids if i not in self.strip],
+                                     skip_special_tokens=False)  # fmt: skip
+
+    def _start(self, i: int, row: dict):
+        try:
+            env = self.env_class(**row)
+        except Exception as err:  # noqa: BLE001 - user code: stop the run with context
+            raise EnvError(f"environment {self.env_class.__qualname__}() raised "
+                           f"{type(err).__name__}: {err} in episode {i} (prompt "
+                           f"{row.get('prompt')!r:.80}), turn 0; fix the environment or the "
+                           "prompt fields") from err  # fmt: skip
+        where = {"episode": i, "turn": 0, "prompt": row.get("prompt")}
+        first = check_message(env, call(env, "reset", **where), "reset", **where)
+        return env, first
+
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+        rows = [p for p in prompts for _ in range(group_size)]
+        envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
+        prompt_ids = self.turns.first_ids(firsts)
+        ids = [list(p) for p in prompt_ids]
+        # per row: [(token ids, the model's?, sampler log-probs or None)]
+        segments: list[list[tuple]] = [[] for _ in rows]
+        later: list[list[dict]] = [[] for _ in rows]  # the conversation after the first message
+        calls, truncated = [0] * len(rows), [False] * len(rows)
+        last_reply: list[list[int]] = [[] for _ in rows]
+        live = list(range(len(rows)))
+        for turn in range(1, self.max_turns + 1):
+            outs = self.sampler.generate_from([ids[i] for i in live], greedy=greedy)
+            still = []
+            for i, (tokens, logps) in zip(live, outs, strict=True):
+                segments[i].append((tokens, True, logps))
+                ids[i] += tokens
+                last_reply[i] = tokens
+                reply = self.reply_text(tokens)
+                later[i].append({"role": "assistant", "content": reply})
+                where = {"episode": i, "turn": turn, "prompt": rows[i].get("prompt")}
+                message = check_message(envs[i], call(envs[i], "step", reply, **where), "step",
+                                        **where)  # fmt: skip
+                if message is None:
+                    continue  # the episode ends
+                calls[i] += 1
+                extra = [] if turn == self.max_turns else \
+                    self.turns.env_ids(firsts[i], later[i], tokens, message)  # fmt: skip
+                room = self.max_len is None or \
+                    len(ids[i]) + len(extra) + self.max_new_tokens <= self.max_len  # fmt: skip
+                if turn == self.max_turns or not room:
+                    truncated[i] = True  # cut: --max-turns, or the model's positions
+                    continue
+                segments[i].append((extra, False, None))
+                ids[i] += extra
+                later[i].append({"role": "user", "content": message})
+                still.append(i)
+            live = still
+            if not live:
+                break
+        rewards = []
+        for i, env in enumerate(envs):
+            turns = sum(m["role"] == "assistant" for m in later[i])
+            where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt")}
+            rewards.append(check_reward(env, call(env, "reward", **where), **where))
+        episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
+                     "reward": rewards[i], "truncated": truncated[i], "tool_calls": calls[i]}
+                    for i in range(len(rows))]  # fmt: skip
+        completions = [self.reply_text(r) for r in last_reply]
+        return lay_out(rows, prompt_ids, segments, completions, episodes,
+                       pad=self.tokenizer.pad_token_id, greedy=greedy,
+                       device=self.device)  # fmt: skip
+
+    def score(self, rollout: Rollout) -> Scores:
+        return Scores([e["reward"] for e in rollout.episodes])
+
+    def metrics(self, rollout: Rollout) -> dict[str, float]:
+        """Means over this rank's episodes: replies per episode, the share with at least one
+        environment answer, the share cut by --max-turns or the model's positions."""
+        return episode_metrics(rollout.episodes)
+
+
+def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
+    n = max(len(episodes), 1)
+    return {
+        "turns_per_episode": sum(sum(t["role"] == "assistant" for t in e["turns"])
+                                 for e in episodes) / n,  # fmt: skip
+        "tool_call_rate": sum(e["tool_calls"] > 0 for e in episodes) / n,
+        "truncated_frac": sum(e["truncated"] for e in episodes) / n,
+    }
+
+
+def _first_turns(turns: Turns, first) -> list[dict]:
+    return [{"role": "user", "content": first}] if isinstance(first, str) else \
+        [m for m in first if m["role"] != "system"]  # fmt: skip
+
+
+def lay_out(rows, prompt_ids, segments, completions, episodes, *, pad: int, greedy: bool,
+            device: torch.device | str = "cpu") -> Rollout:  # fmt: skip
+    """Episodes as a Rollout: first messages left-padded to P, the rest (the model's tokens
+    and the environment's) right-padded to T; ``response_mask`` True on the model's tokens,
+    ``logp_sampler`` their sampler log-probs (None when greedy), 0 elsewhere."""
+    B, P = len(rows), max(len(p) for p in prompt_ids)
+    T = max(1, max(sum(len(s[0]) for s in segs) for segs in segments))
+    input_ids = torch.full((B, P + T), pad, dtype=torch.long)
+    attention = torch.zeros((B, P + T), dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    logp = torch.zeros((B, T), dtype=torch.float32)
+    for i, (p, segs) in enumerate(zip(prompt_ids, segments, strict=True)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attention[i, P - len(p) : P] = 1
+        t = 0
+        for tokens, model, logps in segs:
+            n = len(tokens)
+            if n:
+                input_ids[i, P + t : P + t + n] = torch.tensor(tokens, dtype=torch.long)
+                attention[i, P + t : P + t + n] = 1
+                mask[i, t : t + n] = model
+                if model and logps is not None:
+                    logp[i, t : t + n] = torch.tensor(logps, dtype=torch.float32)
+            t += n
+    return Rollout(prompts=list(rows), input_ids=input_ids.to(device),
+                   attention_mask=attention.to(device), response_mask=mask.to(device),
+                   prompt_len=P, completions=list(completions),
+                   logp_sampler=None if greedy else logp.to(device),
+                   episodes=list(episodes))  # fmt: skip
+
+
+def build(task, sampling, sampler, tokenizer, model, reward_fn) -> SingleTurn | MultiTurn:
+    """The episodes of a run or an evaluation: ``task`` (TaskConfig: --env, --max-turns),
+    ``sampling`` (SamplingConfig: the system prompt and the length of a turn)."""
+    if task.env is None:
+        return SingleTurn(sampler, reward_fn)
+    env_class = load_env(task.env)
+    system = sampling.system_prompt
+    system = getattr(env_class, "system_prompt", None) if system is None else system
+    return MultiTurn(sampler, tokenizer, env_class, max_turns=task.max_turns,
+                     system_prompt=system, eos=eos_ids(model, tokenizer),
+                     max_new_tokens=sampling.max_new_tokens,
+                     max_len=getattr(sampler, "max_len", None),
+                     device=next(model.parameters()).device)  # fmt: skip
