@@ -53,8 +53,8 @@ from gspo.train.config import ModelConfig, SamplingConfig, TaskConfig, TrainConf
 
 
 def default_engine() -> str:
-    """vLLM when it is installed (a CPU run of SmolLM2 on arith: 10x faster than HF
-    ``generate``, docs/eval-defaults.md), else HF."""
+    """vLLM when it is installed (it batches every sequence of a call; docs/eval-defaults.md
+    has the measured costs), else HF."""
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
