@@ -265,7 +265,7 @@ def test_gspo_eval_asks_the_held_out_split(tmp_path, capsys):
     out = tmp_path / "completions.jsonl"
     argv = ["eval", "--model", str(model), "--dataset", str(data), "--prompt-field", "q",
             "--answer-field", "a", "-n", "2", "--max-new-tokens", "3", "--out", str(out),
-            "--device", "cpu"]  # fmt: skip
+            "--device", "cpu", "--engine", "hf"]  # fmt: skip
     assert gspo_main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["questions"] == 3

@@ -48,7 +48,7 @@ def test_metrics_from_known_completions(monkeypatch):
             texts = [text for p in prompts for text in answers[(greedy, p["prompt"])]]
             return SimpleNamespace(prompts=rows, completions=texts, episodes=None)
 
-    config = ev.EvalConfig(n=4)
+    config = ev.EvalConfig(n=4, batch_size=5, progress=False)  # 5 // (1 + 4): 1 per call
     summary, records = ev.evaluate(None, None, questions, config, FakeSampler())
     assert summary["greedy_accuracy"] == 0.5
     assert summary["format_rate"] == 0.5
@@ -77,7 +77,8 @@ def test_gspo_eval_runs_on_a_model_dir_with_user_questions(tmp_path, capsys):
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "completions.jsonl"
     argv = ["eval", "--model", str(model_dir), "--prompts", str(questions), "-n", "3",
-            "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"]  # fmt: skip
+            "--max-new-tokens", "4", "--out", str(out), "--device", "cpu",
+            "--engine", "hf"]  # fmt: skip
     assert gspo_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -121,8 +122,9 @@ def test_gspo_eval_with_vllm_gives_generate_s_greedy_answers(tmp_path, capsys):
 
 
 def test_gspo_eval_refuses_prompts_past_the_model_s_positions(tmp_path, capsys):
-    # arith's instruction alone is ~150 characters: past the tiny model's 128 positions.
-    assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0"]) == 2
+    # any prompt plus 128 new tokens is past the tiny model's 128 positions
+    assert gspo_main(["eval", "--model", "tiny", "--questions", "2", "-n", "0",
+                      "--max-new-tokens", "128"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "exceeds the model's 128 positions" in err and "--max-new-tokens" in err
 

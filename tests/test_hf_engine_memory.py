@@ -84,9 +84,12 @@ def test_default_batch_is_one_call_and_bit_identical_to_generate():
 def test_eval_batch_size_is_an_alias_of_generation_batch_size():
     from gspo.train.evaluate import parse_config
 
-    assert parse_config([]).sampling.generation_batch_size == 32  # gspo eval's default
+    default = parse_config(["--engine", "hf"])  # 0: 32 sequences a call on hf, 128 on vllm
+    assert default.sampling.generation_batch_size == 0 and default.sequences_per_call == 32
+    assert parse_config(["--engine", "vllm"]).sequences_per_call == 128
     assert parse_config(["--batch-size", "7"]).sampling.generation_batch_size == 7
     assert parse_config(["--generation-batch-size", "5"]).batch_size == 5
+    assert parse_config(["--batch-size", "7"]).sequences_per_call == 7
 
 
 def test_a_batch_size_vllm_would_ignore_is_refused():

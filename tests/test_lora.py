@@ -454,7 +454,7 @@ def test_gspo_eval_takes_the_adapter_directory(lora_runs, tmp_path, capsys):
 
     straight, _ = lora_runs
     code = eval_main(["--model", str(straight / "model"), "--task", "digitsum",
-                      "--questions", "4", "-n", "0", "--max-new-tokens", "4",
+                      "--questions", "4", "-n", "0", "--max-new-tokens", "4", "--engine", "hf",
                       "--out", str(tmp_path / "c.jsonl")])  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["questions"] == 4

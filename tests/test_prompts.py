@@ -90,7 +90,7 @@ def test_template_errors_surface_when_prompts_are_first_fitted():
     config = TrainConfig(system_prompt="Be brief.")
     message = one_line_error(lambda: fit_prompts(pool, pool[:1], tok, model, config))
     assert "'sum 07:'" in message and "drop --system-prompt" in message
-    kept, held, dropped = fit_prompts(pool, pool[:1], tok, model,
+    kept, held, dropped, _ = fit_prompts(pool, pool[:1], tok, model,
                                       dataclasses.replace(config, system_prompt=None))  # fmt: skip
     assert (kept, held, dropped) == (pool, pool[:1], 0)
 

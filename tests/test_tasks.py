@@ -46,7 +46,8 @@ def test_a_registered_task_is_a_choice_of_train_and_eval(vowels, tmp_path, capsy
     assert samples["prompt"].startswith("vowels ")  # the task's own prompts were sampled
     capsys.readouterr()
     assert main(["eval", "--task", "vowels", "--model", "tiny", "--questions", "3", "-n", "0",
-                 "--max-new-tokens", "3", "--out", str(tmp_path / "c.jsonl")]) == 0  # fmt: skip
+                 "--max-new-tokens", "3", "--engine", "hf",
+                 "--out", str(tmp_path / "c.jsonl")]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["questions"] == 3
 
 

@@ -55,7 +55,7 @@ def test_max_prompt_tokens_drops_longer_prompts_and_counts_them():
     tok, model = tiny_tokenizer(), fake_model(n_positions=32)
     pool, held = prompts("sum 01:", "a" * 30, "b" * 11), prompts("sum 02:", "c" * 12)
     config = TrainConfig(max_new_tokens=6, max_prompt_tokens=10, prompts_per_step=1)
-    kept, kept_held, dropped = fit_prompts(pool, held, tok, model, config)
+    kept, kept_held, dropped, _ = fit_prompts(pool, held, tok, model, config)
     assert (kept, kept_held, dropped) == (prompts("sum 01:"), prompts("sum 02:"), 3)
     with pytest.warns(TrainWarning, match="dropped 3 longer prompts"):
         start_warnings(config, len(kept), dropped)
@@ -68,7 +68,7 @@ def test_lengths_count_the_chat_template_and_system_prompt():
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}>"
     model = fake_model(n_positions=32)
     # "<user>ab>" is 9 tokens; with the system prompt "<system>xyz<user>ab>" is 20
-    _, _, dropped = fit_prompts(prompts("ab", "cd"), prompts("ef"), tok, model,
+    _, _, dropped, _ = fit_prompts(prompts("ab", "cd"), prompts("ef"), tok, model,
                                 TrainConfig(max_prompt_tokens=9, max_new_tokens=1))  # fmt: skip
     assert dropped == 0
     with pytest.raises(ValueError, match="leaves 0 to train on"):

@@ -206,7 +206,7 @@ def test_gspo_eval_env_reports_episodes(tmp_path, capsys):
     out = tmp_path / "completions.jsonl"
     assert gspo_main(["eval", "--model", "tiny", "--tiny-hidden", "32", "--task", "digitsum",
                       "--env", "test_train_envs:Digits", "--max-turns", "2", "--questions", "3",
-                      "-n", "2", "--max-new-tokens", "3", "--out", str(out),
+                      "-n", "2", "--max-new-tokens", "3", "--engine", "hf", "--out", str(out),
                       "--device", "cpu"]) == 0  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])

@@ -536,6 +536,17 @@ class TrainConfig(Composite):
                   "it does not run with --async-rollouts yet: drop one of them")  # fmt: skip
         self._check_async()
         self._resolve_old_logprobs()
+        # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master
+        # weights); the samplers compute otherwise (HF generate and vLLM in fp32; vLLM's own
+        # bf16 is further still), so their log-probs are not the old policy's: measured on
+        # SmolLM2 (arith, 32 tokens, on-policy samples) k3 8.3e-4 (bf16 vLLM: 1.9e-3) and
+        # sequence ratios 0.968..1.018, against 4e-11 in fp32; GSPO's clip range
+        # (1 - 0.003, 1 + 0.004) would cut on-policy samples.
+        check(self.objective.old_logprobs != "sampler" or self.optim.dtype == "fp32",
+              "old_logprobs", self.objective.old_logprobs,
+              "under --dtype bf16 the sampler's log-probs are not the bf16 policy's (they "
+              "differ by ~1e-3 k3, past GSPO's clip range): use --old-logprobs trainer, or "
+              "--dtype fp32")  # fmt: skip
 
     def _resolve_old_logprobs(self) -> None:
         """``auto``: the sampler's log-probs under --async-rollouts (unless a correction asks

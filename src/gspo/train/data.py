@@ -26,25 +26,28 @@ def prompt_lengths(tokenizer, prompts: Sequence[Prompt], system_prompt: str | No
 
 def fit_prompts(
     pool: list[Prompt], held_out: list[Prompt], tokenizer, model, config
-) -> tuple[list[Prompt], list[Prompt], int]:
-    """(pool, held_out, number dropped): prompts over ``--max-prompt-tokens`` are dropped;
-    every prompt left, plus ``--max-new-tokens``, must fit the model's positions, else a
-    ValueError names the longest prompt and the fixes (``fit``). ``config``: a TrainConfig
-    or an EvalConfig (their task and sampling concerns)."""
-    (pool, held_out), dropped = fit([pool, held_out], tokenizer, model, config)
+) -> tuple[list[Prompt], list[Prompt], int, int]:
+    """(pool, held_out, number dropped, longest prompt in tokens): prompts over
+    ``--max-prompt-tokens`` are dropped; every prompt left, plus ``--max-new-tokens``, must
+    fit the model's positions, else a ValueError names the longest prompt and the fixes
+    (``fit``). ``config``: a TrainConfig or an EvalConfig (their task and sampling
+    concerns). The rollout engine is built for the longest prompt (``sequence_len``)."""
+    (pool, held_out), dropped, longest = fit([pool, held_out], tokenizer, model, config)
     if not pool or not held_out:
         raise ValueError(
             f"--max-prompt-tokens {config.data.max_prompt_tokens} drops {dropped} prompts and "
             f"leaves {len(pool)} to train on and {len(held_out)} held out; raise it (or "
             "shorten them)"
         )
-    return pool, held_out, dropped
+    return pool, held_out, dropped, longest
 
 
-def fit(parts: list[list[Prompt]], tokenizer, model, config) -> tuple[list[list[Prompt]], int]:
-    """Each list of prompts without those over ``--max-prompt-tokens``, and how many were
-    dropped; a ValueError if the longest one left, plus ``--max-new-tokens``, does not fit
-    the model's positions (the one rule of `gspo train` and `gspo eval`)."""
+def fit(parts: list[list[Prompt]], tokenizer, model,
+        config) -> tuple[list[list[Prompt]], int, int]:  # fmt: skip
+    """Each list of prompts without those over ``--max-prompt-tokens``, how many were
+    dropped, and the longest one left (tokens); a ValueError if it, plus
+    ``--max-new-tokens``, does not fit the model's positions (the one rule of `gspo train`
+    and `gspo eval`; the engines are sized by the same numbers, ``sequence_len``)."""
     limit = position_limit(model)
     cap, sampling = config.data.max_prompt_tokens, config.sampling
     kept, dropped, longest = [], 0, (0, None)
@@ -67,7 +70,37 @@ def fit(parts: list[list[Prompt]], tokenizer, model, config) -> tuple[list[list[
             f"a prompt of {longest[0]} tokens ({text}) plus --max-new-tokens "
             f"{sampling.max_new_tokens} exceeds the model's {limit} positions; {fix}"
         )
-    return kept, dropped
+    return kept, dropped, longest[0]
+
+
+def sequence_len(model, prompt_tokens: int | None, max_new_tokens: int) -> int:
+    """The longest sequence a rollout engine must hold: the longest prompt ``fit`` accepted
+    (``prompt_tokens``) plus ``max_new_tokens``, which ``fit`` has held within the model's
+    positions. vLLM's ``max_model_len`` is this: larger would make its KV cache hold one
+    sequence of the model's full positions (tens of thousands of tokens: a start-up failure
+    on a small cache), smaller cuts responses (or refuses prompts) that `--rollout hf` gives
+    whole. ``prompt_tokens`` None (an engine built outside `gspo train`/`gspo eval`): the
+    model's positions. A ValueError if neither is known, or if they do not fit."""
+    limit = position_limit(model)
+    if prompt_tokens is None:
+        if limit is None:
+            raise ValueError("the model's config gives no position limit: tell the engine the "
+                             "longest prompt (prompt_tokens=, data.fit returns it)")  # fmt: skip
+        return limit
+    need = prompt_tokens + max_new_tokens
+    if limit is not None and need > limit:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens plus --max-new-tokens "
+                         f"{max_new_tokens} exceeds the model's {limit} positions; lower "
+                         "--max-new-tokens or --max-prompt-tokens")  # fmt: skip
+    return need
+
+
+def engine_prompt_tokens(config, longest: int) -> int | None:
+    """What a rollout engine is told of the prompts (``prompt_tokens``): the longest one
+    ``fit`` accepted, or None (the model's positions) under ``--env``, whose later turns
+    carry the earlier ones; episodes.MultiTurn ends an episode at the engine's ``max_len``,
+    so vLLM and hf (the model's positions) then cut episodes alike."""
+    return None if getattr(config.data, "env", None) else longest
 
 
 def start_warnings(config, pool_size: int, dropped: int = 0) -> None:

@@ -1,14 +1,16 @@
 """`gspo eval`: how well a model does a task, the same way before and after training.
 
-    gspo eval --model smollm2 --task arith -n 8            # the base model
+    gspo eval --model smollm2 --task arith                 # the base model
     gspo eval --model runs/<run>/model --task arith -n 8   # a trained run's output (LoRA too)
     gspo eval --model DIR --prompts questions.jsonl        # your own {"question", "answer"} rows
     gspo eval --model DIR --dataset questions.parquet      # the same from a local data set
-    gspo eval --model smollm2 --engine vllm                # sample with vLLM (faster on CPU too)
+    gspo eval --model smollm2 --engine hf                  # HF generate (vLLM if installed)
     gspo eval --config examples/smollm2-arith.toml         # the base, asked as a recipe trains
     gspo eval --run runs/smollm2-arith                     # a run's model, asked as it trained
 
-For each question: one greedy completion and ``n`` sampled ones (temperature 1). Reported,
+For each question: one greedy completion and ``n`` sampled ones (temperature 1), of up to
+the task's answer length (arith: 32 tokens; docs/eval-defaults.md gives what the defaults
+cost), with a progress bar and the time left on stderr. Reported,
 overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbiased
 estimator of Chen et al. 2021), the format rate (greedy completions whose answer the
 task can read) and, for arith, the last-number accuracy (the last number of the greedy
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -36,24 +39,46 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gspo.config import Composite, add_arguments, check, coerce, from_args, load_file, option
+from gspo.config import (
+    Composite,
+    add_arguments,
+    check,
+    coerce,
+    from_args,
+    load_file,
+    option,
+    to_dict,
+)
 from gspo.train.config import ModelConfig, SamplingConfig, TaskConfig, TrainConfig
+
+
+def default_engine() -> str:
+    """vLLM when it is installed (it batches every sequence of a call; docs/eval-defaults.md
+    has the measured costs), else HF."""
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 @dataclass(frozen=True, init=False)
 class EvalConfig(Composite):
     """Everything `gspo eval` reads: the model, task and sampling concerns of `gspo train`
-    (gspo.train.config; here with defaults for a pretrained chat model), and its own."""
+    (gspo.train.config; here with defaults for a pretrained chat model), and its own.
+
+    Defaults a user can wait for (docs/eval-defaults.md measures them): vLLM when it is
+    installed, the task's own answer length (``Task.max_new_tokens``, arith 32) when
+    neither ``max_new_tokens`` nor a whole sampling concern is given, 4 samples per
+    question. A training config (``--config`` / ``--run``) gives all of these as it trained."""
 
     policy: ModelConfig = field(default_factory=lambda: ModelConfig(model="smollm2"))
     data: TaskConfig = field(default_factory=lambda: TaskConfig(task="arith", eval_prompts=100))
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=256, generation_batch_size=32))
-    n: int = option(8, "sampled completions per question, for pass@n (0 = greedy only)")
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        rollout=default_engine(), max_new_tokens=32))  # 32: the default task's (arith)
+    n: int = option(4, "sampled completions per question, for pass@n (0 = greedy only)")
     seed: int = option(0, "seed of the built-in questions and of sampling")
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    progress: bool = option(True, "a progress bar over questions x completions, with the "
+                            "time left (stderr)")  # fmt: skip
 
     # Other spellings of shared options: `gspo eval --engine vllm` is --rollout;
     # --questions is --eval-prompts (the held-out questions asked); --batch-size (its name
@@ -61,8 +86,26 @@ class EvalConfig(Composite):
     aliases = {"engine": "rollout", "questions": "eval_prompts",
                "batch_size": "generation_batch_size"}  # fmt: skip
 
+    def __init__(self, **values) -> None:
+        from gspo.train.tasks import get
+
+        values = {self.aliases.get(k, k): v for k, v in values.items()}
+        if "max_new_tokens" not in values and "sampling" not in values:
+            data = values.get("data") or type(self).__dataclass_fields__["data"].default_factory()
+            values["max_new_tokens"] = get(values.get("task", data.task)).max_new_tokens
+        super().__init__(**values)
+
     def __post_init__(self) -> None:
         check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
+
+    @property
+    def sequences_per_call(self) -> int:
+        """Sequences per engine call, the progress bar moving after each:
+        ``--generation-batch-size`` (``--batch-size``), or 32 on hf and 128 on vllm (vLLM
+        batches better the more it is given: 6 questions a call took 1.5x the time of 20,
+        docs/eval-defaults.md)."""
+        return self.sampling.generation_batch_size or (128 if self.sampling.rollout == "vllm"
+                                                       else 32)  # fmt: skip
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -94,7 +137,11 @@ def load_questions(config: EvalConfig) -> list[dict]:
 def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
              sampler=None) -> tuple[dict, list]:  # fmt: skip
     """(summary, records): score greedy and sampled completions of every question, through
-    the same episodes as training (gspo.train.episodes: one completion, or --env's turns)."""
+    the same episodes as training (gspo.train.episodes: one completion, or --env's turns).
+    Asked ``sequences_per_call // (1 + n)`` questions at a time, so that the bar (stderr)
+    counts every completion and shows the time left."""
+    from tqdm import tqdm
+
     from gspo.train import episodes
     from gspo.train.rewards import load_rewards
     from gspo.train.tasks import get
@@ -102,13 +149,21 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
     task, d = get(config.data.task), config.data
     reward_fn = load_rewards(d.reward, d.reward_weights) if d.reward else task.reward
     collect = episodes.build(d, config.sampling, sampler, tokenizer, model, reward_fn)
-    rollout = collect.rollout(questions, group_size=1, greedy=True)
-    greedy, greedy_rewards = rollout.completions, collect.score(rollout)
-    turns = rollout.episodes  # None without --env
-    sampled, sampled_rewards = [], []
-    if config.n:
-        sampled_rollout = collect.rollout(questions, group_size=config.n, greedy=False)
-        sampled, sampled_rewards = sampled_rollout.completions, collect.score(sampled_rollout)
+    per_call = max(1, config.sequences_per_call // (1 + config.n))
+    greedy, greedy_rewards, turns, sampled, sampled_rewards = [], [], [], [], []
+    with tqdm(total=len(questions) * (1 + config.n), unit="seq", file=sys.stderr,
+              desc="gspo eval", disable=not config.progress, leave=False) as bar:  # fmt: skip
+        for start in range(0, len(questions), per_call):
+            chunk = questions[start : start + per_call]
+            rollout = collect.rollout(chunk, group_size=1, greedy=True)
+            greedy += rollout.completions
+            greedy_rewards += collect.score(rollout)
+            turns = None if rollout.episodes is None else turns + rollout.episodes  # --env
+            if config.n:
+                sampled_rollout = collect.rollout(chunk, group_size=config.n, greedy=False)
+                sampled += sampled_rollout.completions
+                sampled_rewards += collect.score(sampled_rollout)
+            bar.update(len(chunk) * (1 + config.n))
     records = []
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
@@ -236,12 +291,14 @@ def parse_config(argv: Sequence[str]) -> EvalConfig:
 
 def train_fields(path: str | Path) -> dict:
     """The fields of a `gspo train` config file that `gspo eval` shares (SHARED_WITH_TRAIN),
-    checked as `gspo train` would check them."""
+    checked as `gspo train` would check them; those the file leaves out take `gspo train`'s
+    defaults (a recipe without max_new_tokens trained with 6, and is asked with 6, not
+    with eval's own default)."""
     if not Path(path).is_file():
         raise ValueError(f"config file {str(path)!r} not found")
     values = coerce(TrainConfig, load_file(path), str(path))
-    TrainConfig(**values)  # every check gspo train makes (a ValueError names it)
-    return {k: v for k, v in values.items() if k in SHARED_WITH_TRAIN}
+    trained = to_dict(TrainConfig(**values))  # every check gspo train makes (ValueError)
+    return {k: v for k, v in trained.items() if k in SHARED_WITH_TRAIN}
 
 
 def run(config: EvalConfig) -> dict:
@@ -258,14 +315,16 @@ def run(config: EvalConfig) -> dict:
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
                                    seed=config.seed)  # fmt: skip
     # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
-    (questions,), _ = data.fit([questions], tokenizer, model, config)
+    (questions,), _, longest = data.fit([questions], tokenizer, model, config)
     if not questions:
         raise ValueError(f"--max-prompt-tokens {config.data.max_prompt_tokens} drops every "
                          "question; raise it")  # fmt: skip
     device = pick_device(config.device)
     model.to(device).eval()
     sampler = engine_class(config.sampling.rollout).for_eval(
-        model, tokenizer, config.sampling, device=device, seed=config.seed)
+        model, tokenizer, config.sampling, device=device, seed=config.seed,
+        batch_size=config.sequences_per_call,
+        prompt_tokens=data.engine_prompt_tokens(config, longest))  # fmt: skip
     start = time.perf_counter()
     try:
         summary, records = evaluate(model, tokenizer, questions, config, sampler)

@@ -117,8 +117,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         eval_size=d.eval_prompts, seed=run.seed, levels=d.task_levels, dataset=d.dataset,
         dataset_split=d.dataset_split, prompt_field=d.prompt_field, answer_field=d.answer_field,
     )  # fmt: skip
-    pool, held_out, dropped = data.fit_prompts(pool, held_out, policy.tokenizer, policy.model,
-                                               config)  # fmt: skip
+    pool, held_out, dropped, longest = data.fit_prompts(pool, held_out, policy.tokenizer,
+                                                        policy.model, config)  # fmt: skip
     if world.main:
         data.start_warnings(config, len(pool), dropped)
 
@@ -141,7 +141,9 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
                                        scheduler=scheduler, world=world)  # fmt: skip
         resume.retime(optimizer, scheduler, optim.lr)  # this launch's --lr and --steps
     # the sampler (--rollout): built once, from the current (resumed) weights
-    sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed)
+    # (sized for the longest prompt kept above: data.sequence_len)
+    sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,
+                            prompt_tokens=data.engine_prompt_tokens(config, longest))  # fmt: skip
     cleanup.callback(sampler.close)
     # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes
     collect = episodes.build(d, config.sampling, sampler, policy.tokenizer, policy.model,
@@ -158,16 +160,19 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
                            resumed=resume_from and ckpt.load_pending(resume_from, world.rank))
     cleanup.callback(source.close)  # fmt: skip
 
-    def evaluate(record: dict | None = None, groups: list | None = None) -> float:
+    def evaluate(record: dict | None = None, groups: list | None = None,
+                 on_error=None) -> float:  # fmt: skip
         """The held-out reward. On a reward error the run checkpoints at ``step`` (its
         update is done), so the step's own ``record`` is written first: the resumed run
-        starts after it, and would otherwise never have that step's metrics line."""
+        starts after it, and would otherwise never have that step's metrics line.
+        ``on_error``: another checkpoint (step 0's, before RUN_DIR exists)."""
 
-        def on_error() -> None:
+        def checkpoint() -> None:
             if record is not None:
                 log.step_done(record, groups or [], show_sample=False)
             save(step, position)
 
+        on_error = on_error or checkpoint
         mine = held_out[world.rank :: world.size]
         now = functools.partial(_sample, collect, world, on_error)
         rollout = overlap.or_now(source.evaluate(mine), now)(mine, group_size=1, greedy=True)
@@ -180,14 +185,20 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
                   optimizer=optimizer, scheduler=scheduler, config=config, world=world,
                   rng=rng, pending=source.pending(at_step))  # fmt: skip
 
+    def save_start() -> None:  # a reward error at step 0: the run as it starts, resumable
+        rundir.create(run_dir, config, world)
+        save(0, 0)
+
     # ---- the loop
+    # Step 0's evaluation is the engine's first work: it runs before RUN_DIR exists, so an
+    # engine that fails there (memory, a kernel) leaves no half-made run behind
+    first = {"step": 0, "eval_reward": evaluate(on_error=save_start)} if start == 0 else None
     rundir.create(run_dir, config, world)
     log = Report(run_dir, main=world.main, truncate_after=start, report_to=run.report_to,
                  config=to_dict(config), samples_per_step=run.samples_per_step,
                  total_steps=run.steps, progress=run.progress)  # fmt: skip
     step = start
-    if start == 0:
-        first = {"step": 0, "eval_reward": evaluate()}
+    if first is not None:
         if d.max_prompt_tokens is not None:
             first["prompts_dropped"] = dropped  # over the limit, removed before training
         log.metrics(first)

@@ -1,7 +1,7 @@
 """Rollout engines: samplers behind one small protocol, one file per implementation, and a
 registry (registry.py) whose keys are ``--rollout``'s choices.
 
-    engine = build(config.sampling, policy, world, logprobs, seed=seed)
+    engine = build(config.sampling, policy, world, logprobs, seed=seed, prompt_tokens=longest)
     rollout = engine.sample(prompts, group_size=G, greedy=False)
         # token ids + the sampler's log-prob of every sampled token (Rollout.logp_sampler)
     engine.load_weights(policy.sampler_weights())   # after each step's updates
@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 class Engine(Protocol):
     @classmethod
-    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> Engine:
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> Engine:  # fmt: skip
         """The engine of a training run on this rank: ``sampling`` (SamplingConfig),
         ``policy`` (gspo.train.models), ``logprobs`` (the possibly DDP/FSDP-wrapped log-prob
-        module around the policy), ``seed`` (the run's; engines offset it per rank)."""
+        module around the policy), ``seed`` (the run's; engines offset it per rank),
+        ``prompt_tokens`` (the longest prompt the start-up check accepted, data.fit: an
+        engine that reserves room per sequence sizes it by data.sequence_len)."""
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
         """``group_size`` samples per prompt (contiguous rows); greedy: one argmax each."""
@@ -45,6 +48,8 @@ class Engine(Protocol):
         """Free the engine's memory and files."""
 
 
-def build(sampling, policy, world, logprobs, *, seed: int) -> Engine:
+def build(sampling, policy, world, logprobs, *, seed: int,
+          prompt_tokens: int | None = None) -> Engine:  # fmt: skip
     """The engine ``sampling.rollout`` names, for this rank."""
-    return engine_class(sampling.rollout).for_run(sampling, policy, world, logprobs, seed=seed)
+    return engine_class(sampling.rollout).for_run(sampling, policy, world, logprobs, seed=seed,
+                                                  prompt_tokens=prompt_tokens)  # fmt: skip

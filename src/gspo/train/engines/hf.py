@@ -37,15 +37,12 @@ class HFEngine:
     (for the overlapped sampler, gspo.train.overlap), whose ``load_weights`` copies in.
 
     ``sampling`` is a SamplingConfig (its ``generation_batch_size``: sequences per
-    ``generate`` call, 0 = all of a call's at once); ``progress``: a bar over the sequences
-    (``gspo eval``)."""
+    ``generate`` call, 0 = all of a call's at once)."""
 
-    def __init__(self, model, tokenizer, sampling, *, synced: bool = False, gathered=None,
-                 progress: bool = False):  # fmt: skip
+    def __init__(self, model, tokenizer, sampling, *, synced: bool = False, gathered=None):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.synced = synced  # every rank steps until all are done (FSDP's forward communicates)
         self.gathered = gathered or contextlib.nullcontext  # FSDP2: the root's full params
-        self.progress = progress
         self.own_copy, self.seed = False, 0
 
     @property
@@ -64,7 +61,9 @@ class HFEngine:
         return engine
 
     @classmethod
-    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> HFEngine:
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> HFEngine:  # fmt: skip
+        # prompt_tokens: generate() reserves nothing ahead (its cache grows with the batch)
         # under LoRA the HF model inside the PeftModel: its layers run the adapters, and
         # generate() must see its own generation_config (swapped in generate below)
         fsdp = world.distributed and dd.is_fsdp(logprobs)
@@ -72,10 +71,11 @@ class HFEngine:
                    gathered=lambda: dd.gathered(logprobs))  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int):
-        """`gspo eval`'s engine: ``sampling.generation_batch_size`` sequences per call, a
-        progress bar."""
-        return cls(model, tokenizer, sampling, progress=True)
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
+                 prompt_tokens: int | None = None):  # fmt: skip
+        """`gspo eval`'s engine: gspo eval asks ``batch_size`` sequences a call and shows the
+        progress over all of its calls; ``sampling.generation_batch_size`` splits a call."""
+        return cls(model, tokenizer, sampling)
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                seed: int | None = None) -> Rollout:  # fmt: skip
@@ -91,7 +91,6 @@ class HFEngine:
         rows = [p for p in prompts for _ in range(group_size)]
         per_call = c.generation_batch_size or len(rows)
         parts = []
-        bar = _bar(len(rows), "greedy" if greedy else f"{group_size} samples", self.progress)
         with self.gathered():
             for start in range(0, len(rows), per_call):
                 chunk = rows[start : start + per_call]
@@ -100,8 +99,6 @@ class HFEngine:
                                       temperature=c.temperature, top_p=c.top_p, greedy=greedy,
                                       synced=self.synced,
                                       system_prompt=c.system_prompt))  # fmt: skip
-                bar.update(len(chunk))
-        bar.close()
         return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
 
     def generate_from(self, ids: Sequence[Sequence[int]], *, greedy: bool):
@@ -137,14 +134,6 @@ class HFEngine:
 
     def close(self) -> None:
         pass
-
-
-def _bar(total: int, desc: str, show: bool):
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="q", file=sys.stderr, leave=False, disable=not show)
 
 
 def fresh_generation_config(model, tokenizer, *, max_new_tokens, greedy):

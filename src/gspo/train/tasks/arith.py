@@ -340,6 +340,7 @@ class Arith(Task):
     name = "arith"
     levels = LEVELS
     question_field = "question"
+    max_new_tokens = 32  # "a op b = c" and the Answer: line (examples/smollm2-arith.toml)
 
     def prompts(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
         return arith_prompts(n, seed, split="train", levels=tuple(levels) or LEVELS)

@@ -26,11 +26,15 @@ class Task:
     ``question_field``: set when the task reads a user's rows itself (``--prompts`` /
     ``--dataset`` without ``--reward``): the column that holds the question, which
     ``from_row`` turns into a prompt.
+    ``max_new_tokens``: room for a complete answer to this task's questions, in tokens:
+    `gspo eval`'s ``--max-new-tokens`` when neither the flag nor a training config gives
+    one (each sampled token costs a decoding step: 256 for a 6-token answer is hours).
     """
 
     name: str = ""
     levels: tuple[int, ...] = ()
     question_field: str | None = None
+    max_new_tokens: int = 256  # a free-form answer (a user's task)
 
     def prompts(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
         """``n`` training prompts, reproducible from ``seed``."""

@@ -26,6 +26,7 @@ def copy_reward(prompts: Sequence[str], completions: Sequence[str], answer) -> l
 
 class Copy(Task):
     name = "copy"
+    max_new_tokens = 6  # a 3-letter word and EOS, as `gspo train` samples them
 
     def prompts(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
         return copy_prompts(n, seed)

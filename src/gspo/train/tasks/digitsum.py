@@ -45,6 +45,7 @@ def digitsum_reward(prompts: Sequence[str], completions: Sequence[str], target) 
 class DigitSum(Task):
     # 27 targets: held-out prompts differ from the pool's only by their seed.
     name = "digitsum"
+    max_new_tokens = 6  # a few digits and EOS, as `gspo train` samples them
 
     def prompts(self, n: int, seed: int, levels: Sequence[int] = ()) -> list[Prompt]:
         return digitsum_prompts(n, seed)
