@@ -22,10 +22,11 @@ class RewardError(RuntimeError):
     """A reward function failed; the message names the sample and the fix."""
 
 
-def import_reward(spec: str) -> RewardFn:
-    """Import ``module:function`` from the current directory or the Python path (as
-    ``python -m`` would: the console script alone does not put the directory on the path);
-    the error says what was not found."""
+def import_user(flag: str, spec: str):
+    """``module:name`` from the current directory or the Python path (as ``python -m`` would:
+    the console script alone does not put the directory on the path), for ``--reward`` and
+    ``--env``; None when the module has no such name. The error names the flag and what was
+    not found."""
     module_name, _, attr = spec.partition(":")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
@@ -34,12 +35,18 @@ def import_reward(spec: str) -> RewardFn:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
-            f"--reward {spec!r}: cannot import module {module_name!r} ({err}) from {cwd} or the "
+            f"{flag} {spec!r}: cannot import module {module_name!r} ({err}) from {cwd} or the "
             "Python path; run from the directory that holds it, add it to PYTHONPATH, or fix "
             "the name"
         ) from None
-    fn = getattr(module, attr, None)
+    return getattr(module, attr, None)
+
+
+def import_reward(spec: str) -> RewardFn:
+    """The reward function ``module:function`` names (``import_user``)."""
+    fn = import_user("--reward", spec)
     if not callable(fn):
+        module_name, _, attr = spec.partition(":")
         raise ValueError(f"--reward {spec!r}: module {module_name!r} has no function {attr!r}")
     return fn
 

@@ -21,13 +21,10 @@ exits with code 3, as for a failing reward function.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 from gspo.train.envs.registry import ENVS
-from gspo.train.rewards import RewardError
+from gspo.train.rewards import RewardError, import_user
 
 
 class EnvError(RewardError):
@@ -44,18 +41,7 @@ def load_env(spec: str) -> type:
     if not colon or not attr:
         raise ValueError(f"--env {spec!r}: use a built-in environment ({', '.join(ENVS)}) "
                          "or 'module:Class'")  # fmt: skip
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"--env {spec!r}: cannot import module {module_name!r} ({err}) from {cwd} or the "
-            "Python path; run from the directory that holds it, add it to PYTHONPATH, or fix "
-            "the name"
-        ) from None
-    cls = getattr(module, attr, None)
+    cls = import_user("--env", path)
     if not isinstance(cls, type):
         raise ValueError(f"--env {spec!r}: module {module_name!r} has no class {attr!r}")
     missing = [m for m in ("reset", "step", "reward") if not callable(getattr(cls, m, None))]
