@@ -88,9 +88,12 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break our own bar
     try:
         with contextlib.ExitStack() as cleanup:  # closes the rollout engine on any exit
-            return _train(config, world, stop_after, cleanup)
-    finally:
-        dd.shutdown(world)
+            summary = _train(config, world, stop_after, cleanup)
+    except BaseException:
+        dd.shutdown(world, clean=False)
+        raise
+    dd.shutdown(world)
+    return summary
 
 
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
