@@ -6,14 +6,13 @@ tensor-parallel engine over both ranks (``--vllm-tp 2``), synchronous and overla
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.engines.vllm import VLLMEngine
+from test_train_distributed import straight_and_resumed as resume_check
 from test_train_distributed import torchrun
 
 pytest.importorskip("vllm")
@@ -29,25 +28,9 @@ def rows(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def straight_and_resumed(tmp_path, extra: list[str]):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = torchrun([*TINY, *extra, "--steps", "4", "--checkpoint-every", "2",
-                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.copytree(straight, resumed)  # without the last checkpoint: resumes from step 2
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
-    shutil.rmtree(resumed / "model")
-    again = torchrun(["--resume", str(resumed)], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    a = load_file(straight / "model" / "model.safetensors")
-    b = load_file(resumed / "model" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-    first, second = rows(straight), rows(resumed)
-    assert [r.get("reward_mean") for r in second] == [r.get("reward_mean") for r in first]
-    return first
+def straight_and_resumed(tmp_path, extra: list[str]) -> list[dict]:
+    """test_train_distributed.straight_and_resumed on vLLM's tiny run; the straight rows."""
+    return resume_check(tmp_path, [*TINY, *extra])[2]
 
 
 def assert_agree(record: dict) -> None:
@@ -92,3 +75,23 @@ def test_vllm_async_in_one_process(tmp_path):
     steps = rows(tmp_path / "run")[1:]
     assert run["finished"] and [r["policy_lag"] for r in steps] == [0, 1, 1]
     assert steps[0]["mismatch_k3"] < 1e-8 and steps[0]["mismatch_max_abs"] < 1e-4
+
+
+def test_vllm_tp_clash_on_shared_memory_is_a_clear_exit_2(tmp_path):
+    """vLLM's CPU segments have one name for every run (engines/vllm._explain_shm_clash):
+    one left by a killed run makes the next --vllm-tp 2 run exit 2 saying so, not fail
+    inside vLLM."""
+    from pathlib import Path
+
+    stale = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in (0, 1)]
+    if not Path("/dev/shm").is_dir() or any(p.exists() for p in stale):
+        pytest.skip("needs /dev/shm without another --vllm-tp run")
+    try:
+        stale[0].write_bytes(b"\0" * 4096)
+        done = torchrun([*TINY, "--vllm-tp", "2", "--steps", "1",
+                         "--run-dir", str(tmp_path / "run")], tmp_path)  # fmt: skip
+    finally:
+        for p in stale:
+            p.unlink(missing_ok=True)
+    assert done.returncode != 0
+    assert "vLLM's shared-memory segments (/dev/shm/*cpushm*) already exist" in done.stderr

@@ -287,6 +287,35 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def straight_and_resumed(tmp_path, args: list[str]):
+    """A 4-step torchrun run with ``args``, and a copy without its last checkpoint resumed
+    from step 2: the final weights agree to 1e-6 and every step's reward_mean is equal.
+    Returns the straight run's directory, the resumed run's and the straight run's rows."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = torchrun([*args, "--steps", "4", "--checkpoint-every", "2",
+                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    again = torchrun(["--resume", str(resumed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(resumed / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    second, first = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (resumed, straight)
+    )
+    assert [r.get("reward_mean") for r in second] == [r.get("reward_mean") for r in first]
+    return straight, second, first
+
+
 TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--prompts-per-step", "4",
         "--group-size", "4", "--minibatches", "2", "--max-new-tokens", "4",
         "--eval-prompts", "4", "--eval-every", "2", "--no-progress", "--no-plot"]  # fmt: skip
@@ -297,29 +326,11 @@ def test_torchrun_two_ranks_train_stop_and_resume(tmp_path, fsdp):
     """The whole loop under torchrun: sampling (synced under FSDP2), checkpoints of sharded
     state, and a resume on the same number of ranks that reproduces the straight run."""
     extra = ["--fsdp"] if fsdp else []
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = torchrun([*TINY, *extra, "--steps", "4", "--checkpoint-every", "2",
-                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    # a copy without the last checkpoint resumes from step 2 and redoes steps 3-4
+    straight, rows, first = straight_and_resumed(tmp_path, [*TINY, *extra])
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # the 2-rank checkpoint resumes on 1 process too (DCP reshards the optimizer state)
     import shutil
 
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
-    shutil.rmtree(resumed / "model")
-    again = torchrun(["--resume", str(resumed)], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    a = load_file(straight / "model" / "model.safetensors")
-    b = load_file(resumed / "model" / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
-    rows = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    first = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("reward_mean") for r in rows] == [r.get("reward_mean") for r in first]
-    # the 2-rank checkpoint resumes on 1 process too (DCP reshards the optimizer state)
     single = tmp_path / "single"
     shutil.copytree(straight, single)
     shutil.rmtree(single / "checkpoints" / "step-000004")

@@ -120,8 +120,9 @@ class VLLMEngine:
                     "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
                 **sizing,
             )
-        except Exception:
+        except Exception as err:
             shutil.rmtree(self.dir, ignore_errors=True)
+            _explain_shm_clash(err, launcher and sampling.vllm_tp > 1 and not cuda)
             raise
         finally:
             torch.set_num_threads = set_threads
@@ -268,6 +269,19 @@ def _write_model(model, directory: str, weights, *, skip: dict[str, list[str]]) 
     state = {name: t.detach().cpu().contiguous() for name, t in named if name not in aliases}
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(directory)
+
+
+def _explain_shm_clash(err: Exception, cpu_tp: bool) -> None:
+    """vLLM's CPU tensor-parallel engines share memory in segments whose names do not depend
+    on the run (under ``external_launcher`` they are ``/dev/shm/-tp:0-[0-1]-cpushm_<rank>``
+    for every run): a second run on the machine, or one killed before it could remove them,
+    makes the next fail with errno 17 (EEXIST) deep inside vLLM. Said plainly instead."""
+    if cpu_tp and "SHMManager failed. errno: 17" in str(err):
+        raise ValueError(
+            "--vllm-tp on CPU: vLLM's shared-memory segments (/dev/shm/*cpushm*) already "
+            "exist: another run with --vllm-tp is using them on this machine, or a killed "
+            "one left them behind; wait for the other run, or remove those files"
+        ) from err
 
 
 def _request_seed(engine_seed: int, batch_seed: int) -> int:
