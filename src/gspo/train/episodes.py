@@ -261,10 +261,16 @@ def build(task, sampling, sampler, tokenizer, model, reward_fn) -> SingleTurn | 
     if task.env is None:
         return SingleTurn(sampler, reward_fn)
     env_class = load_env(task.env)
-    system = sampling.system_prompt
-    system = getattr(env_class, "system_prompt", None) if system is None else system
     return MultiTurn(sampler, tokenizer, env_class, max_turns=task.max_turns,
-                     system_prompt=system, eos=eos_ids(model, tokenizer),
+                     system_prompt=system_prompt(task, sampling), eos=eos_ids(model, tokenizer),
                      max_new_tokens=sampling.max_new_tokens,
                      max_len=getattr(sampler, "max_len", None),
                      device=next(model.parameters()).device)  # fmt: skip
+
+
+def system_prompt(task, sampling) -> str | None:
+    """The system message of a run's episodes: --system-prompt, else the environment's own
+    (its class attribute ``system_prompt``), else none."""
+    if sampling.system_prompt is not None or task.env is None:
+        return sampling.system_prompt
+    return getattr(load_env(task.env), "system_prompt", None)

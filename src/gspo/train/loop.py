@@ -42,7 +42,7 @@ from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.config import to_dict
 from gspo.train import checkpoint as ckpt
-from gspo.train import data, engines, episodes, models, overlap, resume, rundir, sampling
+from gspo.train import data, engines, episodes, models, overlap, resume, rundir, sampling, warmstart
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
 from gspo.train.report import Report, sample_groups, step_metrics
@@ -143,6 +143,9 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         start, position = ckpt.restore(resume_from, logprobs=logprobs, optimizer=optimizer,
                                        scheduler=scheduler, world=world)  # fmt: skip
         resume.retime(optimizer, scheduler, optim.lr)  # this launch's --lr and --steps
+    # a new run's supervised warm start (--warm-start), before the sampler copies weights
+    warm_losses = [] if resume_from is not None or config.warm.warm_start is None else \
+        warmstart.warm_start(config, policy, logprobs, world)  # fmt: skip
     # the sampler (--rollout): built once, from the current (resumed) weights
     # (sized for the longest prompt kept above: data.sequence_len)
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,
@@ -204,6 +207,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
     if first is not None:
         if d.max_prompt_tokens is not None:
             first["prompts_dropped"] = dropped  # over the limit, removed before training
+        if warm_losses:
+            first["warm_start_loss"] = warm_losses[-1]  # nats per assistant token, last epoch
         log.metrics(first)
     with Stop() as stop:
         for step in range(start + 1, run.steps + 1):

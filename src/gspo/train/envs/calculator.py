@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from gspo.train.tasks.arith import INSTRUCTION, arith_reward, spell
+from gspo.train.tasks.arith import INSTRUCTION, arith_reward, expression_of, spell
 
 CALL = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 MAX_CHARS = 200  # longest expression evaluated
@@ -184,3 +184,20 @@ class Calculator:
     def reward(self) -> float:
         # arith's rule on the last reply: 1 right, 0.1 a readable wrong number, else 0
         return arith_reward([self.first], [self.last_reply], [self.answer])[0]
+
+
+def worked_episode(prompt: dict) -> dict:
+    """A worked calculator episode for an arith prompt row, as a ``--warm-start`` line
+    (gspo.train.warmstart): the call, the calculator's answer, the ``Answer:`` line.
+    ValueError if the question is not one arith generates."""
+    expression = expression_of(prompt["question"])
+    if expression is None:
+        raise ValueError(f"worked_episode: {prompt['question']!r} is not an arith question")
+    call = f"<calc>{expression}</calc>"
+    value = answer_calls(call)
+    return {"messages": [
+        {"role": "user", "content": Calculator(**prompt).reset()},
+        {"role": "assistant", "content": call},
+        {"role": "user", "content": value},
+        {"role": "assistant", "content": f"Answer: {value.rpartition(' = ')[2]}"},
+    ]}  # fmt: skip

@@ -239,6 +239,29 @@ def question(rng: random.Random, category: str, level: int) -> tuple[str, Fracti
     return rng.choice(_PHRASES["expr"]).format(e=text), value
 
 
+_SYMBOLS = {**_SYMBOL, "div": "/"}
+_READ = [
+    (category, re.compile("^" + re.escape(phrase).replace(r"\{a\}", r"(?P<a>\S+)")
+                          .replace(r"\{b\}", r"(?P<b>\S+)").replace(r"\{e\}", r"(?P<e>.+)") + "$"))
+    for category, phrases in _PHRASES.items() for phrase in phrases
+]  # fmt: skip
+
+
+def expression_of(question_text: str) -> str | None:
+    """The arithmetic a generated question asks for, as an expression (``"Subtract 3 from
+    -7."`` -> ``"-7 - 3"``), or None for text these phrasings did not make. What a worked
+    calculator episode writes (gspo.train.envs.calculator.worked_episode)."""
+    for category, pattern in _READ:
+        match = pattern.match(question_text)
+        if match is None:
+            continue
+        if category == "expr":
+            return match["e"]
+        a, b = (f"({x})" if "/" in x else x for x in (match["a"], match["b"]))
+        return f"{a} {_SYMBOLS[category]} {b}"  # "(2/3) / (7/6)": fractions bracketed
+    return None
+
+
 def as_prompt(question_text: str, answer: str | Fraction, **fields) -> dict:
     """A task prompt for a question: the instruction appended, the answer kept as text."""
     if isinstance(answer, Fraction):

@@ -1,0 +1,202 @@
+"""The warm start: supervised fine-tuning on worked episodes before the first GSPO step.
+
+An RL run learns only what its samples already do now and then. SmolLM2-135M-Instruct, told
+how to call the calculator (gspo.train.envs.calculator), called it in 1 of 128 sampled
+episodes and never answered right after a call, so GSPO had nothing to reinforce and taught
+it to stop calling (docs/environments.md). A few worked episodes fix that: the cold start
+of DeepSeek-R1 (arXiv 2501.12948, section 2.3.1) and of most tool-use RL recipes.
+
+    --warm-start FILE        JSONL, one episode per line: {"messages": [{"role", "content"}, ...]}
+
+Each episode is rendered into token ids the way a rollout is (gspo.train.episodes.Turns):
+its first user message as a prompt (the run's system prompt first unless the episode has
+its own), each assistant message as the model's tokens plus the end-of-turn token the model
+writes itself, each later user or tool message as the template's new text. The loss is the
+mean negative log-likelihood of the assistant tokens only (cross-entropy, temperature 1),
+AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in batches of
+``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new run (never
+on resume: the checkpoints hold its result), before the sampler is built, so the first
+rollout samples the warm-started policy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from gspo.config import check, option
+
+# torch and the trainer's modules are imported where used: gspo.train.config imports this
+# module's WarmStartConfig, and `gspo train --help` does not import torch.
+
+BATCH = 8  # episodes per rank per optimizer step
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarmStartConfig:
+    """Supervised steps on worked episodes before GSPO (module docstring)."""
+
+    warm_start: str | None = option(
+        None, "JSONL of worked episodes ({'messages': [...]} each): before step 1 of a new "
+        "run the policy learns their assistant turns by cross-entropy (a cold start)",
+        metavar="FILE")  # fmt: skip
+    warm_start_epochs: int = option(2, "passes over --warm-start's episodes")
+    warm_start_lr: float = option(1e-5, "constant AdamW learning rate of the warm start")
+
+    def __post_init__(self) -> None:
+        check(self.warm_start_epochs >= 1, "warm_start_epochs", self.warm_start_epochs,
+              "use at least 1 pass")  # fmt: skip
+        check(self.warm_start_lr > 0, "warm_start_lr", self.warm_start_lr, "use a positive lr")
+
+
+def load(path: str) -> list[list[dict]]:
+    """The episodes of a ``--warm-start`` file. ValueError names the line and what is wrong:
+    not JSON, no ``messages`` list, a message without a known ``role`` or a string
+    ``content``, or roles out of turn (user first; after the first assistant message,
+    assistant and user alternate and the assistant has the last word: an environment's
+    messages are user turns, as in a rollout)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--warm-start {path}: no such file")
+    episodes = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"--warm-start {path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: needs {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
+        for message in messages:
+            if not (isinstance(message, dict) and message.get("role") in ROLES
+                    and isinstance(message.get("content"), str)):  # fmt: skip
+                raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
+                                 f"and a string content, got {message!r:.80}")  # fmt: skip
+        roles = [m["role"] for m in messages if m["role"] != "system"]
+        later = roles[roles.index("assistant"):] if "assistant" in roles else []
+        if (not later or roles[0] != "user" or later[-1] != "assistant"
+                or any(a == b for a, b in zip(later, later[1:], strict=False))):  # fmt: skip
+            raise ValueError(f"{where}: an episode is user messages, then assistant and "
+                             "user (the environment's) messages in turn, ending with an "
+                             f"assistant message; got roles {roles}")  # fmt: skip
+        episodes.append(messages)
+    if not episodes:
+        raise ValueError(f"--warm-start {path}: the file has no episodes")
+    return episodes
+
+
+def encode(episode: list[dict], turns, end_of_turn: int) -> tuple[list[int], list[bool]]:
+    """(ids, mask) of one episode as a rollout renders it (module docstring); ``mask`` is
+    True on the assistant tokens, ``end_of_turn`` included."""
+    split = next(i for i, m in enumerate(episode) if m["role"] not in ("system", "user"))
+    first, later = episode[:split], episode[split:]
+    first = first[0]["content"] if len(first) == 1 else first  # a plain first message
+    ids = turns.first_ids([first])[0]
+    mask = [False] * len(ids)
+    tokenize = turns.tokenizer
+    for k, message in enumerate(later):
+        if message["role"] == "assistant":
+            new = tokenize(message["content"], add_special_tokens=False)["input_ids"]
+            new = new + [end_of_turn]
+            ids, mask = ids + new, mask + [True] * len(new)
+            reply_ids = new
+        else:
+            new = turns.env_ids(first, later[:k], reply_ids, message["content"])
+            ids, mask = ids + new, mask + [False] * len(new)
+    return ids, mask
+
+
+def end_of_turn_id(turns, eos: list[int]) -> int:
+    """The token the model writes to end its turn: the first token the chat template puts
+    after an assistant message when that token ends a response, else the first EOS id."""
+    if turns.templated:
+        text = turns.env_text("1 + 1?", [{"role": "assistant", "content": "2"}], [], "ok")
+        first = turns.tokenizer(text, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in eos:
+            return first[0]
+    return eos[0]
+
+
+def run(logprobs, encoded: list[tuple[list[int], list[bool]]], config: WarmStartConfig, *,
+        world, seed: int, max_grad_norm: float, pad_id: int, log=print) -> list[float]:  # fmt: skip
+    """Fine-tune ``logprobs`` (the trainer's log-prob module, DDP/FSDP2-wrapped or not) on
+    the encoded episodes; returns each epoch's mean loss (nats per assistant token, over
+    all ranks). Under torchrun each rank takes a contiguous share (episodes beyond a
+    multiple of the world size are left out, so that every rank takes the same number of
+    steps)."""
+    import torch
+
+    per_rank = len(encoded) // world.size
+    if per_rank == 0:
+        raise ValueError(f"--warm-start: {len(encoded)} episodes for {world.size} ranks; "
+                         "give at least one episode per rank")  # fmt: skip
+    mine = encoded[world.rank * per_rank : (world.rank + 1) * per_rank]
+    params = [p for p in logprobs.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.warm_start_lr, betas=(0.9, 0.99))
+    order = random.Random(seed)
+    losses = []
+    for epoch in range(1, config.warm_start_epochs + 1):
+        order.shuffle(mine)
+        total = count = 0.0
+        for at in range(0, per_rank, BATCH):
+            loss, tokens = _batch_loss(logprobs, mine[at : at + BATCH], pad_id, world.device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            total, count = total + float(loss.detach()) * tokens, count + tokens
+        if world.distributed:
+            sums = torch.tensor([total, count], dtype=torch.float64, device=world.device)
+            torch.distributed.all_reduce(sums)
+            total, count = sums.tolist()
+        losses.append(total / count)
+        log(f"warm start: epoch {epoch}/{config.warm_start_epochs}, loss {losses[-1]:.4f} "
+            "nats per assistant token")  # fmt: skip
+    return losses
+
+
+def _batch_loss(logprobs, batch, pad_id: int, device):
+    """(mean NLL of the batch's assistant tokens, their count); right-padded, the padding
+    masked."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    target = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        target[row, : len(seq) - 1] = torch.tensor(mask[1:])
+    ids, attention, target = ids.to(device), attention.to(device), target.to(device)
+    logp = logprobs(ids, attention, target_mask=target)
+    tokens = int(target.sum())
+    loss = -torch.where(target, logp, torch.zeros_like(logp)).sum() / max(tokens, 1)
+    return loss, tokens
+
+
+def warm_start(config, policy, logprobs, world, log=print) -> list[float]:
+    """The warm start of a new run (module docstring): ``config`` the TrainConfig, ``policy``
+    its models.Policy, ``logprobs`` the trainer's (wrapped) log-prob module. Returns each
+    epoch's mean loss."""
+    from gspo.train import episodes
+    from gspo.train.rollout import eos_ids
+
+    system = episodes.system_prompt(config.data, config.sampling)
+    eos = eos_ids(policy.hf_model, policy.tokenizer)
+    turns = episodes.Turns(policy.tokenizer, system, eos)
+    end = end_of_turn_id(turns, eos)
+    encoded = [encode(e, turns, end) for e in load(config.warm.warm_start)]
+    return run(logprobs, encoded, config.warm, world=world, seed=config.run.seed,
+               max_grad_norm=config.optim.max_grad_norm,
+               pad_id=policy.tokenizer.pad_token_id, log=log if world.main else _quiet)
+
+
+def _quiet(*_args) -> None:
+    pass
