@@ -217,3 +217,19 @@ def test_gspo_eval_env_reports_episodes(tmp_path, capsys):
     assert len(records) == 3
     assert [t["role"] for t in records[0]["greedy_turns"]] == ["user", "assistant", "user",
                                                                "assistant"]  # fmt: skip
+
+
+def test_two_ranks_run_multi_turn_episodes_and_resume_exactly(tmp_path):
+    """--env under torchrun (2 gloo ranks, DDP): each rank runs the episodes of its share of
+    the prompts (they end after different numbers of turns), and a run resumed from its
+    step-2 checkpoint equals the straight one (weights to 1e-6, every reward_mean)."""
+    import inspect
+
+    from test_train_distributed import TINY as TORCHRUN_TINY
+    from test_train_distributed import straight_and_resumed
+
+    (tmp_path / "myenv.py").write_text(inspect.getsource(Digits))
+    straight, rows_, _ = straight_and_resumed(
+        tmp_path, [*TORCHRUN_TINY, "--env", "myenv:Digits", "--max-turns", "2"])
+    assert [r["step"] for r in rows_] == [0, 1, 2, 3, 4]
+    assert all(r["turns_per_episode"] > 1 for r in rows_[1:]), rows_
