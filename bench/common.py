@@ -8,13 +8,12 @@ Every benchmark script here follows one pattern::
         inputs = build(case)              # counted in the memory baseline
         return common.measure(lambda: step(inputs), warmup=1, repeats=2)
 
+    def main():                           # the parent
+        rows = [common.isolated(__file__, c) | c for c in cases]
+        common.print_table(rows, name="title", columns=columns)
+
     if __name__ == "__main__":
-        case = common.case_from_argv()
-        if case is not None:              # we are the child
-            common.report(child(case))
-        else:                             # we are the parent
-            rows = [common.isolated(__file__, c) | c for c in cases]
-            common.print_table(rows, name="title", columns=columns)
+        common.run(child, main)           # the child's report, or main()
 
 Why a subprocess per case: peak resident memory (``ru_maxrss``) is a high-water
 mark that never goes down, so two cases in one process would hide each other's
@@ -133,6 +132,16 @@ def case_from_argv(argv: Sequence[str] | None = None) -> dict | None:
 def report(result: dict) -> None:
     """In a child: hand ``result`` (JSON-serialisable) back to the parent."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run(child: Callable[[dict], dict], main: Callable[[], None]) -> None:
+    """A benchmark script's entry: in a child started by ``isolated``, report
+    ``child(case)``; in the parent, ``main()``."""
+    case = case_from_argv()
+    if case is not None:
+        report(child(case))
+    else:
+        main()
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3) -> float:

@@ -309,8 +309,4 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    _case = common.case_from_argv()
-    if _case is not None:
-        common.report(child(_case))
-    else:
-        main()
+    common.run(child, main)

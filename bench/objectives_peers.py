@@ -234,8 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _case = common.case_from_argv()
-    if _case is None:
-        main()
-    else:
-        common.report(peer_child(_case))
+    common.run(peer_child, main)

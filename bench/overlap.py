@@ -113,8 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    case = common.case_from_argv()
-    if case is not None:
-        common.report(child(case))
-    else:
-        main()
+    common.run(child, main)

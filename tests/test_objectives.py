@@ -24,6 +24,7 @@ from gspo.reference import (
     objective,
     objective_terms,
 )
+from test_loss import pack, pad  # the padded and packed layouts of a ragged batch
 
 VARIANTS = ("sapo", "cispo", "gmpo")
 GARBAGE = [math.nan, math.inf, -math.inf, 1e30]
@@ -53,20 +54,6 @@ def make_batch(seed, num_groups, group_size, max_len, spread, shift=0.0):
            for row, o in zip(new, off, strict=True)]  # fmt: skip
     rewards = torch.randint(0, 4, (b,), generator=g).double().div(3).tolist()
     return new, old, rewards
-
-
-def pad(rows, fill=0.0, dtype=torch.float64):
-    t = max(len(r) for r in rows)
-    out = torch.full((len(rows), t), fill, dtype=dtype)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=dtype)
-        mask[i, : len(r)] = True
-    return out, mask
-
-
-def pack(rows, dtype=torch.float64):
-    return torch.tensor([x for r in rows for x in r], dtype=dtype), torch.tensor(list(map(len, rows)))
 
 
 def reference(new, old, rewards, group_size, variant, params, terms_out=None):

@@ -145,11 +145,8 @@ def _score_one(
         )
     out = []
     for i, value in enumerate(values):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
+        value = finite(value)
+        if value is None:
             raise RewardError(
                 f"reward function {name} returned {values[i]!r} for sample index {i} "
                 f"(prompt {texts[i]!r}, completion {completions[i]!r}); rewards must be "
@@ -157,3 +154,13 @@ def _score_one(
             )
         out.append(value)
     return out
+
+
+def finite(value) -> float | None:
+    """``value`` as a float when it is a finite number, else None: what every reward, a
+    function's or an environment's, must be."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None

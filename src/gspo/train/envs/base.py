@@ -21,10 +21,8 @@ exits with code 3, as for a failing reward function.
 
 from __future__ import annotations
 
-import math
-
 from gspo.train.envs.registry import ENVS
-from gspo.train.rewards import RewardError, import_user
+from gspo.train.rewards import RewardError, finite, import_user
 
 
 class EnvError(RewardError):
@@ -89,11 +87,8 @@ def check_message(env, message, method: str, *, episode: int, turn: int, prompt=
 
 
 def check_reward(env, value, *, episode: int, turn: int, prompt=None) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        out = math.nan
-    if not math.isfinite(out):
+    out = finite(value)
+    if out is None:
         raise EnvError(
             f"environment {type(env).__qualname__}.reward() returned {_clip(value)} in episode "
             f"{episode} (prompt {_clip(prompt)}), after turn {turn}; rewards must be finite "
