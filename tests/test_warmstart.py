@@ -40,17 +40,24 @@ def _episode(*pairs) -> dict:
     (_episode(("user", "q")), "roles"),
     (_episode(("user", "q"), ("assistant", "a"), ("user", "more")), "roles"),
     (_episode(("user", "q"), ("assistant", "a"), ("assistant", "b")), "roles"),
+    (_episode(("user", "q"), ("system", "s"), ("assistant", "a")), "optional system message"),
+    (_episode(("user", "q"), ("assistant", "a"), ("system", "s"), ("assistant", "b")),
+     r"got roles \['user', 'assistant', 'system', 'assistant'\]"),
 ])  # fmt: skip
 def test_bad_episodes_are_refused_naming_the_line(tmp_path, row, why):
     with pytest.raises(ValueError, match=why):
         warmstart.load(_write(tmp_path, [row]))
 
 
-def test_missing_and_empty_files_are_refused(tmp_path):
+def test_missing_empty_and_binary_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no such file"):
         warmstart.load(str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="no episodes"):
         warmstart.load(_write(tmp_path, [""]))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match="binary.jsonl: not UTF-8 text"):
+        warmstart.load(str(binary))
 
 
 def test_plain_text_episode_masks_exactly_the_assistant_tokens():
@@ -133,6 +140,9 @@ def test_warm_start_raises_the_likelihood_of_the_worked_replies():
 
 
 def test_options_are_checked_and_refused_with_the_kl_penalty():
+    with pytest.raises(ValueError, match="add --warm-start FILE"):
+        TrainConfig(warm_start_epochs=3)  # would silently do nothing
+    assert TrainConfig(warm_start="./a/../demos.jsonl").warm.warm_start == "demos.jsonl"
     with pytest.raises(ValueError, match="warm_start_epochs"):
         TrainConfig(warm_start_epochs=0)
     with pytest.raises(ValueError, match="warm_start_lr"):
@@ -162,12 +172,19 @@ def test_a_run_warm_starts_once_and_not_on_resume(tmp_path):
     assert "warm start" not in again.stdout + again.stderr
 
 
-def test_a_bad_file_is_exit_2_naming_it(tmp_path):
-    bad = _write(tmp_path, [{"messages": []}])
+@pytest.mark.parametrize(("row", "why"), [
+    ({"messages": []}, "needs"),
+    # the tiny model has no chat template: one plain first message only
+    (_episode(("user", "a"), ("user", "b"), ("assistant", "c")), "no chat template"),
+    (_episode(("user", "sum 12:"), ("assistant", "3 " * 300)), "past the model's 128 positions"),
+])  # fmt: skip
+def test_a_bad_file_is_exit_2_naming_its_line(tmp_path, row, why):
+    bad = _write(tmp_path, [_episode(("user", "sum 11:"), ("assistant", "2")), row])
     run = _gspo("--steps", "1", "--warm-start", bad, "--run-dir", str(tmp_path / "r"),
                 cwd=tmp_path)  # fmt: skip
     assert run.returncode == 2, run.stderr[-2000:]
-    assert f"--warm-start {bad}, line 1" in run.stderr
+    assert f"--warm-start {bad}, line 2" in run.stderr and why in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_calculator_worked_episodes_are_right_and_the_example_file_is_current():

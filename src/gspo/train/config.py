@@ -299,9 +299,10 @@ class LossConfig:
             value = getattr(self, name)
             check(value is None or value > 0, name, value, "it must be > 0, or none")
             users = APPLIES[name]
+            why = f" ({WHY[name]})" if name in WHY else ""
             check(value is None or self.loss in users, name, value,
-                  f"--loss {self.loss} does not use it ({WHY.get(name, 'it applies to')}); "
-                  f"it applies to --loss {' / '.join(users)}: drop it")  # fmt: skip
+                  f"--loss {self.loss} does not use it{why}; it applies to --loss "
+                  f"{' / '.join(users)}: drop it")  # fmt: skip
         check(self.eps_low is None or self.loss == "gmpo" or self.eps_low < 1, "eps_low",
               self.eps_low, "the lower bound 1 - eps_low must be a positive ratio: use (0, 1)")
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")

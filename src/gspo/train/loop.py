@@ -145,7 +145,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         resume.retime(optimizer, scheduler, optim.lr)  # this launch's --lr and --steps
     # a new run's supervised warm start (--warm-start), before the sampler copies weights
     warm_losses = [] if resume_from is not None or config.warm.warm_start is None else \
-        warmstart.warm_start(config, policy, logprobs, world)  # fmt: skip
+        warmstart.warm_start(config, policy, logprobs, world,
+                             limit=models.position_limit(policy.hf_model))  # fmt: skip
     # the sampler (--rollout): built once, from the current (resumed) weights
     # (sized for the longest prompt kept above: data.sequence_len)
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,

@@ -22,6 +22,7 @@ rollout samples the warm-started policy.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,45 +51,60 @@ class WarmStartConfig:
         check(self.warm_start_epochs >= 1, "warm_start_epochs", self.warm_start_epochs,
               "use at least 1 pass")  # fmt: skip
         check(self.warm_start_lr > 0, "warm_start_lr", self.warm_start_lr, "use a positive lr")
+        for name in ("warm_start_epochs", "warm_start_lr"):
+            value, default = getattr(self, name), self.__dataclass_fields__[name].default
+            check(self.warm_start is not None or value == default, name, value,
+                  "it sets the warm start: add --warm-start FILE, or drop it")  # fmt: skip
+        if self.warm_start is not None:  # "./demos.jsonl" and "demos.jsonl" are one setting
+            object.__setattr__(self, "warm_start", os.path.normpath(self.warm_start))
 
 
-def load(path: str) -> list[list[dict]]:
-    """The episodes of a ``--warm-start`` file. ValueError names the line and what is wrong:
-    not JSON, no ``messages`` list, a message without a known ``role`` or a string
-    ``content``, or roles out of turn (user first; after the first assistant message,
-    assistant and user alternate and the assistant has the last word: an environment's
-    messages are user turns, as in a rollout)."""
+def load(path: str) -> list[tuple[int, list[dict]]]:
+    """The episodes of a ``--warm-start`` file, each with its line number. ValueError names
+    the line and what is wrong: not UTF-8 or not JSON, no ``messages`` list, a message
+    without a known ``role`` or a string ``content``, a system message anywhere but first,
+    or roles out of turn (user first; after the first assistant message, assistant and user
+    alternate and the assistant has the last word: an environment's messages are user
+    turns, as in a rollout)."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--warm-start {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--warm-start {path}: not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); write the file as UTF-8 JSONL") from None  # fmt: skip
     episodes = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"--warm-start {path}, line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err.msg})") from None
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: needs {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
-        for message in messages:
-            if not (isinstance(message, dict) and message.get("role") in ROLES
-                    and isinstance(message.get("content"), str)):  # fmt: skip
-                raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
-                                 f"and a string content, got {message!r:.80}")  # fmt: skip
-        roles = [m["role"] for m in messages if m["role"] != "system"]
-        later = roles[roles.index("assistant"):] if "assistant" in roles else []
-        if (not later or roles[0] != "user" or later[-1] != "assistant"
-                or any(a == b for a, b in zip(later, later[1:], strict=False))):  # fmt: skip
-            raise ValueError(f"{where}: an episode is user messages, then assistant and "
-                             "user (the environment's) messages in turn, ending with an "
-                             f"assistant message; got roles {roles}")  # fmt: skip
-        episodes.append(messages)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            episodes.append((number, _episode(line, f"--warm-start {path}, line {number}")))
     if not episodes:
         raise ValueError(f"--warm-start {path}: the file has no episodes")
     return episodes
+
+
+def _episode(line: str, where: str) -> list[dict]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not JSON ({err.msg})") from None
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: needs {{\"messages\": [{{\"role\", \"content\"}}, ...]}}")
+    for message in messages:
+        if not (isinstance(message, dict) and message.get("role") in ROLES
+                and isinstance(message.get("content"), str)):  # fmt: skip
+            raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
+                             f"and a string content, got {message!r:.80}")  # fmt: skip
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    later = turns[turns.index("assistant") :] if "assistant" in turns else []
+    if (not later or turns[0] != "user" or "system" in turns or later[-1] != "assistant"
+            or any(a == b for a, b in zip(later, later[1:], strict=False))):  # fmt: skip
+        raise ValueError(f"{where}: an episode is an optional system message, user messages, "
+                         "then assistant and user (the environment's) messages in turn, "
+                         f"ending with an assistant message; got roles {roles}")  # fmt: skip
+    return messages
 
 
 def encode(episode: list[dict], turns, end_of_turn: int) -> tuple[list[int], list[bool]]:
@@ -181,18 +197,30 @@ def _batch_loss(logprobs, batch, pad_id: int, device):
     return loss, tokens
 
 
-def warm_start(config, policy, logprobs, world, log=print) -> list[float]:
+def warm_start(config, policy, logprobs, world, *, limit: int | None,
+               log=print) -> list[float]:  # fmt: skip
     """The warm start of a new run (module docstring): ``config`` the TrainConfig, ``policy``
-    its models.Policy, ``logprobs`` the trainer's (wrapped) log-prob module. Returns each
-    epoch's mean loss."""
+    its models.Policy, ``logprobs`` the trainer's (wrapped) log-prob module, ``limit`` the
+    model's positions (models.position_limit; None = unbounded). Returns each epoch's mean
+    loss."""
     from gspo.train import episodes
     from gspo.train.rollout import eos_ids
 
+    path = config.warm.warm_start
     system = episodes.system_prompt(config.data, config.sampling)
     eos = eos_ids(policy.hf_model, policy.tokenizer)
     turns = episodes.Turns(policy.tokenizer, system, eos)
     end = end_of_turn_id(turns, eos)
-    encoded = [encode(e, turns, end) for e in load(config.warm.warm_start)]
+    encoded = []
+    for number, episode in load(path):
+        try:
+            ids, mask = encode(episode, turns, end)
+        except ValueError as err:  # e.g. several first messages for a model without template
+            raise ValueError(f"--warm-start {path}, line {number}: {err}") from None
+        if limit is not None and len(ids) > limit:
+            raise ValueError(f"--warm-start {path}, line {number}: the episode is {len(ids)} "
+                             f"tokens, past the model's {limit} positions; shorten it")  # fmt: skip
+        encoded.append((ids, mask))
     return run(logprobs, encoded, config.warm, world=world, seed=config.run.seed,
                max_grad_norm=config.optim.max_grad_norm,
                pad_id=policy.tokenizer.pad_token_id, log=log if world.main else _quiet)
