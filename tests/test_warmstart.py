@@ -204,15 +204,18 @@ def test_calculator_worked_episodes_are_right_and_the_example_file_is_current():
     warmstart.load(str(REPO / "examples" / "calculator-demos.jsonl"))  # a valid file
 
 
-def test_two_ranks_warm_start_on_their_shares(tmp_path):
-    """Under torchrun (2 gloo ranks, DDP) each rank takes half the episodes and the
-    reported loss is over both ranks' tokens; the run then trains as usual."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_warm_start_on_their_shares(tmp_path, fsdp):
+    """Under torchrun (2 gloo ranks, DDP or FSDP2) each rank takes half the episodes (the
+    same number of steps, as FSDP2's collectives need) and the reported loss is over both
+    ranks' tokens; the run then trains as usual."""
     from test_train_distributed import TINY, torchrun
 
     rows = [_episode(("user", f"sum {i}{i}:"), ("assistant", str(2 * i))) for i in range(10)]
     demos = _write(tmp_path, rows)
     done = torchrun([*TINY, "--steps", "2", "--warm-start", demos, "--warm-start-lr", "1e-3",
-                     "--run-dir", str(tmp_path / "run")], tmp_path)  # fmt: skip
+                     *(["--fsdp"] if fsdp else []), "--run-dir", str(tmp_path / "run")],
+                    tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout + done.stderr).count("warm start: epoch") == 2  # rank 0 only
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
