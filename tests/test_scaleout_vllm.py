@@ -6,8 +6,10 @@ tensor-parallel engine over both ranks (``--vllm-tp 2``), synchronous and overla
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
@@ -95,3 +97,88 @@ def test_vllm_tp_clash_on_shared_memory_is_a_clear_exit_2(tmp_path):
             p.unlink(missing_ok=True)
     assert done.returncode != 0
     assert "vLLM's shared-memory segments (/dev/shm/*cpushm*) already exist" in done.stderr
+
+
+def _engine(model, tok, **sampling):
+    from gspo.train.config import SamplingConfig
+
+    config = SamplingConfig(rollout="vllm", vllm_memory=0.05, max_new_tokens=6, **sampling)
+    return VLLMEngine(model, tok, config, device=torch.device("cpu"), seed=3)
+
+
+def test_vllm_device_engine_runs_apart_and_samples_what_the_in_process_one_does():
+    """--vllm-device cpu: the engine is a child process; with the same seeds it draws the
+    same tokens with the same log-probs as the in-process engine, before and after new
+    weights arrive through files (a tied model: lm_head is written under its own name)."""
+    import psutil
+
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(layers=1, hidden=128, seed=0), tiny_tokenizer()
+    assert model.config.tie_word_embeddings
+    prompts = [{"prompt": "sum 12:"}, {"prompt": "sum 345:"}]
+    outputs = {}
+    for own in (None, "cpu"):
+        children = set(psutil.Process().children(recursive=True))
+        engine = _engine(model, tok, vllm_device=own)
+        try:
+            started = set(psutil.Process().children(recursive=True)) - children
+            assert bool(started) == (own is not None), started  # a process of its own
+            first = engine.sample(prompts, group_size=4, greedy=False, seed=11)
+            gen = torch.Generator().manual_seed(0)  # the same new weights for both engines
+            with torch.no_grad():
+                moved = {n: p + 0.3 * torch.randn(p.shape, generator=gen)
+                         for n, p in model.named_parameters()}  # fmt: skip
+            engine.load_weights(moved.items())
+            second = engine.sample(prompts, group_size=4, greedy=False, seed=12)
+        finally:
+            engine.close()
+        outputs[own] = (first, second)
+    for k, (a, b) in enumerate(zip(outputs[None], outputs["cpu"], strict=True)):
+        assert torch.equal(a.input_ids, b.input_ids), k
+        torch.testing.assert_close(a.logp_sampler, b.logp_sampler, rtol=0, atol=1e-5)
+    assert not torch.equal(outputs["cpu"][0].input_ids, outputs["cpu"][1].input_ids)
+
+
+def test_vllm_device_one_step_off_agrees_and_resumes_exactly(tmp_path):
+    """The whole loop with the engine apart, one step off-policy: the first step (no lag)
+    agrees to float rounding, later steps lag by one, and a resumed run equals the straight
+    one (the in-flight batch is drawn again from its seed)."""
+    from gspo.train.cli import parse_config
+    from gspo.train.loop import train
+
+    args = [*TINY, "--vllm-device", "cpu", "--async-rollouts", "--checkpoint-every", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train(parse_config([*args, "--steps", "4", "--run-dir", str(straight)])[0])["finished"]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    train(parse_config(["--resume", str(resumed)])[0])
+    first, again = rows(straight), rows(resumed)
+    steps = first[1:]
+    assert [r["policy_lag"] for r in steps] == [0, 1, 1, 1]
+    assert steps[0]["mismatch_k3"] < 1e-8 and steps[0]["mismatch_max_abs"] < 1e-4
+    assert [r.get("reward_mean") for r in again] == [r.get("reward_mean") for r in first]
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    ({"vllm_device": "cpu"}, "add --rollout vllm"),
+    ({"rollout": "vllm", "vllm_device": "gpu1"}, "use cpu or cuda:N"),
+])  # fmt: skip
+def test_vllm_device_options_are_checked(options, why):
+    with pytest.raises(ValueError, match=why):
+        TrainConfig(**options)
+
+
+def test_vllm_device_is_refused_where_it_cannot_run():
+    from gspo.train.config import SamplingConfig
+    from gspo.train.distributed import World
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(layers=1, hidden=128, seed=0), tiny_tokenizer()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--vllm-device cuda:0: this machine has 0 CUDA"):
+            _engine(model, tok, vllm_device="cuda:0")
+    sampling = SamplingConfig(rollout="vllm", vllm_device="cpu")
+    with pytest.raises(ValueError, match="under torchrun each rank's engine"):
+        VLLMEngine.for_run(sampling, None, World(rank=0, size=2), None, seed=0)

@@ -225,6 +225,10 @@ class SamplingConfig:
     vllm_tp: int = option(
         1, "under torchrun: ranks per vLLM engine (tensor parallel); each group of K ranks "
         "samples its gathered prompts together; 1 = one engine per rank")  # fmt: skip
+    vllm_device: str | None = option(
+        None, "vLLM's engine in a process of its own on this device: cpu, or cuda:N (a GPU "
+        "of its own); weights reach it through files after each step; none = in the "
+        "trainer's process and device", metavar="DEVICE")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -239,6 +243,11 @@ class SamplingConfig:
         check(self.vllm_tp >= 1, "vllm_tp", self.vllm_tp, "use a positive integer")
         check(self.vllm_tp == 1 or self.rollout == "vllm", "vllm_tp", self.vllm_tp,
               "tensor-parallel sampling is vLLM's: add --rollout vllm")  # fmt: skip
+        device = self.vllm_device
+        check(device is None or self.rollout == "vllm", "vllm_device", device,
+              "it places vLLM's engine: add --rollout vllm")  # fmt: skip
+        check(device is None or device == "cpu" or (device.startswith("cuda:")
+              and device[5:].isdigit()), "vllm_device", device, "use cpu or cuda:N")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,6 +51,7 @@ CHANGEABLE = {
     "generation_batch_size": "sequences per generate() call",
     "grad_checkpointing": "recompute activations in the backward: the same gradient",
     "vllm_memory": "vLLM's memory",
+    "vllm_device": "where vLLM's engine runs: the same samples (tests/test_scaleout_vllm.py)",
     "shared_prefix": "each group's prompt run once: the same log-probs and gradients",
     "fused_loss": "the loss inside the LM-head pass: the same gradients",
 }

@@ -14,6 +14,14 @@ on resume) and, after every step's updates, gets the policy's new weights in pla
 vLLM's ``reload_weights`` (one tensor at a time, never a second whole model), after which
 its prefix cache is reset: cached KV blocks were computed by the old weights.
 
+``--vllm-device DEVICE`` puts the engine in a process of its own (vLLM's engine-core
+process) on ``cpu`` or on ``cuda:N``, the only GPU that process sees (CUDA_VISIBLE_DEVICES
+is set while it starts): a sampler ahead of the trainer (``--async-rollouts``) then computes
+without the trainer's GIL, on devices of its own. Weights cannot be passed by reference to
+another process, so after each step they are written to files, one tensor per file (in
+/dev/shm where it exists), and vLLM reloads them from there (``reload_weights`` with
+``weights_path``); the files are removed at once.
+
 The sampler is the old policy. Prompts go in as token ids (encoded exactly as the HF
 engine does) and samples come out as token ids: nothing is decoded and re-tokenized. The
 engine ignores the model's ``generation_config.json`` (``generation_config="vllm"``), stops
@@ -80,9 +88,11 @@ class VLLMEngine:
         1.9e-3 from bf16 vLLM; 4.2e-11 fp32 to fp32), so bf16 runs refuse
         ``--old-logprobs sampler`` (TrainConfig) and report the mismatch."""
         check_available()
+        self.own_device = sampling.vllm_device
+        _check_own_device(self.own_device)
         # In process: no engine-core subprocess (no __main__ guard needed, weights pushed
         # by a plain call), and vLLM leaves our CPU threads unpinned.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.own_device is None else "1"
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
@@ -93,7 +103,8 @@ class VLLMEngine:
         self.dir = tempfile.mkdtemp(prefix="gspo-vllm-")
         _write_model(model, self.dir, weights, skip=self.aliases)
         tokenizer.save_pretrained(self.dir)
-        cuda = device.type == "cuda"
+        cuda = device.type == "cuda" if self.own_device is None else \
+            self.own_device.startswith("cuda")  # fmt: skip
         if not cuda:
             _check_cpu_head_size(model)
         memory = sampling.vllm_memory
@@ -107,19 +118,20 @@ class VLLMEngine:
         # trainer's, so keep ours.
         rng, threads, set_threads = ckpt.rng_state(), torch.get_num_threads(), torch.set_num_threads
         try:
-            self.llm = LLM(
-                model=self.dir,
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                max_model_len=max_len,
-                generation_config="vllm",  # ignore generation_config.json's sampling defaults
-                logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's
-                enforce_eager=not cuda,  # CPU: no compile time for the tiny model
-                seed=seed,
-                disable_log_stats=True,
-                **({"distributed_executor_backend": "external_launcher",
-                    "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
-                **sizing,
-            )
+            with _visible(self.own_device):
+                self.llm = LLM(
+                    model=self.dir,
+                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                    max_model_len=max_len,
+                    generation_config="vllm",  # ignore generation_config.json's defaults
+                    logprobs_mode="processed_logprobs",  # after temperature / top-p
+                    enforce_eager=not cuda,  # CPU: no compile time for the tiny model
+                    seed=seed,
+                    disable_log_stats=True,
+                    **({"distributed_executor_backend": "external_launcher",
+                        "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
+                    **sizing,
+                )  # fmt: skip
         except Exception as err:
             shutil.rmtree(self.dir, ignore_errors=True)
             _explain_shm_clash(err, launcher and sampling.vllm_tp > 1 and not cuda)
@@ -133,6 +145,10 @@ class VLLMEngine:
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
                 prompt_tokens: int | None = None) -> VLLMEngine:  # fmt: skip
         tp = sampling.vllm_tp
+        if world.distributed and sampling.vllm_device is not None:
+            raise ValueError(f"--vllm-device {sampling.vllm_device}: under torchrun each rank's "
+                             "engine runs in the rank's process (external_launcher); drop "
+                             "--vllm-device, or run one process")  # fmt: skip
         if world.size % tp:
             raise ValueError(f"--vllm-tp {tp}: the {world.size} torchrun ranks must split into "
                              f"groups of {tp}; use a divisor of {world.size}")  # fmt: skip
@@ -232,6 +248,10 @@ class VLLMEngine:
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the policy's weights into the engine in place, then drop its prefix cache."""
+        if self.own_device is not None:
+            self._load_weights_from_files(named)
+            return
+
         def weights():
             for name, tensor in named:
                 # Tied weights come once from the trainer (as save_pretrained writes them);
@@ -245,6 +265,30 @@ class VLLMEngine:
                 "reload_weights",
                 kwargs={"weights_iterator": weights(), "is_checkpoint_format": True},
             )
+        self.llm.reset_prefix_cache()
+
+    def _load_weights_from_files(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """``--vllm-device``: the engine is another process; the weights go through files,
+        one tensor per file (never a second whole model in memory), each alias of a tied
+        tensor under its own name (vLLM's reload needs every name, as in process)."""
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = tempfile.mkdtemp(prefix="gspo-weights-", dir=shm)
+        try:
+            for i, (name, tensor) in enumerate(named):
+                tensor = tensor.detach().to("cpu").contiguous()
+                for k, alias in enumerate((name, *self.aliases.get(name, ()))):
+                    save_file({alias: tensor.clone() if k else tensor},
+                              os.path.join(directory, f"{i:06d}-{k}.safetensors"),
+                              metadata={"format": "pt"})  # fmt: skip
+            with _quiet_rotary_reload():
+                self.llm.collective_rpc(
+                    "reload_weights",
+                    kwargs={"weights_path": directory, "is_checkpoint_format": True},
+                )
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -269,6 +313,42 @@ def _write_model(model, directory: str, weights, *, skip: dict[str, list[str]]) 
     state = {name: t.detach().cpu().contiguous() for name, t in named if name not in aliases}
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(directory)
+
+
+def _check_own_device(own: str | None) -> None:
+    """``--vllm-device``: a device this machine has, of the platform vLLM runs on here (the
+    trainer's own GPU is allowed: the engine is then a process beside it)."""
+    if own is None:
+        return
+    if own == "cpu":
+        if torch.cuda.is_available():
+            raise ValueError("--vllm-device cpu: this machine's vLLM runs on its GPUs; give "
+                             "--vllm-device cuda:N, or drop it")  # fmt: skip
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(own.split(":")[1])
+    if index >= count:
+        raise ValueError(f"--vllm-device {own}: this machine has {count} CUDA devices; give "
+                         "cuda:N with N below that, or drop it")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _visible(own: str | None):
+    """While the engine's process starts: under ``--vllm-device cuda:N`` it sees GPU N only
+    (as its cuda:0); the trainer's process, already on its devices, is not affected."""
+    if own is None or not own.startswith("cuda:"):
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else [str(i) for i in range(256)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(own.split(":")[1])]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def _explain_shm_clash(err: Exception, cpu_tp: bool) -> None:
