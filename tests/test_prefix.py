@@ -166,15 +166,20 @@ def test_models_it_is_not_exact_for_run_the_plain_path(monkeypatch):
     model.config.model_type = "bloom"  # ALiBi: positions from key indices
     assert "bloom" in unsupported(model)
     ids, mask, target = batch()
-    import gspo.causal_lm
-
-    def refuse(*args):
-        raise AssertionError("packed for a model it is not exact for")
-
-    monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
+    forbid_packing(monkeypatch, "packed for a model it is not exact for")
     engine = CausalLMLogprobs(model)
     plain = engine(ids, mask, target_mask=target)
     assert torch.equal(plain, engine(ids, mask, target_mask=target, prompt_len=P))
+
+
+def forbid_packing(monkeypatch, why: str) -> None:
+    """A spy: building a packed attention mask (the packed forward) raises ``why``."""
+    import gspo.causal_lm
+
+    def refuse(*args):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
 
 
 def test_bad_prompt_len_is_refused():
@@ -202,12 +207,7 @@ def test_packing_runs_only_where_it_is_cheaper(monkeypatch):
     ids, mask, target = ids[:, :-1], mask[:, :-1], target[:, :-1]
     mask[:, P:] = 1  # no response padding, and groups of one row: no saving
     ids[:, 0], mask[:, :P] = torch.arange(B) + 4, 1
-    import gspo.causal_lm
-
-    def refuse(*args):
-        raise AssertionError("packed although not cheaper")
-
-    monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
+    forbid_packing(monkeypatch, "packed although not cheaper")
     engine = CausalLMLogprobs(model)
     plain = engine(ids, mask, target_mask=target)
     assert torch.equal(plain, engine(ids, mask, target_mask=target, prompt_len=P))

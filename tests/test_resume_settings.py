@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from gspo.train.checkpoint import list_checkpoints
 from gspo.train.cli import main
 from gspo.train.resume import CHANGEABLE, retime
 from gspo.train.update import lr_lambda
-from test_train_e2e import TINY, rows
+from test_train_e2e import TINY, rows, user_rewards
 
 COMMON = [*TINY, "--steps", "3", "--warmup-steps", "1", "--checkpoint-every", "1",
           "--keep-checkpoints", "5", "--no-plot"]  # fmt: skip
@@ -155,12 +154,7 @@ def test_a_reward_error_in_a_mid_run_evaluation_keeps_the_steps_metrics(tmp_path
     """The evaluation after step 2 fails; the checkpoint is at step 2 (its update is done),
     so metrics.jsonl must already hold step 2's line, which the resumed run keeps (before
     the fix it was never written: the resumed run's rows were steps 0, 1, 3)."""
-    (tmp_path / "eval_flaky.py").write_text(FAILS_IN_EVAL)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("eval_flaky", None)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"sum {t:02d}:", "target": t}) + "\n"
-                               for t in range(1, 41)))  # fmt: skip
+    prompts = user_rewards(tmp_path, monkeypatch, "eval_flaky", FAILS_IN_EVAL)
     run = tmp_path / "run"
     args = [*TINY, "--steps", "3", "--checkpoint-every", "10", "--no-plot", "--prompts",
             str(prompts), "--reward", "eval_flaky:score", "--run-dir", str(run)]  # fmt: skip

@@ -97,15 +97,21 @@ def nan_for_sample_2(prompts, completions, target):
 """
 
 
-@pytest.fixture
-def prompts_and_module(tmp_path, monkeypatch):
-    (tmp_path / "user_rewards.py").write_text(REWARD_MODULE)
+def user_rewards(tmp_path, monkeypatch, module: str, source: str):
+    """``source`` importable as ``module`` from ``tmp_path`` (as --reward imports it), and a
+    prompts file of 40 digit-sum rows with their targets; returns the file."""
+    (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("user_rewards", None)
+    sys.modules.pop(module, None)
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"sum {t:02d}:", "target": t}) + "\n"
                             for t in range(1, 41)))  # fmt: skip
     return path
+
+
+@pytest.fixture
+def prompts_and_module(tmp_path, monkeypatch):
+    return user_rewards(tmp_path, monkeypatch, "user_rewards", REWARD_MODULE)
 
 
 def test_reward_that_raises_stops_with_checkpoint(tmp_path, prompts_and_module, capsys):
