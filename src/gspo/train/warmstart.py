@@ -3,16 +3,17 @@
 An RL run learns only what its samples already do now and then. SmolLM2-135M-Instruct, told
 how to call the calculator (gspo.train.envs.calculator), called it in 4 of 512 episodes
 sampled at temperature 0.7 and never answered right after a call, so GSPO had nothing to
-reinforce and taught it to stop calling (docs/environments.md). A few worked episodes fix that: the cold start
-of DeepSeek-R1 (arXiv 2501.12948, section 2.3.1) and of most tool-use RL recipes.
+reinforce and taught it to stop calling (docs/environments.md). A few worked episodes fix
+that: the cold start of DeepSeek-R1 (arXiv 2501.12948, section 2.3.1) and of most tool-use
+RL recipes.
 
     --warm-start FILE        JSONL, one episode per line: {"messages": [{"role", "content"}, ...]}
 
 Each episode is rendered into token ids the way a rollout is (gspo.train.episodes.Turns):
 its first user message as a prompt (the run's system prompt first unless the episode has
 its own), each assistant message as the model's tokens plus the end-of-turn token the model
-writes itself, each later user message (the environment's) as the template's new text. The loss is the
-mean negative log-likelihood of the assistant tokens only (cross-entropy, temperature 1),
+writes itself, each later user message (the environment's) as the template's new text. The
+loss is the mean negative log-likelihood of the assistant tokens only (cross-entropy, temperature 1),
 AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in batches of
 ``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new run (never
 on resume: the checkpoints hold its result), before the sampler is built, so the first

@@ -279,9 +279,8 @@ class VLLMEngine:
             for i, (name, tensor) in enumerate(named):
                 tensor = tensor.detach().to("cpu").contiguous()
                 for k, alias in enumerate((name, *self.aliases.get(name, ()))):
-                    save_file({alias: tensor.clone() if k else tensor},
-                              os.path.join(directory, f"{i:06d}-{k}.safetensors"),
-                              metadata={"format": "pt"})  # fmt: skip
+                    save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
+                              metadata={"format": "pt"})  # one file each: no shared storage
             with _quiet_rotary_reload():
                 self.llm.collective_rpc(
                     "reload_weights",
