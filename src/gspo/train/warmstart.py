@@ -13,9 +13,9 @@ Each episode is rendered into token ids the way a rollout is (gspo.train.episode
 its first user message as a prompt (the run's system prompt first unless the episode has
 its own), each assistant message as the model's tokens plus the end-of-turn token the model
 writes itself, each later user message (the environment's) as the template's new text. The
-loss is the mean negative log-likelihood of the assistant tokens only (cross-entropy, temperature 1),
-AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in batches of
-``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new run (never
+loss is the mean negative log-likelihood of the assistant tokens only (cross-entropy,
+temperature 1), AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in
+batches of ``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new run (never
 on resume: the checkpoints hold its result), before the sampler is built, so the first
 rollout samples the warm-started policy.
 """
