@@ -15,9 +15,9 @@ its own), each assistant message as the model's tokens plus the end-of-turn toke
 writes itself, each later user message (the environment's) as the template's new text. The
 loss is the mean negative log-likelihood of the assistant tokens only (cross-entropy,
 temperature 1), AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in
-batches of ``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new run (never
-on resume: the checkpoints hold its result), before the sampler is built, so the first
-rollout samples the warm-started policy.
+batches of ``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new
+run (never on resume: the checkpoints hold its result), before the sampler is built, so the
+first rollout samples the warm-started policy.
 """
 
 from __future__ import annotations
