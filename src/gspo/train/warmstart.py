@@ -183,6 +183,8 @@ def _batch_loss(logprobs, batch, pad_id: int, device):
     masked."""
     import torch
 
+    from gspo.masking import masked_mean
+
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -193,9 +195,7 @@ def _batch_loss(logprobs, batch, pad_id: int, device):
         target[row, : len(seq) - 1] = torch.tensor(mask[1:])
     ids, attention, target = ids.to(device), attention.to(device), target.to(device)
     logp = logprobs(ids, attention, target_mask=target)
-    tokens = int(target.sum())
-    loss = -torch.where(target, logp, torch.zeros_like(logp)).sum() / max(tokens, 1)
-    return loss, tokens
+    return -masked_mean(logp, target), int(target.sum())
 
 
 def warm_start(config, policy, logprobs, world, *, limit: int | None,
