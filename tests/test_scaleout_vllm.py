@@ -79,6 +79,16 @@ def test_vllm_async_in_one_process(tmp_path):
     assert steps[0]["mismatch_k3"] < 1e-8 and steps[0]["mismatch_max_abs"] < 1e-4
 
 
+def _vllm_cpu_uses_shared_memory() -> bool:
+    """vLLM's CPU communicator uses /dev/shm segments only when its kernels have
+    init_shm_manager (vllm/distributed/device_communicators/cpu_communicator.py)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "init_shm_manager")
+
+
 def test_vllm_tp_clash_on_shared_memory_is_a_clear_exit_2(tmp_path):
     """vLLM's CPU segments have one name for every run (engines/vllm._explain_shm_clash):
     one left by a killed run makes the next --vllm-tp 2 run exit 2 saying so, not fail
@@ -88,6 +98,9 @@ def test_vllm_tp_clash_on_shared_memory_is_a_clear_exit_2(tmp_path):
     stale = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in (0, 1)]
     if not Path("/dev/shm").is_dir() or any(p.exists() for p in stale):
         pytest.skip("needs /dev/shm without another --vllm-tp run")
+    if not _vllm_cpu_uses_shared_memory():
+        pytest.skip("this CPU's vLLM kernels have no init_shm_manager (an AVX2-only build): "
+                    "tensor parallelism goes through torch.distributed, no segment to clash")
     try:
         stale[0].write_bytes(b"\0" * 4096)
         done = torchrun([*TINY, "--vllm-tp", "2", "--steps", "1",
