@@ -6,10 +6,11 @@ given, so that the loop and `gspo eval` have no branch for it.
     rewards = episodes.score(rollout)          # rewards.Scores, [B]
     record.update(episodes.metrics(rollout))   # {} for single-turn runs
 
-``SingleTurn``: one prompt, one completion (the engine's ``sample``), scored by the reward
-function. ``MultiTurn``: the model writes, the environment (gspo.train.envs) answers, the
-model writes again, until the environment's ``step`` returns None or ``--max-turns``
-replies were written; the environment's ``reward()`` scores the episode.
+``SingleTurn``: one prompt, one completion (the engine's ``sample``: its ``continue_ids``),
+scored by the reward function. ``MultiTurn``: the model writes, the environment
+(gspo.train.envs) answers, the model writes again, until the environment's ``step``
+returns None or ``--max-turns`` replies were written; the environment's ``reward()`` scores
+the episode.
 
 Token ids end to end (docs/environments.md): an episode's ids start as its first message
 rendered exactly as a prompt is (rollout.encode_prompts); each turn appends the model's
@@ -159,9 +160,11 @@ class MultiTurn:
         last_reply: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))
         for turn in range(1, self.max_turns + 1):
-            outs = self.sampler.generate_from([ids[i] for i in live], greedy=greedy)
+            # every rank of a tensor-parallel engine calls it, with or without episodes left
+            outs = self.sampler.continue_ids([ids[i] for i in live], n=1, greedy=greedy)
             still = []
-            for i, (tokens, logps) in zip(live, outs, strict=True):
+            for i, out in zip(live, outs, strict=True):
+                tokens, logps = out.ids, out.logp
                 segments[i].append((tokens, True, logps))
                 ids[i] += tokens
                 last_reply[i] = tokens
@@ -185,7 +188,7 @@ class MultiTurn:
                 later[i].append({"role": "user", "content": message})
                 still.append(i)
             live = still
-            if not live:
+            if not self.sampler.more(bool(live)):
                 break
         rewards = []
         for i, env in enumerate(envs):

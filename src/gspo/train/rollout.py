@@ -61,6 +61,61 @@ class Rollout:
         )
 
 
+STOPS = ("eos", "max_new_tokens", "positions")  # why a continuation stopped
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One sampled continuation of a token-id sequence: what every engine's
+    ``continue_ids`` returns per sample (gspo.train.engines).
+
+    ``ids``: the sampled ids, up to and including the EOS that stopped it (nothing after);
+    ``logp``: the sampler's log-prob of each (under temperature and top-p), None when greedy;
+    ``stop``: ``"eos"`` (an EOS id of the model), ``"max_new_tokens"`` (--max-new-tokens
+    sampled, no EOS) or ``"positions"`` (the model's positions ran out first)."""
+
+    ids: list[int]
+    logp: list[float] | None
+    stop: str
+
+
+def stop_reason(prompt_len: int, ids: Sequence[int], *, eos: Sequence[int],
+                max_new_tokens: int, max_len: int | None) -> str:  # fmt: skip
+    """Why a continuation of a ``prompt_len``-token sequence by ``ids`` stopped (one of
+    ``STOPS``): an EOS last, else --max-new-tokens reached, else the model's positions."""
+    if ids and ids[-1] in eos:
+        return "eos"
+    if len(ids) >= max_new_tokens or max_len is None or prompt_len + len(ids) < max_len:
+        return "max_new_tokens"
+    return "positions"
+
+
+def trim(prompt_len: int, row: Sequence[int], logp: Sequence[float] | None, *,
+         eos: Sequence[int], max_new_tokens: int, max_len: int | None) -> Continuation:  # fmt: skip
+    """A generated row (padding after its first EOS allowed) as a Continuation."""
+    stop_at = set(eos)
+    n = next((t + 1 for t, tok in enumerate(row) if tok in stop_at), len(row))
+    ids = list(row[:n])
+    return Continuation(ids, None if logp is None else list(logp[:n]),
+                        stop_reason(prompt_len, ids, eos=stop_at,
+                                    max_new_tokens=max_new_tokens, max_len=max_len))  # fmt: skip
+
+
+def sample_prompts(engine, tokenizer, prompts: Sequence[Prompt], *, group_size: int,
+                   greedy: bool, seed: int | None, system_prompt: str | None,
+                   eos: Sequence[int], device: torch.device | str = "cpu") -> Rollout:  # fmt: skip
+    """A single-turn rollout through ``engine.continue_ids``: each prompt rendered
+    (``encode_prompts``), continued ``group_size`` times (groups contiguous), laid out by
+    ``assemble``. Every engine's ``sample`` is this."""
+    ids = encode_prompts(tokenizer, prompts, system_prompt)
+    outs = engine.continue_ids(ids, n=group_size, greedy=greedy, seed=seed)
+    rows = [p for p in prompts for _ in range(group_size)]
+    prompt_ids = [p for p in ids for _ in range(group_size)]
+    return assemble(tokenizer, rows, prompt_ids, [c.ids for c in outs],
+                    None if greedy else [c.logp for c in outs], eos=eos,
+                    device=device)  # fmt: skip
+
+
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module):
     """Dropout off inside; afterwards every submodule's own mode back (module.train(flag)
