@@ -24,8 +24,9 @@ from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.update import k3_kl, lr_lambda, response_logprobs, update
 from test_train_e2e import TINY, rows, weights
 
+# (truncated_frac is compared: a one-turn episode is truncated exactly as a completion is)
 NOT_COMPARED = ("time", "step_time", "tokens_per_s", "turns_per_episode", "tool_call_rate",
-                "truncated_frac")  # fmt: skip
+                "cut_frac")  # fmt: skip
 
 
 class OneTurn:
@@ -80,7 +81,8 @@ def test_one_turn_env_reproduces_the_single_turn_run_bit_for_bit(tmp_path):
                  "--run-dir", str(env)]) == 0  # fmt: skip
     a, b = rows(plain), rows(env)
     assert [_kept(r) for r in a] == [_kept(r) for r in b]  # every metric, exactly
-    assert all(r["turns_per_episode"] == 1 and r["truncated_frac"] == 0 for r in b[1:])
+    assert all(r["turns_per_episode"] == 1 and r["cut_frac"] == 0 for r in b[1:])
+    assert any(r["truncated_frac"] > 0 for r in b[1:])  # so the comparison above means something
     wa, wb = weights(plain), weights(env)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -171,7 +173,7 @@ def test_user_environment_trains_and_samples_show_turns(tmp_path):
     metrics = rows(run)
     for r in metrics[1:]:
         assert r["turns_per_episode"] == 2 and r["tool_call_rate"] == 1.0
-        assert r["truncated_frac"] == 0 and r["mismatch_max_abs"] < 1e-5
+        assert r["cut_frac"] == 0 and r["mismatch_max_abs"] < 1e-5
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     turns = sample["completions"][0]["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
@@ -185,7 +187,8 @@ def test_max_turns_truncates_and_says_so(tmp_path):
     assert main([*TINY, "--steps", "1", "--no-plot", "--env", "test_train_envs:Digits",
                  "--max-turns", "1", "--run-dir", str(run)]) == 0  # fmt: skip
     r = rows(run)[1]
-    assert r["turns_per_episode"] == 1 and r["truncated_frac"] == 1.0
+    assert r["turns_per_episode"] == 1 and r["truncated_frac"] == 1.0 and r["cut_frac"] == 1.0
+    assert r["tool_call_rate"] == 0.0  # the environment's answer came after the last turn
 
 
 def test_failing_environment_stops_with_a_checkpoint_and_exit_3(tmp_path, capsys):
@@ -211,7 +214,9 @@ def test_gspo_eval_env_reports_episodes(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["turns_per_episode"] == 2 and summary["tool_call_rate"] == 1.0
-    assert summary["truncated_frac"] == 0 and "pass@2" in summary
+    assert summary["cut_frac"] == 0 and "pass@2" in summary
+    greedy = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["truncated_frac"] == sum(g["greedy_truncated"] for g in greedy) / len(greedy)
     assert any("tool-call rate 1.000, turns per episode 2.00" in line for line in lines)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3

@@ -156,7 +156,9 @@ class MultiTurn:
         # per row: [(token ids, the model's?, sampler log-probs or None)]
         segments: list[list[tuple]] = [[] for _ in rows]
         later: list[list[dict]] = [[] for _ in rows]  # the conversation after the first message
-        calls, truncated = [0] * len(rows), [False] * len(rows)
+        calls = [0] * len(rows)  # environment answers the model saw
+        replies: list[list[tuple]] = [[] for _ in rows]  # (start, end, stop) in the response
+        ends = ["done"] * len(rows)  # why each episode ended (rollout.ENDS)
         last_reply: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))
         for turn in range(1, self.max_turns + 1):
@@ -165,6 +167,8 @@ class MultiTurn:
             still = []
             for i, out in zip(live, outs, strict=True):
                 tokens, logps = out.ids, out.logp
+                at = len(ids[i]) - len(prompt_ids[i])
+                replies[i].append((at, at + len(tokens), out.stop))
                 segments[i].append((tokens, True, logps))
                 ids[i] += tokens
                 last_reply[i] = tokens
@@ -175,14 +179,15 @@ class MultiTurn:
                                         **where)  # fmt: skip
                 if message is None:
                     continue  # the episode ends
-                calls[i] += 1
                 extra = [] if turn == self.max_turns else \
                     self.turns.env_ids(firsts[i], later[i], tokens, message)  # fmt: skip
                 room = self.max_len is None or \
                     len(ids[i]) + len(extra) + self.max_new_tokens <= self.max_len  # fmt: skip
                 if turn == self.max_turns or not room:
-                    truncated[i] = True  # cut: --max-turns, or the model's positions
+                    # cut: the model never sees this answer (so it is no tool call either)
+                    ends[i] = "max_turns" if turn == self.max_turns else "positions"
                     continue
+                calls[i] += 1
                 segments[i].append((extra, False, None))
                 ids[i] += extra
                 later[i].append({"role": "user", "content": message})
@@ -196,29 +201,46 @@ class MultiTurn:
             where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt")}
             rewards.append(check_reward(env, call(env, "reward", **where), **where))
         episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
-                     "reward": rewards[i], "truncated": truncated[i], "tool_calls": calls[i]}
+                     "reward": rewards[i], "truncated": is_truncated(replies[i], ends[i]),
+                     "end": ends[i], "tool_calls": calls[i]}
                     for i in range(len(rows))]  # fmt: skip
         completions = [self.reply_text(r) for r in last_reply]
-        return lay_out(rows, prompt_ids, segments, completions, episodes,
-                       pad=self.tokenizer.pad_token_id, greedy=greedy,
-                       device=self.device)  # fmt: skip
+        rollout = lay_out(rows, prompt_ids, segments, completions, episodes,
+                          pad=self.tokenizer.pad_token_id, greedy=greedy,
+                          device=self.device)  # fmt: skip
+        rollout.replies, rollout.ends = replies, ends
+        return rollout
 
     def score(self, rollout: Rollout) -> Scores:
         return Scores([e["reward"] for e in rollout.episodes])
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Means over this rank's episodes: replies per episode, the share with at least one
-        environment answer, the share cut by --max-turns or the model's positions."""
+        """Means over this rank's episodes (``episode_metrics``); ``truncated_frac`` comes
+        from gspo.train.sampling, for every run, with the same meaning."""
         return episode_metrics(rollout.episodes)
 
 
+def is_truncated(replies: Sequence[tuple[int, int, str]], end: str) -> bool:
+    """The rule of --mask-truncated and ``truncated_frac`` (docs/batch-hygiene.md), for one
+    reply or many: the episode was cut, i.e. its last reply stopped without an EOS
+    (--max-new-tokens or the model's positions: DAPO's truncated response), or the episode
+    ended by a limit (--max-turns, positions) while the environment was still answering.
+    Earlier replies cut by --max-new-tokens do not count: the environment answered them,
+    and the episode went on to an end that the reward judges."""
+    return not replies or replies[-1][2] != "eos" or end != "done"
+
+
 def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
+    """Means over ``episodes``: model replies per episode (``turns_per_episode``), the share
+    whose model saw at least one environment answer (``tool_call_rate``; a call on the last
+    allowed turn is never answered), the share ended by --max-turns or the model's positions
+    (``cut_frac``)."""
     n = max(len(episodes), 1)
     return {
         "turns_per_episode": sum(sum(t["role"] == "assistant" for t in e["turns"])
                                  for e in episodes) / n,  # fmt: skip
         "tool_call_rate": sum(e["tool_calls"] > 0 for e in episodes) / n,
-        "truncated_frac": sum(e["truncated"] for e in episodes) / n,
+        "cut_frac": sum(e["end"] != "done" for e in episodes) / n,
     }
 
 

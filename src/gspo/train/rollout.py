@@ -42,8 +42,16 @@ class Rollout:
     # Multi-turn episodes (gspo.train.episodes), else None. The response then holds the
     # model's turns *and* the environment's tokens between them: attention_mask is 1 on
     # all of them, response_mask only on the model's. Per row: {"turns": [{"role",
-    # "content"}, ...], "reward", "truncated", "tool_calls"}.
+    # "content"}, ...], "reward", "truncated" (episodes.is_truncated), "end" (``ends``),
+    # "tool_calls" (environment answers the model saw)}.
     episodes: list[dict] | None = None
+    # Per row, each reply of the model: (start, end, stop), its columns [start, end) of the
+    # response and why it stopped (``STOPS``); a single-turn row has one reply.
+    replies: list[list[tuple[int, int, str]]] | None = None
+    # Per row, why its episode ended (``ENDS``): "done" (one reply written, or the
+    # environment had no more to say), "max_turns" (--max-turns replies and the
+    # environment still answering) or "positions" (no room left for another turn).
+    ends: list[str] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,10 +66,13 @@ class Rollout:
             completions=self.completions[index],
             logp_sampler=None if self.logp_sampler is None else self.logp_sampler[index],
             episodes=None if self.episodes is None else self.episodes[index],
+            replies=None if self.replies is None else self.replies[index],
+            ends=None if self.ends is None else self.ends[index],
         )
 
 
 STOPS = ("eos", "max_new_tokens", "positions")  # why a continuation stopped
+ENDS = ("done", "max_turns", "positions")  # why an episode ended (Rollout.ends)
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ def sample_prompts(engine, tokenizer, prompts: Sequence[Prompt], *, group_size: 
     prompt_ids = [p for p in ids for _ in range(group_size)]
     return assemble(tokenizer, rows, prompt_ids, [c.ids for c in outs],
                     None if greedy else [c.logp for c in outs], eos=eos,
-                    device=device)  # fmt: skip
+                    device=device, stops=[c.stop for c in outs])  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -230,9 +241,13 @@ def assemble(
     *,
     eos: Sequence[int],
     device: torch.device | str = "cpu",
+    stops: Sequence[str] | None = None,
 ) -> Rollout:
     """Lay out B sequences as a Rollout: prompts left-padded to P, responses right-padded to
-    T = the longest response, everything after a row's first EOS masked and set to pad."""
+    T = the longest response, everything after a row's first EOS masked and set to pad.
+    ``stops``: why each response stopped (``STOPS``, the engine's); None: "eos" where the
+    kept response ends in an EOS, else "max_new_tokens". Each row is a one-reply episode
+    (``Rollout.replies``, ``Rollout.ends`` "done")."""
     pad = tokenizer.pad_token_id
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
     T = max(1, max(len(r) for r in responses))
@@ -256,6 +271,12 @@ def assemble(
     keep = mask & ~torch.isin(response, strip)
     completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=False)
                    for r, m in zip(response, keep, strict=True)]  # fmt: skip
+    lengths = mask.sum(dim=1).tolist()
+    if stops is None:
+        ends_eos = torch.isin(response[torch.arange(B), (mask.sum(dim=1) - 1).clamp(min=0)],
+                              torch.tensor(list(eos), dtype=torch.long))  # fmt: skip
+        stops = ["eos" if e and n else "max_new_tokens"
+                 for e, n in zip(ends_eos.tolist(), lengths, strict=True)]  # fmt: skip
     return Rollout(
         prompts=list(prompts),
         input_ids=torch.cat([prompt, response], dim=1).to(device),
@@ -264,6 +285,8 @@ def assemble(
         prompt_len=P,
         completions=completions,
         logp_sampler=None if logps is None else logp.to(device),
+        replies=[[(0, n, stop)] for n, stop in zip(lengths, stops, strict=True)],
+        ends=["done"] * B,
     )
 
 
@@ -304,4 +327,7 @@ def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         logp_sampler=torch.cat(logp) if len(logp) == len(parts) else None,
         episodes=None if any(r.episodes is None for r in parts) else
         [e for r in parts for e in r.episodes],  # fmt: skip
+        replies=None if any(r.replies is None for r in parts) else
+        [e for r in parts for e in r.replies],  # fmt: skip
+        ends=None if any(r.ends is None for r in parts) else [e for r in parts for e in r.ends],
     )
