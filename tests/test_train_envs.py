@@ -69,6 +69,19 @@ class BreaksOnTurn2(Digits):
         return super().step(reply)
 
 
+class BreaksInBatch2(Digits):
+    made = 0  # episodes constructed in this process: batch 1 is 0-15, batch 2 16-31
+
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        self.index, BreaksInBatch2.made = BreaksInBatch2.made, BreaksInBatch2.made + 1
+
+    def step(self, reply):
+        if 16 <= self.index < 32:
+            raise RuntimeError("the tool is down")
+        return super().step(reply)
+
+
 def _kept(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(NOT_COMPARED)}
 
@@ -238,3 +251,40 @@ def test_two_ranks_run_multi_turn_episodes_and_resume_exactly(tmp_path):
         tmp_path, [*TORCHRUN_TINY, "--env", "myenv:Digits", "--max-turns", "2"])
     assert [r["step"] for r in rows_] == [0, 1, 2, 3, 4]
     assert all(r["turns_per_episode"] > 1 for r in rows_[1:]), rows_
+
+
+def test_async_rollouts_run_episodes_ahead_and_resume_equals_straight(tmp_path):
+    """--env with --async-rollouts: the sampler thread runs the episodes (environment calls
+    included) one step ahead, each turn from its own seed, so a run stopped after step 2
+    and resumed (its pending batch from the checkpoint) equals the straight one. Batch 1
+    comes from the initial weights (lag 0: the sampler's log-probs are the trainer's), the
+    later ones one update behind (lag 1)."""
+    common = [*TINY, "--steps", "4", "--checkpoint-every", "10", "--seed", "3", "--no-plot",
+              "--env", "test_train_envs:Digits", "--max-turns", "2",
+              "--async-rollouts"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(parse_config([*common, "--run-dir", str(straight)])[0])
+    assert train(parse_config([*common, "--run-dir", str(stopped)])[0], stop_after=2)["step"] == 2
+    assert main(["--resume", str(stopped)]) == 0
+    a, b = weights(straight), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = rows(straight)
+    assert [_kept(r) for r in ra] == [_kept(r) for r in rows(stopped)]
+    assert [r["policy_lag"] for r in ra[1:]] == [0, 1, 1, 1]
+    assert all(r["turns_per_episode"] == 2 and r["tool_call_rate"] == 1.0 for r in ra[1:])
+    assert ra[1]["mismatch_max_abs"] < 1e-5 and ra[3]["mismatch_max_abs"] > 1e-4
+
+
+def test_async_environment_error_checkpoints_and_exits_3(tmp_path, capsys):
+    """An environment that fails on the sampler thread stops the run as a synchronous one
+    does: the state before the failing step saved, the environment's message, exit 3.
+    (BreaksInBatch2 fails in the episodes of batch 2 only, which the thread runs while
+    step 1 trains; the held-out episodes at step 0 come after batches 1 and 2.)"""
+    run = tmp_path / "run"
+    BreaksInBatch2.made = 0
+    code = main([*TINY, "--steps", "2", "--no-plot", "--env", "test_train_envs:BreaksInBatch2",
+                 "--async-rollouts", "--run-dir", str(run)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "environment BreaksInBatch2.step() raised RuntimeError: the tool is down" in err
+    assert list_checkpoints(run)[-1].name == "step-000001"  # the state step 2 began from

@@ -47,8 +47,12 @@ class SingleTurn:
     def __init__(self, sampler, reward_fn) -> None:
         self.sampler, self.reward_fn = sampler, reward_fn
 
-    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
-        return self.sampler.sample(prompts, group_size=group_size, greedy=greedy)
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+                seed: int | None = None) -> Rollout:  # fmt: skip
+        """``seed``: the batch drawn from its own seed (the engine's ``continue_ids``)."""
+        if seed is None:
+            return self.sampler.sample(prompts, group_size=group_size, greedy=greedy)
+        return self.sampler.sample(prompts, group_size=group_size, greedy=greedy, seed=seed)
 
     def score(self, rollout: Rollout) -> Scores:
         return score(self.reward_fn, rollout.prompts, rollout.completions)
@@ -148,7 +152,11 @@ class MultiTurn:
         first = check_message(env, call(env, "reset", **where), "reset", **where)
         return env, first
 
-    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+                seed: int | None = None) -> Rollout:  # fmt: skip
+        """``group_size`` episodes per prompt (contiguous rows). ``seed``: each turn drawn
+        from its own seed (``seed``, turn), whatever else drew from the RNG (the sampler
+        thread of --async-rollouts)."""
         rows = [p for p in prompts for _ in range(group_size)]
         envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
         prompt_ids = self.turns.first_ids(firsts)
@@ -163,7 +171,8 @@ class MultiTurn:
         live = list(range(len(rows)))
         for turn in range(1, self.max_turns + 1):
             # every rank of a tensor-parallel engine calls it, with or without episodes left
-            outs = self.sampler.continue_ids([ids[i] for i in live], n=1, greedy=greedy)
+            outs = self.sampler.continue_ids([ids[i] for i in live], n=1, greedy=greedy,
+                                             seed=None if seed is None else seed * 1009 + turn)
             still = []
             for i, out in zip(live, outs, strict=True):
                 tokens, logps = out.ids, out.logp
