@@ -25,7 +25,7 @@ from gspo.train import engines, models
 from gspo.train.config import TrainConfig
 from gspo.train.engines.hf import HFEngine
 from gspo.train.models import load as load_model_and_tokenizer
-from gspo.train.rollout import assemble, encode_prompts, eos_ids
+from gspo.train.rollout import assemble, encode_prompts, eos_ids, stop_reason
 from gspo.train.tasks.digitsum import digitsum_prompts
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.update import lr_lambda, old_logprobs, response_logprobs, update
@@ -194,3 +194,40 @@ def test_assemble_masks_after_any_eos_and_pads():
     assert r.logp_sampler.tolist() == [[-1.0, -2.0, 0.0], [-1.0, -1.5, 0.0], [-0.5, 0.0, 0.0]]
     assert r.input_ids[0, 4].item() == tok.pad_token_id  # after EOS: pad
     assert r.completions[0] == tok.decode([9])
+
+
+def test_both_engines_continue_ids_with_one_primitive(trap, vllm_engine):
+    """``continue_ids``: n continuations per sequence, contiguous; the greedy ones of both
+    engines agree token for token, and each says why it stopped: ':' (an EOS id) ends a
+    reply as "eos", 8 tokens without one are "max_new_tokens"; sampled ones carry one
+    sampler log-prob per token, and a seeded batch repeats."""
+    model, tok = trap
+    ids = encode_prompts(tok, PROMPTS)
+    hf = HFEngine(model, tok, CONFIG.sampling)
+    a = hf.continue_ids(ids, n=2, greedy=True)
+    b = vllm_engine.continue_ids(ids, n=2, greedy=True)
+    assert len(a) == len(b) == 2 * len(ids)
+    assert [c.ids for c in a] == [c.ids for c in b] and [c.stop for c in a] == [c.stop for c in b]
+    assert all(c.logp is None for c in a + b)
+    assert a[0].ids == a[1].ids  # greedy: the n rows of a sequence are alike
+    colon = tok.convert_tokens_to_ids(":")
+    for c in a:
+        assert c.stop == ("eos" if c.ids[-1] in (2, colon) else "max_new_tokens")
+        assert c.stop == "eos" or len(c.ids) == CONFIG.max_new_tokens
+    assert {c.stop for c in a} == {"eos", "max_new_tokens"}, "the test needs both reasons"
+    for engine in (hf, vllm_engine):
+        first = engine.continue_ids(ids, n=3, greedy=False, seed=5)
+        again = engine.continue_ids(ids, n=3, greedy=False, seed=5)
+        assert [c.ids for c in first] == [c.ids for c in again]
+        assert all(len(c.logp) == len(c.ids) and max(c.logp) <= 0 for c in first)
+
+
+def test_stop_reason_tells_positions_from_max_new_tokens():
+    """A continuation without EOS that stopped short of --max-new-tokens ran out of the
+    model's positions (prompt 120 + 8 = 128 = the limit); a full one is max_new_tokens even
+    when it also fills the positions (the limit the user set came first)."""
+    assert stop_reason(120, [5] * 8, eos=[2], max_new_tokens=10, max_len=128) == "positions"
+    assert stop_reason(118, [5] * 10, eos=[2], max_new_tokens=10, max_len=128) == "max_new_tokens"
+    assert stop_reason(100, [5] * 8, eos=[2], max_new_tokens=10, max_len=128) == "max_new_tokens"
+    assert stop_reason(120, [5] * 7 + [2], eos=[2], max_new_tokens=10, max_len=128) == "eos"
+    assert stop_reason(120, [5] * 8, eos=[2], max_new_tokens=10, max_len=None) == "max_new_tokens"

@@ -11,10 +11,12 @@ import time
 import pytest
 import torch
 
+from gspo.train import overlap
 from gspo.train.cli import main, parse_config
 from gspo.train.config import TrainConfig
+from gspo.train.episodes import SingleTurn
 from gspo.train.loop import train
-from gspo.train.overlap import Overlapped, Synchronous
+from gspo.train.overlap import Synchronous
 from test_train_e2e import TINY, rows, weights
 
 
@@ -46,6 +48,10 @@ class FakeSampler:
     def load_weights(self, named):
         assert not self.busy.is_set(), "weights loaded while the sampler samples"
         self.held = int(dict(named)["version"].item())
+
+
+def Overlapped(sampler, *args, **kwargs):  # noqa: N802 - the class, on single-turn episodes
+    return overlap.Overlapped(sampler, SingleTurn(sampler, None), *args, **kwargs)
 
 
 def prompts_of(step):

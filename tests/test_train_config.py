@@ -183,3 +183,9 @@ def test_list_fields_from_flags_file_and_python(tmp_path):
         parse_config(["--config", str(toml)])
     with pytest.raises(SystemExit):
         parse_config(["--reward-weights", "1", "x"])
+
+
+def test_async_rollouts_refuse_dynamic_sampling_with_the_reason():
+    with pytest.raises(ValueError, match="dynamic_sampling.*refill is unknown"):
+        TrainConfig(async_rollouts=True, dynamic_sampling=True, rollout="vllm")
+    TrainConfig(async_rollouts=True, env="calculator", rollout="vllm")  # accepted now

@@ -24,8 +24,9 @@ from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.update import k3_kl, lr_lambda, response_logprobs, update
 from test_train_e2e import TINY, rows, weights
 
+# (truncated_frac is compared: a one-turn episode is truncated exactly as a completion is)
 NOT_COMPARED = ("time", "step_time", "tokens_per_s", "turns_per_episode", "tool_call_rate",
-                "truncated_frac")  # fmt: skip
+                "cut_frac")  # fmt: skip
 
 
 class OneTurn:
@@ -68,6 +69,19 @@ class BreaksOnTurn2(Digits):
         return super().step(reply)
 
 
+class BreaksInBatch2(Digits):
+    made = 0  # episodes constructed in this process: batch 1 is 0-15, batch 2 16-31
+
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        self.index, BreaksInBatch2.made = BreaksInBatch2.made, BreaksInBatch2.made + 1
+
+    def step(self, reply):
+        if 16 <= self.index < 32:
+            raise RuntimeError("the tool is down")
+        return super().step(reply)
+
+
 def _kept(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(NOT_COMPARED)}
 
@@ -80,7 +94,8 @@ def test_one_turn_env_reproduces_the_single_turn_run_bit_for_bit(tmp_path):
                  "--run-dir", str(env)]) == 0  # fmt: skip
     a, b = rows(plain), rows(env)
     assert [_kept(r) for r in a] == [_kept(r) for r in b]  # every metric, exactly
-    assert all(r["turns_per_episode"] == 1 and r["truncated_frac"] == 0 for r in b[1:])
+    assert all(r["turns_per_episode"] == 1 and r["cut_frac"] == 0 for r in b[1:])
+    assert any(r["truncated_frac"] > 0 for r in b[1:])  # so the comparison above means something
     wa, wb = weights(plain), weights(env)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -171,7 +186,7 @@ def test_user_environment_trains_and_samples_show_turns(tmp_path):
     metrics = rows(run)
     for r in metrics[1:]:
         assert r["turns_per_episode"] == 2 and r["tool_call_rate"] == 1.0
-        assert r["truncated_frac"] == 0 and r["mismatch_max_abs"] < 1e-5
+        assert r["cut_frac"] == 0 and r["mismatch_max_abs"] < 1e-5
     sample = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
     turns = sample["completions"][0]["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
@@ -185,7 +200,8 @@ def test_max_turns_truncates_and_says_so(tmp_path):
     assert main([*TINY, "--steps", "1", "--no-plot", "--env", "test_train_envs:Digits",
                  "--max-turns", "1", "--run-dir", str(run)]) == 0  # fmt: skip
     r = rows(run)[1]
-    assert r["turns_per_episode"] == 1 and r["truncated_frac"] == 1.0
+    assert r["turns_per_episode"] == 1 and r["truncated_frac"] == 1.0 and r["cut_frac"] == 1.0
+    assert r["tool_call_rate"] == 0.0  # the environment's answer came after the last turn
 
 
 def test_failing_environment_stops_with_a_checkpoint_and_exit_3(tmp_path, capsys):
@@ -211,7 +227,9 @@ def test_gspo_eval_env_reports_episodes(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert summary["turns_per_episode"] == 2 and summary["tool_call_rate"] == 1.0
-    assert summary["truncated_frac"] == 0 and "pass@2" in summary
+    assert summary["cut_frac"] == 0 and "pass@2" in summary
+    greedy = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["truncated_frac"] == sum(g["greedy_truncated"] for g in greedy) / len(greedy)
     assert any("tool-call rate 1.000, turns per episode 2.00" in line for line in lines)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 3
@@ -233,3 +251,40 @@ def test_two_ranks_run_multi_turn_episodes_and_resume_exactly(tmp_path):
         tmp_path, [*TORCHRUN_TINY, "--env", "myenv:Digits", "--max-turns", "2"])
     assert [r["step"] for r in rows_] == [0, 1, 2, 3, 4]
     assert all(r["turns_per_episode"] > 1 for r in rows_[1:]), rows_
+
+
+def test_async_rollouts_run_episodes_ahead_and_resume_equals_straight(tmp_path):
+    """--env with --async-rollouts: the sampler thread runs the episodes (environment calls
+    included) one step ahead, each turn from its own seed, so a run stopped after step 2
+    and resumed (its pending batch from the checkpoint) equals the straight one. Batch 1
+    comes from the initial weights (lag 0: the sampler's log-probs are the trainer's), the
+    later ones one update behind (lag 1)."""
+    common = [*TINY, "--steps", "4", "--checkpoint-every", "10", "--seed", "3", "--no-plot",
+              "--env", "test_train_envs:Digits", "--max-turns", "2",
+              "--async-rollouts"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(parse_config([*common, "--run-dir", str(straight)])[0])
+    assert train(parse_config([*common, "--run-dir", str(stopped)])[0], stop_after=2)["step"] == 2
+    assert main(["--resume", str(stopped)]) == 0
+    a, b = weights(straight), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = rows(straight)
+    assert [_kept(r) for r in ra] == [_kept(r) for r in rows(stopped)]
+    assert [r["policy_lag"] for r in ra[1:]] == [0, 1, 1, 1]
+    assert all(r["turns_per_episode"] == 2 and r["tool_call_rate"] == 1.0 for r in ra[1:])
+    assert ra[1]["mismatch_max_abs"] < 1e-5 and ra[3]["mismatch_max_abs"] > 1e-4
+
+
+def test_async_environment_error_checkpoints_and_exits_3(tmp_path, capsys):
+    """An environment that fails on the sampler thread stops the run as a synchronous one
+    does: the state before the failing step saved, the environment's message, exit 3.
+    (BreaksInBatch2 fails in the episodes of batch 2 only, which the thread runs while
+    step 1 trains; the held-out episodes at step 0 come after batches 1 and 2.)"""
+    run = tmp_path / "run"
+    BreaksInBatch2.made = 0
+    code = main([*TINY, "--steps", "2", "--no-plot", "--env", "test_train_envs:BreaksInBatch2",
+                 "--async-rollouts", "--run-dir", str(run)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "environment BreaksInBatch2.step() raised RuntimeError: the tool is down" in err
+    assert list_checkpoints(run)[-1].name == "step-000001"  # the state step 2 began from

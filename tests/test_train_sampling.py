@@ -6,6 +6,7 @@ overlong penalty at its boundaries, and a resumed dynamic-sampling run equals a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -24,6 +25,8 @@ from gspo.train import distributed as dd
 from gspo.train.cli import parse_config
 from gspo.train.config import LOSSES, TrainConfig, TrainWarning
 from gspo.train.loop import train
+from gspo.train.report import step_metrics
+from gspo.train.rewards import Scores
 from gspo.train.rollout import Rollout
 from gspo.train.sampling import collect, overlong_penalty, tied_groups, truncated
 from gspo.train.tiny import tiny_model
@@ -296,8 +299,13 @@ def test_update_without_any_kept_sequence_makes_no_step_and_reports_nan():
     keep = torch.tensor([False] * 4 + [True, False, True, False])
     history = update(CausalLMLogprobs(model), None, optimizer, scheduler, rollout, adv,
                      config=config, keep=keep)  # fmt: skip
-    assert history[0]["loss"] == 0.0 and history[0]["clip_frac_low"] != history[0]["clip_frac_low"]
+    # the skipped minibatch has no loss and no gradient norm (NaN), not 0 (which the step's
+    # mean would halve: the old record said loss = history[1]'s / 2, grad_norm likewise)
+    assert all(math.isnan(history[0][k]) for k in ("loss", "grad_norm", "clip_frac_low"))
     assert history[1]["loss"] != 0.0 and history[1]["ratio_mean"] == pytest.approx(1.0)
+    record = step_metrics(1, Scores([0.0] * 8), rollout, history, 0.0, 1e-2, dd.World())
+    assert record["loss"] == history[1]["loss"] and record["grad_norm"] == history[1]["grad_norm"]
+    assert record["skipped_minibatch_frac"] == 0.5
     assert scheduler.last_epoch == 2  # the schedule advanced on both minibatches
     moved = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
     assert moved  # only the second minibatch stepped; with nothing kept anywhere: none
@@ -393,7 +401,9 @@ def test_resume_with_dynamic_sampling_equals_the_straight_run(tmp_path):
             "eval_reward",
             "informative_groups",
         ):
-            assert x.get(key) == y.get(key), (x["step"], key)
+            # a step whose minibatches were all skipped has no loss (NaN) in either run
+            same_nan = x.get(key) != x.get(key) and y.get(key) != y.get(key)
+            assert x.get(key) == y.get(key) or same_nan, (x["step"], key)
 
 
 # ---------------------------------------------------------------- two ranks
@@ -431,6 +441,8 @@ def test_two_ranks_fill_their_own_groups_and_resume_exactly(tmp_path, fsdp):
     assert [r["step"] for r in b] == list(range(5))
     for x, y in zip(a, b, strict=True):
         for key in ("reward_mean", "sampling_rounds", "prompts_consumed", "loss", "tied_frac"):
-            assert x.get(key) == y.get(key), (x["step"], key)
+            # a step whose minibatches were all skipped has no loss (NaN) in either run
+            same_nan = x.get(key) != x.get(key) and y.get(key) != y.get(key)
+            assert x.get(key) == y.get(key) or same_nan, (x["step"], key)
     assert all(r["prompts_consumed"] == 4 * r["sampling_rounds"] for r in a[1:])
     assert max(r["sampling_rounds"] for r in a[1:]) > 1  # a refill happened on two ranks

@@ -540,12 +540,14 @@ class TrainConfig(Composite):
         check(self.data.env is None or not self.run.fsdp, "env", self.data.env,
               "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
         # One step off-policy, a step's prompts are sampled before the step before it has
-        # ended: a refill (--dynamic-sampling) would need that step's outcome, and an
-        # environment's episodes run collectives that stay on the trainer's thread.
-        for name, value, unset in (("dynamic_sampling", self.batch.dynamic_sampling, False),
-                                   ("env", self.data.env, None)):  # fmt: skip
-            check(not self.run.async_rollouts or value == unset, name, value,
-                  "it does not run with --async-rollouts yet: drop one of them")  # fmt: skip
+        # ended: where a refill round (--dynamic-sampling) takes its prompts from the data
+        # stream depends on how many rounds that earlier step needed, which is not known
+        # yet. (--env runs its episodes on the sampler thread: gspo.train.overlap.)
+        check(not self.run.async_rollouts or not self.batch.dynamic_sampling,
+              "dynamic_sampling", self.batch.dynamic_sampling,
+              "with --async-rollouts a step's prompts are drawn before the step before it "
+              "knows how many refill rounds it needs, so the data position of a refill is "
+              "unknown; drop one of them")  # fmt: skip
         # The KL reference is the model before the warm start; a user would expect the
         # warm-started one (SFT, then RL with KL to the SFT model): refused, not surprising.
         check(self.warm.warm_start is None or self.objective.kl_coef == 0, "warm_start",

@@ -6,10 +6,11 @@ given, so that the loop and `gspo eval` have no branch for it.
     rewards = episodes.score(rollout)          # rewards.Scores, [B]
     record.update(episodes.metrics(rollout))   # {} for single-turn runs
 
-``SingleTurn``: one prompt, one completion (the engine's ``sample``), scored by the reward
-function. ``MultiTurn``: the model writes, the environment (gspo.train.envs) answers, the
-model writes again, until the environment's ``step`` returns None or ``--max-turns``
-replies were written; the environment's ``reward()`` scores the episode.
+``SingleTurn``: one prompt, one completion (the engine's ``sample``: its ``continue_ids``),
+scored by the reward function. ``MultiTurn``: the model writes, the environment
+(gspo.train.envs) answers, the model writes again, until the environment's ``step``
+returns None or ``--max-turns`` replies were written; the environment's ``reward()`` scores
+the episode.
 
 Token ids end to end (docs/environments.md): an episode's ids start as its first message
 rendered exactly as a prompt is (rollout.encode_prompts); each turn appends the model's
@@ -46,8 +47,12 @@ class SingleTurn:
     def __init__(self, sampler, reward_fn) -> None:
         self.sampler, self.reward_fn = sampler, reward_fn
 
-    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
-        return self.sampler.sample(prompts, group_size=group_size, greedy=greedy)
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+                seed: int | None = None) -> Rollout:  # fmt: skip
+        """``seed``: the batch drawn from its own seed (the engine's ``continue_ids``)."""
+        if seed is None:
+            return self.sampler.sample(prompts, group_size=group_size, greedy=greedy)
+        return self.sampler.sample(prompts, group_size=group_size, greedy=greedy, seed=seed)
 
     def score(self, rollout: Rollout) -> Scores:
         return score(self.reward_fn, rollout.prompts, rollout.completions)
@@ -147,7 +152,11 @@ class MultiTurn:
         first = check_message(env, call(env, "reset", **where), "reset", **where)
         return env, first
 
-    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
+    def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+                seed: int | None = None) -> Rollout:  # fmt: skip
+        """``group_size`` episodes per prompt (contiguous rows). ``seed``: each turn drawn
+        from its own seed (``seed``, turn), whatever else drew from the RNG (the sampler
+        thread of --async-rollouts)."""
         rows = [p for p in prompts for _ in range(group_size)]
         envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
         prompt_ids = self.turns.first_ids(firsts)
@@ -155,13 +164,20 @@ class MultiTurn:
         # per row: [(token ids, the model's?, sampler log-probs or None)]
         segments: list[list[tuple]] = [[] for _ in rows]
         later: list[list[dict]] = [[] for _ in rows]  # the conversation after the first message
-        calls, truncated = [0] * len(rows), [False] * len(rows)
+        calls = [0] * len(rows)  # environment answers the model saw
+        replies: list[list[tuple]] = [[] for _ in rows]  # (start, end, stop) in the response
+        ends = ["done"] * len(rows)  # why each episode ended (rollout.ENDS)
         last_reply: list[list[int]] = [[] for _ in rows]
         live = list(range(len(rows)))
         for turn in range(1, self.max_turns + 1):
-            outs = self.sampler.generate_from([ids[i] for i in live], greedy=greedy)
+            # every rank of a tensor-parallel engine calls it, with or without episodes left
+            outs = self.sampler.continue_ids([ids[i] for i in live], n=1, greedy=greedy,
+                                             seed=None if seed is None else seed * 1009 + turn)
             still = []
-            for i, (tokens, logps) in zip(live, outs, strict=True):
+            for i, out in zip(live, outs, strict=True):
+                tokens, logps = out.ids, out.logp
+                at = len(ids[i]) - len(prompt_ids[i])
+                replies[i].append((at, at + len(tokens), out.stop))
                 segments[i].append((tokens, True, logps))
                 ids[i] += tokens
                 last_reply[i] = tokens
@@ -172,20 +188,21 @@ class MultiTurn:
                                         **where)  # fmt: skip
                 if message is None:
                     continue  # the episode ends
-                calls[i] += 1
                 extra = [] if turn == self.max_turns else \
                     self.turns.env_ids(firsts[i], later[i], tokens, message)  # fmt: skip
                 room = self.max_len is None or \
                     len(ids[i]) + len(extra) + self.max_new_tokens <= self.max_len  # fmt: skip
                 if turn == self.max_turns or not room:
-                    truncated[i] = True  # cut: --max-turns, or the model's positions
+                    # cut: the model never sees this answer (so it is no tool call either)
+                    ends[i] = "max_turns" if turn == self.max_turns else "positions"
                     continue
+                calls[i] += 1
                 segments[i].append((extra, False, None))
                 ids[i] += extra
                 later[i].append({"role": "user", "content": message})
                 still.append(i)
             live = still
-            if not live:
+            if not self.sampler.more(bool(live)):
                 break
         rewards = []
         for i, env in enumerate(envs):
@@ -193,29 +210,46 @@ class MultiTurn:
             where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt")}
             rewards.append(check_reward(env, call(env, "reward", **where), **where))
         episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
-                     "reward": rewards[i], "truncated": truncated[i], "tool_calls": calls[i]}
+                     "reward": rewards[i], "truncated": is_truncated(replies[i], ends[i]),
+                     "end": ends[i], "tool_calls": calls[i]}
                     for i in range(len(rows))]  # fmt: skip
         completions = [self.reply_text(r) for r in last_reply]
-        return lay_out(rows, prompt_ids, segments, completions, episodes,
-                       pad=self.tokenizer.pad_token_id, greedy=greedy,
-                       device=self.device)  # fmt: skip
+        rollout = lay_out(rows, prompt_ids, segments, completions, episodes,
+                          pad=self.tokenizer.pad_token_id, greedy=greedy,
+                          device=self.device)  # fmt: skip
+        rollout.replies, rollout.ends = replies, ends
+        return rollout
 
     def score(self, rollout: Rollout) -> Scores:
         return Scores([e["reward"] for e in rollout.episodes])
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Means over this rank's episodes: replies per episode, the share with at least one
-        environment answer, the share cut by --max-turns or the model's positions."""
+        """Means over this rank's episodes (``episode_metrics``); ``truncated_frac`` comes
+        from gspo.train.sampling, for every run, with the same meaning."""
         return episode_metrics(rollout.episodes)
 
 
+def is_truncated(replies: Sequence[tuple[int, int, str]], end: str) -> bool:
+    """The rule of --mask-truncated and ``truncated_frac`` (docs/batch-hygiene.md), for one
+    reply or many: the episode was cut, i.e. its last reply stopped without an EOS
+    (--max-new-tokens or the model's positions: DAPO's truncated response), or the episode
+    ended by a limit (--max-turns, positions) while the environment was still answering.
+    Earlier replies cut by --max-new-tokens do not count: the environment answered them,
+    and the episode went on to an end that the reward judges."""
+    return not replies or replies[-1][2] != "eos" or end != "done"
+
+
 def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
+    """Means over ``episodes``: model replies per episode (``turns_per_episode``), the share
+    whose model saw at least one environment answer (``tool_call_rate``; a call on the last
+    allowed turn is never answered), the share ended by --max-turns or the model's positions
+    (``cut_frac``)."""
     n = max(len(episodes), 1)
     return {
         "turns_per_episode": sum(sum(t["role"] == "assistant" for t in e["turns"])
                                  for e in episodes) / n,  # fmt: skip
         "tool_call_rate": sum(e["tool_calls"] > 0 for e in episodes) / n,
-        "truncated_frac": sum(e["truncated"] for e in episodes) / n,
+        "cut_frac": sum(e["end"] != "done" for e in episodes) / n,
     }
 
 

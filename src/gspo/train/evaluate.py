@@ -185,7 +185,8 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
                                greedy_truncated=turns[i]["truncated"])  # fmt: skip
     summary = summarize(records, config.n)
     if turns is not None:  # greedy episodes: how the model used the environment
-        summary.update(episodes.episode_metrics(turns))
+        summary.update(episodes.episode_metrics(turns),
+                       truncated_frac=sum(e["truncated"] for e in turns) / len(turns))
     return summary, records
 
 

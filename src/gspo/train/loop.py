@@ -163,7 +163,12 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         return dd.shard(prompts_at(pool, run.seed, at, run.prompts_per_step), world)
 
     # when the sampler runs: at each step, or ahead of the trainer in a thread (--async-rollouts)
+    # (the same episodes, on the engine the sampler thread uses: its own copy under hf)
+    episodes_of = functools.partial(episodes.build, d, config.sampling,
+                                    tokenizer=policy.tokenizer, model=policy.model,
+                                    reward_fn=reward_fn)  # fmt: skip
     source = overlap.build(config, sampler, policy, world, prompts_of=prompts_of, start=start,
+                           episodes_of=episodes_of,
                            resumed=resume_from and ckpt.load_pending(resume_from, world.rank))
     cleanup.callback(source.close)  # fmt: skip
 
@@ -181,8 +186,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
 
         on_error = on_error or checkpoint
         mine = held_out[world.rank :: world.size]
-        now = functools.partial(_sample, collect, world, on_error)
-        rollout = overlap.or_now(source.evaluate(mine), now)(mine, group_size=1, greedy=True)
+        ahead_or_now = functools.partial(overlap.evaluation, source, collect.rollout)
+        rollout = _sample(ahead_or_now, world, on_error, mine, group_size=1, greedy=True)
         rewards = _score(collect, world, on_error, rollout)
         total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
         return total / count
@@ -221,7 +226,8 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
             ahead = source.next(step)
             on_error = functools.partial(save, step - 1, position, rng_before)
             batch = sampling.collect(
-                overlap.or_now(ahead, functools.partial(_sample, collect, world, on_error)),
+                functools.partial(_sample, overlap.or_now(ahead, collect.rollout), world,
+                                  on_error),
                 pool, position=position,
                 config=config, world=world, eos=eos,
                 score=functools.partial(_score, collect, world, on_error),
@@ -292,9 +298,10 @@ def _check_world(config: TrainConfig, world: dd.World) -> None:
                          f"rank ({world.size})")  # fmt: skip
 
 
-def _sample(collect, world: dd.World, on_error, prompts, *, group_size: int, greedy: bool):
-    """This rank's rollout of ``prompts`` (gspo.train.episodes), guarded (``_guarded``)."""
-    return _guarded(lambda: collect.rollout(prompts, group_size=group_size, greedy=greedy),
+def _sample(rollout, world: dd.World, on_error, prompts, *, group_size: int, greedy: bool):
+    """This rank's ``rollout(prompts, ...)`` (gspo.train.episodes', or the one generated
+    ahead: overlap.or_now), guarded (``_guarded``)."""
+    return _guarded(lambda: rollout(prompts, group_size=group_size, greedy=greedy),
                     world, on_error)  # fmt: skip
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gspo.train.rewards import RewardError
 from gspo.train.rollout import Rollout
 
 
@@ -52,18 +53,24 @@ class Batch:
     rollout: Rollout | None  # None: sample it now (synchronous)
     lag: int  # policy_lag: trainer updates between the sampler's weights and the trainer's
     wait: float  # seconds the trainer waited for it (time_rollout)
+    # a reward or environment error of the sampler thread: raised where the loop asks for
+    # the rollout (inside its guard, which checkpoints and exits 3 as a synchronous run does)
+    error: RewardError | None = None
 
 
 def build(config, sampler, policy, world, *, prompts_of: Callable[[int], list],
-          resumed: dict | None = None, start: int = 0):  # fmt: skip
+          episodes_of: Callable, resumed: dict | None = None, start: int = 0):  # fmt: skip
     """The run's rollout source. ``prompts_of(step)``: this rank's prompts of that step;
-    ``resumed``: ``pending`` of the checkpoint resumed from (after step ``start``)."""
+    ``episodes_of(sampler=engine)``: the run's episodes (gspo.train.episodes) on an engine,
+    single-turn or --env's; ``resumed``: ``pending`` of the checkpoint resumed from (after
+    step ``start``)."""
     run = config.run
     if not run.async_rollouts:
         return Synchronous(sampler, policy, prompts_of, group_size=run.group_size)
     if getattr(sampler, "shares_policy", False):  # HF: sample a copy, not the moving module
         sampler = sampler.detach(seed=run.seed + 7919 * world.rank)
-    return Overlapped(sampler, policy, prompts_of, group_size=run.group_size,
+    return Overlapped(sampler, episodes_of(sampler=sampler), policy, prompts_of,
+                      group_size=run.group_size,
                       staleness=run.max_staleness, resumed=resumed or {}, start=start,
                       world_size=world.size)  # fmt: skip
 
@@ -99,6 +106,12 @@ def or_now(ahead: Batch | Rollout | None, now: Callable[..., Rollout]) -> Callab
     """The ``sample(prompts, group_size=, greedy=)`` of a step: the rollout generated ahead
     (for exactly these prompts), or ``now`` when there is none (synchronous runs)."""
     rollout = ahead.rollout if isinstance(ahead, Batch) else ahead
+    if isinstance(ahead, Batch) and ahead.error is not None:
+
+        def failed(prompts, *, group_size: int, greedy: bool) -> Rollout:
+            raise ahead.error
+
+        return failed
     if rollout is None:
         return now
 
@@ -111,13 +124,23 @@ def or_now(ahead: Batch | Rollout | None, now: Callable[..., Rollout]) -> Callab
     return generated
 
 
+def evaluation(source, now: Callable[..., Rollout], prompts, *, group_size: int,
+               greedy: bool) -> Rollout:  # fmt: skip
+    """The held-out rollout of ``prompts``: the source's (which waits for its sampler thread
+    and uses its engine) or ``now``'s (synchronous runs)."""
+    return or_now(source.evaluate(prompts), now)(prompts, group_size=group_size, greedy=greedy)
+
+
 class Overlapped:
     """A sampler thread that generates batch k+1+S while the trainer works on batch k+1
     (module docstring). Every call is made from the trainer's thread."""
 
-    def __init__(self, sampler, policy, prompts_of, *, group_size: int, staleness: int,
-                 resumed: dict, start: int, world_size: int = 1):  # fmt: skip
+    def __init__(self, sampler, episodes, policy, prompts_of, *, group_size: int,
+                 staleness: int, resumed: dict, start: int, world_size: int = 1):  # fmt: skip
+        """``episodes``: what the thread runs on ``sampler`` (gspo.train.episodes: one
+        completion per sequence, or an environment's episodes, rewards included)."""
         self.sampler, self.policy, self.prompts_of = sampler, policy, prompts_of
+        self.episodes = episodes
         self.group_size, self.staleness = group_size, staleness
         self.ready: dict[int, tuple[Rollout, int]] = {}  # step -> (rollout, weights' version)
         # Saved on another number of ranks, a batch holds another share of the prompts:
@@ -147,6 +170,8 @@ class Overlapped:
         t0 = time.perf_counter()
         with self._cond:
             self._cond.wait_for(lambda: step in self.ready or self.error is not None)
+            if step not in self.ready and isinstance(self.error, RewardError):
+                return Batch(None, 0, time.perf_counter() - t0, error=self.error)
             self._raise()
             rollout, version = self.ready[step]
         return Batch(rollout, (step - 1) - version, time.perf_counter() - t0)
@@ -168,7 +193,7 @@ class Overlapped:
 
     def evaluate(self, prompts: list) -> Rollout:
         self._drain()  # the engine is not thread-safe; it holds the current weights
-        return self.sampler.sample(prompts, group_size=1, greedy=True)
+        return self.episodes.rollout(prompts, group_size=1, greedy=True)
 
     def pending(self, step: int) -> dict:
         """The finished batches a resume after ``step`` needs: ``{"world_size": ranks,
@@ -194,7 +219,8 @@ class Overlapped:
             self._raise()
 
     def _raise(self) -> None:
-        if self.error is not None:
+        # a reward or environment error is handed to the loop by ``next`` (Batch.error)
+        if self.error is not None and not isinstance(self.error, RewardError):
             raise RuntimeError("the sampler thread failed (its error above)") from self.error
 
     # ---- the sampler thread
@@ -214,8 +240,8 @@ class Overlapped:
                 self.idle_time += time.perf_counter() - t0
                 version = self.version
             try:
-                rollout = self.sampler.sample(self.prompts_of(step), group_size=self.group_size,
-                                              greedy=False, seed=step)  # fmt: skip
+                rollout = self.episodes.rollout(self.prompts_of(step), greedy=False,
+                                                group_size=self.group_size, seed=step)  # fmt: skip
             except BaseException as err:  # noqa: BLE001 - re-raised on the trainer's thread
                 with self._cond:
                     self.error, self._busy = err, False

@@ -42,8 +42,16 @@ class Rollout:
     # Multi-turn episodes (gspo.train.episodes), else None. The response then holds the
     # model's turns *and* the environment's tokens between them: attention_mask is 1 on
     # all of them, response_mask only on the model's. Per row: {"turns": [{"role",
-    # "content"}, ...], "reward", "truncated", "tool_calls"}.
+    # "content"}, ...], "reward", "truncated" (episodes.is_truncated), "end" (``ends``),
+    # "tool_calls" (environment answers the model saw)}.
     episodes: list[dict] | None = None
+    # Per row, each reply of the model: (start, end, stop), its columns [start, end) of the
+    # response and why it stopped (``STOPS``); a single-turn row has one reply.
+    replies: list[list[tuple[int, int, str]]] | None = None
+    # Per row, why its episode ended (``ENDS``): "done" (one reply written, or the
+    # environment had no more to say), "max_turns" (--max-turns replies and the
+    # environment still answering) or "positions" (no room left for another turn).
+    ends: list[str] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,7 +66,65 @@ class Rollout:
             completions=self.completions[index],
             logp_sampler=None if self.logp_sampler is None else self.logp_sampler[index],
             episodes=None if self.episodes is None else self.episodes[index],
+            replies=None if self.replies is None else self.replies[index],
+            ends=None if self.ends is None else self.ends[index],
         )
+
+
+STOPS = ("eos", "max_new_tokens", "positions")  # why a continuation stopped
+ENDS = ("done", "max_turns", "positions")  # why an episode ended (Rollout.ends)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One sampled continuation of a token-id sequence: what every engine's
+    ``continue_ids`` returns per sample (gspo.train.engines).
+
+    ``ids``: the sampled ids, up to and including the EOS that stopped it (nothing after);
+    ``logp``: the sampler's log-prob of each (under temperature and top-p), None when greedy;
+    ``stop``: ``"eos"`` (an EOS id of the model), ``"max_new_tokens"`` (--max-new-tokens
+    sampled, no EOS) or ``"positions"`` (the model's positions ran out first)."""
+
+    ids: list[int]
+    logp: list[float] | None
+    stop: str
+
+
+def stop_reason(prompt_len: int, ids: Sequence[int], *, eos: Sequence[int],
+                max_new_tokens: int, max_len: int | None) -> str:  # fmt: skip
+    """Why a continuation of a ``prompt_len``-token sequence by ``ids`` stopped (one of
+    ``STOPS``): an EOS last, else --max-new-tokens reached, else the model's positions."""
+    if ids and ids[-1] in eos:
+        return "eos"
+    if len(ids) >= max_new_tokens or max_len is None or prompt_len + len(ids) < max_len:
+        return "max_new_tokens"
+    return "positions"
+
+
+def trim(prompt_len: int, row: Sequence[int], logp: Sequence[float] | None, *,
+         eos: Sequence[int], max_new_tokens: int, max_len: int | None) -> Continuation:  # fmt: skip
+    """A generated row (padding after its first EOS allowed) as a Continuation."""
+    stop_at = set(eos)
+    n = next((t + 1 for t, tok in enumerate(row) if tok in stop_at), len(row))
+    ids = list(row[:n])
+    return Continuation(ids, None if logp is None else list(logp[:n]),
+                        stop_reason(prompt_len, ids, eos=stop_at,
+                                    max_new_tokens=max_new_tokens, max_len=max_len))  # fmt: skip
+
+
+def sample_prompts(engine, tokenizer, prompts: Sequence[Prompt], *, group_size: int,
+                   greedy: bool, seed: int | None, system_prompt: str | None,
+                   eos: Sequence[int], device: torch.device | str = "cpu") -> Rollout:  # fmt: skip
+    """A single-turn rollout through ``engine.continue_ids``: each prompt rendered
+    (``encode_prompts``), continued ``group_size`` times (groups contiguous), laid out by
+    ``assemble``. Every engine's ``sample`` is this."""
+    ids = encode_prompts(tokenizer, prompts, system_prompt)
+    outs = engine.continue_ids(ids, n=group_size, greedy=greedy, seed=seed)
+    rows = [p for p in prompts for _ in range(group_size)]
+    prompt_ids = [p for p in ids for _ in range(group_size)]
+    return assemble(tokenizer, rows, prompt_ids, [c.ids for c in outs],
+                    None if greedy else [c.logp for c in outs], eos=eos,
+                    device=device, stops=[c.stop for c in outs])  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -175,9 +241,13 @@ def assemble(
     *,
     eos: Sequence[int],
     device: torch.device | str = "cpu",
+    stops: Sequence[str] | None = None,
 ) -> Rollout:
     """Lay out B sequences as a Rollout: prompts left-padded to P, responses right-padded to
-    T = the longest response, everything after a row's first EOS masked and set to pad."""
+    T = the longest response, everything after a row's first EOS masked and set to pad.
+    ``stops``: why each response stopped (``STOPS``, the engine's); None: "eos" where the
+    kept response ends in an EOS, else "max_new_tokens". Each row is a one-reply episode
+    (``Rollout.replies``, ``Rollout.ends`` "done")."""
     pad = tokenizer.pad_token_id
     B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
     T = max(1, max(len(r) for r in responses))
@@ -201,6 +271,12 @@ def assemble(
     keep = mask & ~torch.isin(response, strip)
     completions = [tokenizer.decode(r[m].tolist(), skip_special_tokens=False)
                    for r, m in zip(response, keep, strict=True)]  # fmt: skip
+    lengths = mask.sum(dim=1).tolist()
+    if stops is None:
+        ends_eos = torch.isin(response[torch.arange(B), (mask.sum(dim=1) - 1).clamp(min=0)],
+                              torch.tensor(list(eos), dtype=torch.long))  # fmt: skip
+        stops = ["eos" if e and n else "max_new_tokens"
+                 for e, n in zip(ends_eos.tolist(), lengths, strict=True)]  # fmt: skip
     return Rollout(
         prompts=list(prompts),
         input_ids=torch.cat([prompt, response], dim=1).to(device),
@@ -209,6 +285,8 @@ def assemble(
         prompt_len=P,
         completions=completions,
         logp_sampler=None if logps is None else logp.to(device),
+        replies=[[(0, n, stop)] for n, stop in zip(lengths, stops, strict=True)],
+        ends=["done"] * B,
     )
 
 
@@ -249,4 +327,7 @@ def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
         logp_sampler=torch.cat(logp) if len(logp) == len(parts) else None,
         episodes=None if any(r.episodes is None for r in parts) else
         [e for r in parts for e in r.episodes],  # fmt: skip
+        replies=None if any(r.replies is None for r in parts) else
+        [e for r in parts for e in r.replies],  # fmt: skip
+        ends=None if any(r.ends is None for r in parts) else [e for r in parts for e in r.ends],
     )

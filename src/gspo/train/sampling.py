@@ -6,8 +6,8 @@ before. With them (gspo.train.config.BatchConfig, DAPO arXiv 2503.14476):
 
 * ``--overlong-penalty BUFFER`` (DAPO 3.4, soft overlong punishment, eq. 13): the reward
   gets ``overlong_penalty(length, limit, BUFFER)`` added, ``limit`` = --max-new-tokens and
-  ``length`` the tokens the model wrote (its EOS included). Added before anything below
-  looks at the rewards.
+  ``length`` the tokens of the longest reply (its EOS included; single-turn: the one
+  completion; ``reply_length``). Added before anything below looks at the rewards.
 * ``--dynamic-sampling`` (DAPO 3.2): a group whose G rewards are all equal has advantage 0
   under every normalisation, so it only dilutes the batch. Rounds of ``prompts_per_step``
   fresh prompts are sampled until every rank holds its ``prompts_per_step / world`` groups
@@ -16,9 +16,10 @@ before. With them (gspo.train.config.BatchConfig, DAPO arXiv 2503.14476):
   are kept out of the loss (``keep`` False), and the step says so (a warning and
   ``informative_groups`` < prompts_per_step). Extra informative groups are dropped, as
   DAPO drops them.
-* ``--mask-truncated`` (DAPO 3.4, overlong filtering): a completion with no EOS (it ran to
-  --max-new-tokens) gets ``keep`` False: no loss, no gradient, not in the divisor
-  (gspo.train.update). Its reward still counts in its group's advantages.
+* ``--mask-truncated`` (DAPO 3.4, overlong filtering): a truncated row (``truncated``: its
+  last reply has no EOS, or its episode was cut by --max-turns or the positions) gets
+  ``keep`` False: no loss, no gradient, not in the divisor (gspo.train.update). Its reward
+  still counts in its group's advantages. ``truncated_frac`` is that share, logged always.
 
 Data parallel: every rank samples its share of every round (ranks sample the same number
 of rounds: FSDP's synced ``generate`` is a collective, and one data position must describe
@@ -45,6 +46,7 @@ import torch
 
 from gspo.train import distributed as dd
 from gspo.train.config import TrainWarning
+from gspo.train.episodes import is_truncated
 from gspo.train.rewards import Scores
 from gspo.train.rollout import Rollout, concat
 from gspo.train.tasks import prompts_at
@@ -81,15 +83,32 @@ def overlong_penalty(length: torch.Tensor, limit: int, buffer: int) -> torch.Ten
 
 
 def truncated(rollout: Rollout, eos: Sequence[int]) -> torch.Tensor:
-    """[B] bool: True for a completion that ended without an EOS, i.e. was cut at
-    --max-new-tokens (engines stop a sequence only at an EOS or at the limit). The last
-    token of the response mask is the EOS of a completion that has one (rollout.py)."""
-    length = rollout.response_mask.sum(dim=1)
-    response = rollout.input_ids[:, rollout.prompt_len :]
-    rows = torch.arange(len(rollout), device=response.device)
-    last = response[rows, (length - 1).clamp(min=0)]
-    ids = torch.tensor(list(eos), dtype=last.dtype, device=last.device)
-    return ~(torch.isin(last, ids) & (length > 0))
+    """[B] bool: the rows --mask-truncated keeps out of the loss, by the per-reply facts of
+    the rollout (episodes.is_truncated): the last reply stopped without an EOS, or the
+    episode was cut by --max-turns or the model's positions. A single-turn row is one reply:
+    True when its completion ran to --max-new-tokens (DAPO's truncated response).
+    A Rollout built without facts (``replies`` None) is read as single-turn: its last masked
+    token is the EOS of a completion that has one."""
+    if rollout.replies is None or rollout.ends is None:
+        length = rollout.response_mask.sum(dim=1)
+        response = rollout.input_ids[:, rollout.prompt_len :]
+        rows = torch.arange(len(rollout), device=response.device)
+        last = response[rows, (length - 1).clamp(min=0)]
+        ids = torch.tensor(list(eos), dtype=last.dtype, device=last.device)
+        return ~(torch.isin(last, ids) & (length > 0))
+    cut = [is_truncated(r, e) for r, e in zip(rollout.replies, rollout.ends, strict=True)]
+    return torch.tensor(cut, dtype=torch.bool, device=rollout.response_mask.device)
+
+
+def reply_length(rollout: Rollout) -> torch.Tensor:
+    """[B] long: the tokens of each row's longest reply, the length --overlong-penalty
+    compares with --max-new-tokens (the limit of one reply: each reply of an episode has
+    it, so the longest one is the reply that came closest to being cut). Single-turn: the
+    completion's tokens (its EOS included)."""
+    if rollout.replies is None:
+        return rollout.response_mask.sum(dim=1)
+    longest = [max((end - start for start, end, _ in r), default=0) for r in rollout.replies]
+    return torch.tensor(longest, dtype=torch.long, device=rollout.response_mask.device)
 
 
 def tied_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
@@ -175,7 +194,7 @@ def _with_penalty(rewards: list[float], rollout: Rollout, config) -> Scores:
     parts = getattr(rewards, "parts", {})
     if not buffer:
         return rewards if isinstance(rewards, Scores) else Scores(rewards, parts)
-    length = rollout.response_mask.sum(dim=1).cpu()
+    length = reply_length(rollout).cpu()
     penalty = overlong_penalty(length, config.sampling.max_new_tokens, buffer).tolist()
     values = [r + p for r, p in zip(rewards, penalty, strict=True)]
     return Scores(values, {**parts, "overlong_penalty": penalty} if parts else {})
@@ -191,7 +210,7 @@ def _finish(rollout, rewards, config, world, eos, *, rounds, counts, keep=None) 
     names = ["truncated", "rows"]
     local = [float(cut.sum()), float(len(rollout))]
     if batch.overlong_penalty:
-        penalty = overlong_penalty(rollout.response_mask.sum(dim=1), config.sampling.max_new_tokens,
+        penalty = overlong_penalty(reply_length(rollout), config.sampling.max_new_tokens,
                                    batch.overlong_penalty)  # fmt: skip
         names.append("penalty")
         local.append(float(penalty.sum()))

@@ -211,9 +211,12 @@ def update(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
                 scheduler.step()
-            history.append({**dict.fromkeys(loss_metric_names(config), math.nan), "loss": 0.0,
-                            "grad_norm": 0.0, **(mismatch or {}),
-                            "time_old_logprobs": seconds_old})  # fmt: skip
+            # No loss and no gradient norm (NaN, not 0): the step's means are over the
+            # minibatches that stepped (report.step_metrics); skipped_minibatch_frac says
+            # what share did not.
+            history.append({**dict.fromkeys(loss_metric_names(config), math.nan),
+                            "loss": math.nan, "grad_norm": math.nan, **(mismatch or {}),
+                            "time_old_logprobs": seconds_old, "skipped_minibatch_frac": 1.0})
             continue
         metrics = accumulate_gradients(
             logprobs,
@@ -235,7 +238,8 @@ def update(
             mask = rollout.response_mask[part]
             mismatch = correction.mismatch(metrics["logp"], logp_old[part], mask)
         del metrics["logp"]
-        history.append({**to_host(metrics), **mismatch, "time_old_logprobs": seconds_old})
+        history.append({**to_host(metrics), **mismatch, "time_old_logprobs": seconds_old,
+                        **({} if divisors is None else {"skipped_minibatch_frac": 0.0})})
     return history
 
 

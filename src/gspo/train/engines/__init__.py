@@ -25,7 +25,7 @@ from gspo.train.engines.registry import engine_class
 if TYPE_CHECKING:
     import torch
 
-    from gspo.train.rollout import Rollout
+    from gspo.train.rollout import Continuation, Rollout
 
 
 class Engine(Protocol):
@@ -38,8 +38,21 @@ class Engine(Protocol):
         ``prompt_tokens`` (the longest prompt the start-up check accepted, data.fit: an
         engine that reserves room per sequence sizes it by data.sequence_len)."""
 
+    def continue_ids(self, ids: Sequence[Sequence[int]], *, n: int, greedy: bool,
+                     seed: int | None = None) -> list[Continuation]:  # fmt: skip
+        """The one generation primitive: ``n`` continuations of each token-id sequence
+        (len(ids) * n, contiguous per sequence): the sampled ids, the sampler's log-prob of
+        each (None when greedy), why each stopped (rollout.Continuation). Batching, seeds
+        and tensor-parallel gathering happen here, for every caller; ``seed``: the batch
+        drawn from its own seed, whatever else drew from the RNG before."""
+
+    def more(self, live: bool) -> bool:
+        """Whether any rank sharing this engine still has sequences to continue (``live``:
+        this rank's); ranks of a tensor-parallel engine call ``continue_ids`` together."""
+
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool) -> Rollout:
-        """``group_size`` samples per prompt (contiguous rows); greedy: one argmax each."""
+        """``group_size`` samples per prompt (contiguous rows); greedy: one argmax each.
+        Every engine's is rollout.sample_prompts over ``continue_ids``."""
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take the policy's current weights (Hugging Face names, full tensors)."""

@@ -28,7 +28,16 @@ import torch
 
 from gspo.train import distributed as dd
 from gspo.train.models import position_limit
-from gspo.train.rollout import Rollout, assemble, concat, encode_prompts, eos_ids, eval_mode
+from gspo.train.rollout import (
+    Continuation,
+    Rollout,
+    assemble,
+    encode_prompts,
+    eos_ids,
+    eval_mode,
+    sample_prompts,
+    trim,
+)
 
 
 class HFEngine:
@@ -79,8 +88,19 @@ class HFEngine:
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                seed: int | None = None) -> Rollout:  # fmt: skip
-        """``group_size`` samples per prompt, groups contiguous; ``generation_batch_size``
-        rows per ``generate`` call (a group may span two calls: rows are independent).
+        """``group_size`` samples per prompt, groups contiguous (rollout.sample_prompts over
+        ``continue_ids``)."""
+        return sample_prompts(self, self.tokenizer, prompts, group_size=group_size,
+                              greedy=greedy, seed=seed, system_prompt=self.sampling.system_prompt,
+                              eos=eos_ids(self.model, self.tokenizer),
+                              device=next(self.model.parameters()).device)  # fmt: skip
+
+    def continue_ids(self, ids: Sequence[Sequence[int]], *, n: int = 1, greedy: bool,
+                     seed: int | None = None) -> list[Continuation]:  # fmt: skip
+        """The engine's one generation primitive: ``n`` continuations of each token-id
+        sequence (rows contiguous per sequence: len(ids) * n of them), each up to its first
+        EOS or --max-new-tokens. ``generation_batch_size`` rows per ``generate`` call (a
+        sequence's n rows may span two calls: rows are independent).
         ``seed``: re-seed torch's RNG with (engine seed, ``seed``) first, so that the batch
         does not depend on what drew from it before (``generate`` takes no generator; the
         overlapped sampler's trainer thread draws nothing while it runs: config refuses
@@ -88,36 +108,26 @@ class HFEngine:
         if seed is not None:
             torch.manual_seed(self.seed * 1_000_003 + seed * 65_537)
         c = self.sampling
-        rows = [p for p in prompts for _ in range(group_size)]
+        rows = [list(p) for p in ids for _ in range(n)]
         per_call = c.generation_batch_size or len(rows)
-        parts = []
+        limit = self.max_len
+        out = []
         with self.gathered():
             for start in range(0, len(rows), per_call):
                 chunk = rows[start : start + per_call]
-                parts.append(generate(self.model, self.tokenizer, chunk, group_size=1,
-                                      max_new_tokens=c.max_new_tokens,
-                                      temperature=c.temperature, top_p=c.top_p, greedy=greedy,
-                                      synced=self.synced,
-                                      system_prompt=c.system_prompt))  # fmt: skip
-        return parts[0] if len(parts) == 1 else concat(parts, self.tokenizer.pad_token_id)
-
-    def generate_from(self, ids: Sequence[Sequence[int]], *, greedy: bool):
-        """Continue each sequence of token ids by one response (a turn of gspo.train.episodes):
-        per row, (the sampled ids up to and including the first EOS, the sampler's log-prob of
-        each, or None when greedy). Batched as ``sample`` batches its sequences."""
-        c = self.sampling
-        per_call = c.generation_batch_size or len(ids)
-        out = []
-        with self.gathered():
-            for start in range(0, len(ids), per_call):
                 response, logps, eos = generate_ids(
-                    self.model, self.tokenizer, ids[start : start + per_call],
-                    max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                    greedy=greedy, synced=self.synced)  # fmt: skip
+                    self.model, self.tokenizer, chunk, max_new_tokens=c.max_new_tokens,
+                    temperature=c.temperature, top_p=c.top_p, greedy=greedy,
+                    synced=self.synced)  # fmt: skip
                 for i, row in enumerate(response.cpu().tolist()):
-                    n = next((t + 1 for t, tok in enumerate(row) if tok in eos), len(row))
-                    out.append((row[:n], None if logps is None else logps[i][:n]))
+                    out.append(trim(len(chunk[i]), row, None if logps is None else logps[i],
+                                    eos=eos, max_new_tokens=c.max_new_tokens,
+                                    max_len=limit))  # fmt: skip
         return out
+
+    def more(self, live: bool) -> bool:
+        """Whether the engine's ranks have more to generate (one rank's engine: ``live``)."""
+        return live
 
     @property
     def max_len(self) -> int | None:

