@@ -33,11 +33,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/logprobs.py
 	$(BIN)/python bench/rollout.py
 
-# README's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
+# docs/training.md's default-run numbers and docs/reward.png, regenerated (3 seeds, a few minutes)
 default-run: $(BIN)/.installed
 	$(BIN)/python scripts/default_run.py --write
 
-# SmolLM2-135M-Instruct learns school arithmetic with GSPO (README: "A real model learns a
+# SmolLM2-135M-Instruct learns school arithmetic with GSPO (docs/recipe-arith.md: "A real model learns a
 # real task"): the base model asked as the recipe trains it, the run, the trained model.
 smollm2-arith: $(BIN)/.installed
 	$(BIN)/gspo eval --config examples/smollm2-arith.toml --out runs/smollm2-arith-base.jsonl

