@@ -223,3 +223,18 @@ def test_gspo_eval_with_prompts_and_a_reward_but_no_task_runs(tmp_path, monkeypa
     assert exit_.value.code == 2 and "--correct-at" in capsys.readouterr().err
     with pytest.raises(ValueError, match="correct_at"):
         ev.EvalConfig(correct_at=float("inf"))
+
+
+def test_an_unwritable_out_exits_2_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    # --out was first opened after every question was asked: the generations were lost.
+    from gspo.train import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "file").write_text("not a directory")
+    bad = tmp_path / "file" / "out.jsonl"
+    assert gspo_main(["eval", "--model", "tiny", "--out", str(bad), "--engine", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{bad}' cannot be written" in err and "Traceback" not in err
+    fine = tmp_path / "new" / "out.jsonl"
+    ev.check_writable(fine)
+    assert not fine.exists()  # the check leaves no empty file behind

@@ -95,6 +95,11 @@ def _main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"gspo train: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file of the run's (a checkpoint, metrics): one line naming it
+        if err.filename is None:  # not a file: the traceback says where
+            raise
+        print(f"gspo train: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("gspo train: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130

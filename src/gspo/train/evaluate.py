@@ -260,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"gspo eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.filename is None:  # not a file of ours: the traceback says where
+            raise
+        print(f"gspo eval: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(table(summary, config.n))
     print(f"correct: reward >= {config.correct_at:g} (--correct-at)")
     if "turns_per_episode" in summary:
@@ -325,6 +330,21 @@ def train_fields(path: str | Path) -> dict:
     return {k: v for k, v in trained.items() if k in SHARED_WITH_TRAIN}
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written (ValueError naming it) by opening it for
+    appending; a file made only by this check is removed again."""
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} cannot be written ({err.strerror or err}); give "
+                         "a writable path") from None  # fmt: skip
+    if not existed:
+        out.unlink()
+
+
 def run(config: EvalConfig) -> dict:
     """Load the model, answer the questions, write the completions; returns the summary."""
     import torch
@@ -334,6 +354,7 @@ def run(config: EvalConfig) -> dict:
     from gspo.train.engines.registry import engine_class
 
     questions = load_questions(config)
+    check_writable(Path(config.out))  # before the model loads and every question is asked
     torch.manual_seed(config.seed)
     m = config.policy
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,

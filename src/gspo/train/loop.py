@@ -99,7 +99,8 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
     run, optim = config.run, config.optim
     _check_world(config, world)
-    run_dir = rundir.resolve(config, world)  # created only once every check has passed
+    run_dir = rundir.resolve(config, world)  # made and locked now: writable, never shared
+    cleanup.callback(rundir.release, run_dir)  # unlock; remove it if training never started
     resume_from = ckpt.latest(run_dir) if run.resume else None
     if resume_from is not None:  # only what may change on resume differs from its settings
         resume.check(config, resume_from)
