@@ -55,13 +55,23 @@ def to_log(path: Path):
     if not _SESSION["quiet"]:
         yield None
         return
-    _bind_library_handlers()
-    log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below
+    # vLLM's engine re-configures its logger (dictConfig: a handler of its own on the stream
+    # of that moment) unless told not to; then its records reach the handlers set here.
+    vllm_config = os.environ.get("VLLM_CONFIGURE_LOGGING")
+    os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    log = None
     try:
+        _bind_library_handlers()
+        log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed below
         with _loggers_to(log), _warnings_to(log), _descriptors_to(log):
             yield path
     finally:
-        log.close()
+        if vllm_config is None:
+            os.environ.pop("VLLM_CONFIGURE_LOGGING", None)
+        else:
+            os.environ["VLLM_CONFIGURE_LOGGING"] = vllm_config
+        if log is not None:
+            log.close()
         if path.exists() and path.stat().st_size == 0:
             path.unlink()
 

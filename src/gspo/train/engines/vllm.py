@@ -128,6 +128,7 @@ class VLLMEngine:
                     enforce_eager=not cuda,  # CPU: no compile time for the tiny model
                     seed=seed,
                     disable_log_stats=True,
+                    use_tqdm_on_load=False,  # gspo's own progress bar is the one shown
                     **({"distributed_executor_backend": "external_launcher",
                         "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
                     **sizing,
