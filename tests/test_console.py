@@ -102,3 +102,28 @@ def test_descriptors_1_and_2_go_to_the_log_and_python_s_streams_stay(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == "gspo line\nafter\nrestored\n" and done.stdout == "gspo out\n"
     assert log.read_text() == "C-LEVEL-NOISE\nCHILD-PROCESS-NOISE\n"
+
+
+def test_gspo_eval_is_quiet_too(tmp_path, monkeypatch, capsys):
+    from gspo.cli import main as gspo_main
+
+    load, calls = models.load, []
+
+    def noisy_load(*args, **kwargs):
+        calls.append(1)  # a new line each call: Python shows a warning once per place
+        warnings.warn_explicit("LIBRARY-WARNING", UserWarning,
+                               "/env/lib/python3.11/site-packages/vllm/x.py", len(calls))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load", noisy_load)
+    out = tmp_path / "eval.jsonl"
+    argv = ["eval", "--model", "tiny", "--out", str(out), "-n", "0", "--questions", "2",
+            "--max-new-tokens", "2", "--engine", "hf", "--no-progress"]
+    assert gspo_main(argv) == 0
+    assert "LIBRARY-WARNING" not in capsys.readouterr().err
+    assert "LIBRARY-WARNING" in (tmp_path / "eval.library.log").read_text()
+    # --verbose: shown as Python shows warnings (here pytest records them), no log
+    verbose = [*argv[:4], str(tmp_path / "verbose.jsonl"), *argv[5:], "--verbose"]
+    with pytest.warns(UserWarning, match="LIBRARY-WARNING"):
+        assert gspo_main(verbose) == 0
+    assert not (tmp_path / "verbose.library.log").exists()

@@ -254,9 +254,12 @@ def table(summary: dict, n: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from gspo.train.console import session
+
     try:
         config = parse_config(argv)
-        summary = run(config)
+        with session(quiet=not build_parser().parse_args(argv).verbose):
+            summary = run(config)
     except ValueError as err:
         print(f"gspo eval: error: {err}", file=sys.stderr)
         return 2
@@ -297,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its trained model (RUN_DIR/model), completions to RUN_DIR/eval-completions.jsonl")
     add_arguments(parser, EvalConfig, aliases=EvalConfig.aliases)
     parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
+    parser.add_argument("--verbose", action="store_true", help="show every library's and "
+                        "engine's output; by default it goes to OUT's name with .library.log")
     return parser
 
 
@@ -346,15 +351,25 @@ def check_writable(out: Path) -> None:
 
 
 def run(config: EvalConfig) -> dict:
-    """Load the model, answer the questions, write the completions; returns the summary."""
+    """Load the model, answer the questions, write the completions; returns the summary.
+    Inside `gspo eval` (quiet unless --verbose) library output goes to ``--out``'s name with
+    ``.library.log`` (gspo.train.console)."""
+    from gspo.train.console import to_log
+
+    questions = load_questions(config)
+    out = Path(config.out)
+    check_writable(out)  # before the model loads and every question is asked
+    with to_log(out.with_suffix(".library.log")):
+        return _run(config, questions)
+
+
+def _run(config: EvalConfig, questions: list[dict]) -> dict:
     import torch
 
     from gspo.train import data, models
     from gspo.train.distributed import pick_device
     from gspo.train.engines.registry import engine_class
 
-    questions = load_questions(config)
-    check_writable(Path(config.out))  # before the model loads and every question is asked
     torch.manual_seed(config.seed)
     m = config.policy
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
