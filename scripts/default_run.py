@@ -1,13 +1,13 @@
-"""Regenerate README's numbers for the default run (`make default-run`).
+"""Regenerate docs/training.md's numbers for the default run (`make default-run`).
 
 Runs `gspo train` with its defaults for each seed (in a fresh temporary directory each),
-then prints the markdown block README quotes between its `default-run` markers: time, the
+then prints the markdown block docs/training.md quotes between its `default-run` markers: time, the
 held-out reward table of seed 0, final and best rewards, and the worst second-half drop
-below the running best for every seed. With --write it replaces that block in README.md and
+below the running best for every seed. With --write it replaces that block in docs/training.md and
 copies seed 0's reward.png to docs/reward.png.
 
     .venv/bin/python scripts/default_run.py              # print the block
-    .venv/bin/python scripts/default_run.py --write      # and update README.md, docs/reward.png
+    .venv/bin/python scripts/default_run.py --write      # and update docs/training.md, reward.png
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def block(results: dict[int, tuple[dict, float]], load: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--write", action="store_true", help="update README.md, docs/reward.png")
+    parser.add_argument("--write", action="store_true", help="update docs/training.md")
     args = parser.parse_args()
     results, load_start = {}, os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +93,7 @@ def main() -> int:
     text = block(results, load)
     print(text)
     if args.write:
-        readme = REPO / "README.md"
+        readme = REPO / "docs" / "training.md"
         old = readme.read_text()
         start, end = old.index(BEGIN), old.index(END) + len(END)
         readme.write_text(old[:start] + text + old[end:])

@@ -85,10 +85,13 @@ def test_unknown_command(capsys):
 
 
 def test_readme_shows_what_the_cli_prints(capsys):
-    # README quotes `gspo objective --explain examples/spec_example_3.json` verbatim.
+    # docs/objective.md quotes `gspo objective --explain examples/spec_example_3.json`
+    # verbatim, and README names that command.
     assert main(["objective", "--explain", str(EXAMPLES / "spec_example_3.json")]) == 0
+    page = (EXAMPLES.parent / "docs" / "objective.md").read_text()
+    assert capsys.readouterr().out.strip() in page
     readme = (EXAMPLES.parent / "README.md").read_text()
-    assert capsys.readouterr().out.strip() in readme
+    assert "gspo objective --explain examples/spec_example_3.json" in readme
 
 
 def test_the_spec_is_in_the_repo_and_everything_points_there(capsys):

@@ -164,3 +164,77 @@ def test_eval_run_takes_the_run_s_model_and_config(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model"] == str(run / "model") and summary["questions"] == 3
     assert len((run / "eval-completions.jsonl").read_text().splitlines()) == 3
+
+
+REWARDS = '''
+def correct(prompts, completions, **fields):
+    return [1.0 if c.startswith("right") else 0.0 for c in completions]
+def format_(prompts, completions, **fields):
+    return [1.0] * len(completions)
+def judge(prompts, completions, **fields):  # 0..2: 2 is right
+    return [2.0 if c.startswith("right") else 0.0 for c in completions]
+'''
+
+
+class RightSampler:  # every completion is right
+    def sample(self, prompts, *, group_size, greedy):
+        rows = [p for p in prompts for _ in range(group_size)]
+        return SimpleNamespace(prompts=rows, completions=["right"] * len(rows), episodes=None)
+
+
+@pytest.mark.parametrize("rewards, weights, correct_at, accuracy", [
+    (["evrewards:correct", "evrewards:format_"], [1.0, 0.2], 1.0, 1.0),  # 1.2 was "wrong" (== 1)
+    (["evrewards:judge"], [], 1.0, 1.0),        # a 0..2 judge: 2 was "wrong"
+    (["evrewards:judge"], [], 2.0, 1.0),
+    (["evrewards:correct", "evrewards:format_"], [1.0, 0.2], 1.5, 0.0),  # the rule is the user's
+])
+def test_a_user_reward_counts_right_answers_by_correct_at(tmp_path, monkeypatch, capsys,
+                                                          rewards, weights, correct_at, accuracy):
+    (tmp_path / "evrewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "p.jsonl"  # no "answer": the default task (arith) must not read one
+    prompts.write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n" for i in range(3)))
+    config = ev.EvalConfig(prompts=str(prompts), reward=rewards, reward_weights=weights, n=2,
+                           correct_at=correct_at, progress=False)
+    questions = ev.load_questions(config)
+    summary, records = ev.evaluate(None, None, questions, config, RightSampler())
+    assert summary["greedy_accuracy"] == accuracy and summary["pass@2"] == accuracy
+    assert summary["correct_at"] == correct_at
+    assert summary["format_rate"] is None  # arith's checks are not the user's reward's
+    warned = "no completion reached --correct-at" in capsys.readouterr().err
+    assert warned == (accuracy == 0.0)
+
+
+def test_gspo_eval_with_prompts_and_a_reward_but_no_task_runs(tmp_path, monkeypatch, capsys):
+    # It sampled everything, then died with KeyError: 'answer' (exit 1).
+    (tmp_path / "evrewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"say {i}"}) + "\n"
+                                              for i in range(3)))  # fmt: skip
+    argv = ["eval", "--model", "tiny", "--prompts", "p.jsonl", "--reward", "evrewards:format_",
+            "-n", "1", "--max-new-tokens", "2", "--engine", "hf", "--no-progress"]
+    assert gspo_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "correct: reward >= 1 (--correct-at)" in out
+    assert json.loads(out.strip().splitlines()[-1])["greedy_accuracy"] == 1.0
+    with pytest.raises(SystemExit) as exit_:
+        gspo_main(argv + ["--correct-at", "nan"])
+    assert exit_.value.code == 2 and "--correct-at" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="correct_at"):
+        ev.EvalConfig(correct_at=float("inf"))
+
+
+def test_an_unwritable_out_exits_2_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    # --out was first opened after every question was asked: the generations were lost.
+    from gspo.train import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "file").write_text("not a directory")
+    bad = tmp_path / "file" / "out.jsonl"
+    assert gspo_main(["eval", "--model", "tiny", "--out", str(bad), "--engine", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{bad}' cannot be written" in err and "Traceback" not in err
+    fine = tmp_path / "new" / "out.jsonl"
+    ev.check_writable(fine)
+    assert not fine.exists()  # the check leaves no empty file behind

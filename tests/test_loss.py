@@ -520,7 +520,7 @@ def test_low_precision_padded_equals_packed(dtype):
      (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float16, torch.float32)],
 )  # fmt: skip
 def test_mixed_dtypes_compute_in_the_wider_one(new_dtype, old_dtype, compute):
-    # README: mixed float dtypes are accepted (a bf16 policy against float32 sampler
+    # docs/loss.md: mixed float dtypes are accepted (a bf16 policy against float32 sampler
     # log-probs is common); both are upcast to float64 if either is, else float32.
     # The result equals the same values upcast by hand: nothing is rounded to the narrower.
     new, old, rewards = make_batch(12, 4, 4, 40, 0.1)

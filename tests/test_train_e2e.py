@@ -353,12 +353,12 @@ def test_several_rewards_with_weights_are_logged_each(tmp_path, monkeypatch):
 
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
-    """README's `TrainConfig` + `train` example, run as printed."""
-    readme = (REPO / "README.md").read_text()
+    """docs/python-api.md's `TrainConfig` + `train` example, run as printed."""
+    readme = (REPO / "docs" / "python-api.md").read_text()
     start = readme.index("```python\nfrom gspo.train import TrainConfig, train")
     code = readme[start + len("```python\n") : readme.index("```", start + 10)]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, "python-api.md", "exec"), namespace)  # noqa: S102 - our own docs
     summary = namespace["summary"]
     assert summary["finished"] and (tmp_path / summary["run_dir"] / "model").is_dir()

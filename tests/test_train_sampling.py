@@ -5,6 +5,7 @@ overlong penalty at its boundaries, and a resumed dynamic-sampling run equals a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -446,3 +447,32 @@ def test_two_ranks_fill_their_own_groups_and_resume_exactly(tmp_path, fsdp):
             assert x.get(key) == y.get(key) or same_nan, (x["step"], key)
     assert all(r["prompts_consumed"] == 4 * r["sampling_rounds"] for r in a[1:])
     assert max(r["sampling_rounds"] for r in a[1:]) > 1  # a refill happened on two ranks
+
+
+@pytest.mark.parametrize("on", ["task", "shaped"])
+def test_dynamic_sampling_filters_on_the_task_s_score_before_the_penalty(on):
+    """Every answer wrong (task reward 0), lengths 1, 2, 3: --overlong-penalty 2 at
+    --max-new-tokens 3 gives 0, -0.5, -1, so each group's shaped rewards differ. DAPO and
+    verl filter on the task's score: no group is informative, and none reaches the loss
+    (it used to train on all of them: on length alone). ``shaped`` keeps that behaviour."""
+    config = TrainConfig(prompts_per_step=4, group_size=G, minibatches=1, max_new_tokens=3,
+                         overlong_penalty=2, dynamic_sampling=True, max_sampling_rounds=2,
+                         dynamic_sampling_on=on)  # fmt: skip
+    with pytest.warns(TrainWarning) if on == "task" else contextlib.nullcontext():
+        batch = collect(RuleSampler().sample, POOL, position=0, config=config,
+                        world=dd.World(), score=rule_score(lambda k: False), eos=[EOS],
+                        pad_id=PAD)  # fmt: skip
+    assert min(batch.rewards) < 0  # the penalty is in the rewards either way
+    if on == "task":
+        assert batch.metrics["informative_groups"] == 0 and batch.metrics["tied_frac"] == 1.0
+        assert batch.metrics["sampling_rounds"] == 2 and not bool(batch.keep.any())
+    else:
+        assert batch.metrics["informative_groups"] == 4 and batch.metrics["tied_frac"] == 0.0
+        assert batch.metrics["sampling_rounds"] == 1 and bool(batch.keep.all())
+
+
+def test_dynamic_sampling_on_needs_dynamic_sampling():
+    with pytest.raises(ValueError, match="--dynamic-sampling-on"):
+        TrainConfig(dynamic_sampling_on="shaped")
+    with pytest.raises(ValueError):
+        TrainConfig(dynamic_sampling=True, dynamic_sampling_on="length")

@@ -46,7 +46,8 @@ def _usage() -> str:
 # ---------------------------------------------------------------- gspo objective
 
 
-def objective_main(argv: Sequence[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`gspo objective`'s parser (the documentation's CLI reference prints its help)."""
     parser = argparse.ArgumentParser(
         prog="gspo objective",
         description="Read {log_probs_new, log_probs_old, rewards, epsilon} as JSON and print "
@@ -71,7 +72,11 @@ def objective_main(argv: Sequence[str]) -> int:
         "--loss", choices=tuple(_KEYS), default="gspo",
         help="the objective: gspo (default), sapo, cispo or gmpo (docs/spec.md)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def objective_main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     from gspo.reference import (
         explain_objective,
         explain_token_objective,

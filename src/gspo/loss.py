@@ -28,7 +28,7 @@ VARIANTS = ("gspo", "gspo-token", "grpo", *objectives.VARIANTS)
 GSPO_EPS = 3e-4  # eps_low's default for gspo, gspo-token and grpo (the GSPO paper's scale)
 
 # Not compiled. torch.compile(gspo_loss) on CPU, measured by bench/loss.py in four runs
-# on a quiet 2-core machine (torch 2.13, forward + backward, README): first call 2.2-6.3 s
+# on a quiet 2-core machine (torch 2.13, forward + backward, docs/benchmarks): first call 2.2-6.3 s
 # (compilation; again for each new dtype or variant, and once more when shapes change, to
 # a dynamic-shape graph); then slower than eager at 64 x 1024 in every run, and at
 # 512 x 4096 faster only than a fresh process's cold eager calls (3.0-3.2 against 8.8-9.0

@@ -21,7 +21,7 @@ correction.py   sampler-vs-trainer mismatch metrics and rollout corrections
 checkpoint.py   save and restore everything, atomically
 report.py       per-step metrics, samples, progress bar, TensorBoard / W&B
 distributed.py  DDP / FSDP2 under torchrun, rank sharding, metric reductions
-rundir.py       the run directory: never reused without --resume, created when training starts
+rundir.py       the run directory: claimed and locked at launch, never shared or reused
 plot.py         reward.png and compare.png (losses' held-out curves over seeds)
 """
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gspo.config import add_arguments, coerce, from_args, load_file
+from gspo.train import console
 from gspo.train.config import TrainConfig
 
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --compare: run every loss with each of these seeds (the plot shows the "
         "mean and the min-max band); default: --seed",
     )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show every library's and engine's output on the console; by default it goes "
+        "to RUN_DIR/library.log and the console shows gspo's own lines (gspo.train.console)")
     add_arguments(parser, TrainConfig)
     return parser
 
@@ -85,15 +90,21 @@ def _main(argv: list[str]) -> int:
         if args.compare_seeds and args.compare is None:
             raise ValueError("--compare-seeds seeds the runs of --compare: add --compare "
                              "LOSS ..., or use --seed for one run")  # fmt: skip
-        if args.compare is not None:
-            from gspo.train.compare import run_compare
+        with console.session(quiet=not args.verbose):
+            if args.compare is not None:
+                from gspo.train.compare import run_compare
 
-            return run_compare(config, args.compare, args.compare_seeds or ())
-        from gspo.train.loop import train
+                return run_compare(config, args.compare, args.compare_seeds or ())
+            from gspo.train.loop import train
 
-        summary = train(config)
+            summary = train(config)
     except ValueError as err:
         print(f"gspo train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file of the run's (a checkpoint, metrics): one line naming it
+        if err.filename is None:  # not a file: the traceback says where
+            raise
+        print(f"gspo train: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("gspo train: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)

@@ -203,7 +203,7 @@ class SamplingConfig:
     distribution."""
 
     rollout: str = option(
-        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM, see README)",
+        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM; docs/scale-out.md)",
         choices=_engine_names,
     )
     system_prompt: str | None = option(
@@ -285,7 +285,7 @@ class LossConfig:
         "auto = sampler with --async-rollouts and no --rollout-correction (docs/scale-out.md), "
         "else trainer", choices=("auto", "trainer", "sampler"))  # fmt: skip
     rollout_correction: str = option(
-        "none", "weigh samples by trainer/sampler ratios (see README)",
+        "none", "weigh samples by trainer/sampler ratios (see docs/distributed.md)",
         choices=("none", "seq-mask", "seq-tis", "token-tis"),
     )
     correction_low: float = option(0.99, "seq-mask: drop sequences whose mean ratio is below")
@@ -468,9 +468,8 @@ class RunConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BatchConfig:
-    """Which samples make a step's batch and which reach the loss (gspo.train.sampling):
-    DAPO (arXiv 2503.14476) section 3.2's dynamic sampling and section 3.4's overlong
-    filtering and soft overlong punishment."""
+    """Which samples make a step's batch and reach the loss (gspo.train.sampling): DAPO
+    (arXiv 2503.14476) 3.2's dynamic sampling, 3.4's overlong filtering and punishment."""
 
     dynamic_sampling: bool = option(
         False, "drop groups whose rewards are all equal (no advantage, no gradient) and "
@@ -480,6 +479,8 @@ class BatchConfig:
         None, "with --dynamic-sampling: rounds of --prompts-per-step prompts at most per "
         "step; then the step trains on the groups it has and says so; none = 4",
         metavar="INT")  # fmt: skip
+    dynamic_sampling_on: str = option("task", "--dynamic-sampling's ties, on: task (the task's "
+        "score before --overlong-penalty, as DAPO, verl) or shaped (after it)")  # fmt: skip
     mask_truncated: bool = option(
         False, "completions cut at --max-new-tokens (no EOS) get no loss: their sequences "
         "leave the loss and its divisor (DAPO 3.4's overlong filtering)")  # fmt: skip
@@ -489,6 +490,9 @@ class BatchConfig:
         "0 = off", metavar="BUFFER")  # fmt: skip
 
     def __post_init__(self) -> None:
+        on = self.dynamic_sampling_on  # what --dynamic-sampling filters on
+        check(on == "task" or (on == "shaped" and self.dynamic_sampling), "dynamic_sampling_on",
+              on, "use task or shaped (with --dynamic-sampling), or drop it")  # fmt: skip
         rounds = self.max_sampling_rounds
         check(rounds is None or self.dynamic_sampling, "max_sampling_rounds", rounds,
               "it bounds --dynamic-sampling's rounds: add --dynamic-sampling, or drop "

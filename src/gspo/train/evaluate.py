@@ -15,8 +15,13 @@ overall and per category: greedy accuracy, sampled pass@1 and pass@n (the unbias
 estimator of Chen et al. 2021), the format rate (greedy completions whose answer the
 task can read) and, for arith, the last-number accuracy (the last number of the greedy
 completion is the answer, format aside: what the model computes even when it ignores the
-``Answer:`` line). A completion is *correct* when its reward is 1, the maximum of the
-built-in tasks. Output: a table, then one JSON line; every completion goes to ``--out``.
+``Answer:`` line). A completion is *correct* when its reward is at least ``--correct-at``
+(default 1, the maximum of the built-in tasks' rewards): a weighted sum of rewards (1 x
+correct + 0.2 x format gives 1.2) or a judge on a 0..2 scale counts a right answer, and the
+rule is printed with the table; when no completion reaches it although some scored above
+0, a warning says to set ``--correct-at``. With ``--reward`` the task's own checks (arith's
+format and last number) do not apply and are not reported. Output: a table, then one JSON
+line; every completion goes to ``--out``.
 
 With ``--env`` (gspo.train.episodes) each question is an episode: the greedy completion is
 the model's last reply, the environment's reward scores it, and the summary adds the
@@ -73,6 +78,9 @@ class EvalConfig(Composite):
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         rollout=default_engine(), max_new_tokens=32))  # 32: the default task's (arith)
     n: int = option(4, "sampled completions per question, for pass@n (0 = greedy only)")
+    correct_at: float = option(1.0, "a completion counts as correct (accuracy, pass@k) when its "
+                               "reward is at least this; 1 is the built-in tasks' maximum",
+                               metavar="REWARD")  # fmt: skip
     seed: int = option(0, "seed of the built-in questions and of sampling")
     out: str = option("eval-completions.jsonl", "where every completion is written (JSONL)",
                       metavar="FILE")  # fmt: skip
@@ -97,6 +105,8 @@ class EvalConfig(Composite):
 
     def __post_init__(self) -> None:
         check(self.n >= 0, "n", self.n, "use 0 (greedy only) or more samples")
+        check(math.isfinite(self.correct_at), "correct_at", self.correct_at,
+              "use a finite reward, e.g. your reward's value for a right answer")  # fmt: skip
 
     @property
     def sequences_per_call(self) -> int:
@@ -164,30 +174,43 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
                 sampled += sampled_rollout.completions
                 sampled_rewards += collect.score(sampled_rollout)
             bar.update(len(chunk) * (1 + config.n))
-    records = []
+    records, correct_at = [], config.correct_at
     for i, question in enumerate(questions):
         samples = sampled[i * config.n : (i + 1) * config.n]
         rewards = sampled_rewards[i * config.n : (i + 1) * config.n]
-        checks = task.eval_metrics(question, greedy[i])  # e.g. arith: format, last number
+        # the task's checks read its own fields (arith: format, last number == "answer"); a
+        # user's reward scores rows that need not have them
+        checks = {} if d.reward else task.eval_metrics(question, greedy[i])
         records.append({
             "question": question.get("question", question["prompt"]),
             "answer": question.get("answer"),
             "category": str(question.get("category", "all")),
             "greedy": greedy[i], "greedy_reward": greedy_rewards[i],
-            "greedy_correct": greedy_rewards[i] == 1.0,
+            "greedy_correct": greedy_rewards[i] >= correct_at,
             **{f"greedy_{name}": value for name, value in checks.items()},
             "samples": samples, "sample_rewards": rewards,
-            "samples_correct": sum(r == 1.0 for r in rewards),
+            "samples_correct": sum(r >= correct_at for r in rewards),
         })  # fmt: skip
         if turns is not None:  # the greedy episode, turn by turn
             records[-1].update(greedy_turns=turns[i]["turns"],
                                greedy_tool_calls=turns[i]["tool_calls"],
                                greedy_truncated=turns[i]["truncated"])  # fmt: skip
-    summary = summarize(records, config.n)
+    summary = {**summarize(records, config.n), "correct_at": correct_at}
+    _warn_if_nothing_is_correct(greedy_rewards + sampled_rewards, correct_at)
     if turns is not None:  # greedy episodes: how the model used the environment
         summary.update(episodes.episode_metrics(turns),
                        truncated_frac=sum(e["truncated"] for e in turns) / len(turns))
     return summary, records
+
+
+def _warn_if_nothing_is_correct(rewards: Sequence[float], correct_at: float) -> None:
+    # A reward on another scale (a judge's 0..10, a weighted sum below 1) would read as
+    # accuracy 0 with no other sign.
+    best = max(rewards, default=0.0)
+    if 0.0 < best < correct_at:
+        print(f"gspo eval: warning: no completion reached --correct-at {correct_at:g} (the "
+              f"highest reward was {best:g}); if a right answer scores otherwise, set "
+              "--correct-at to its reward", file=sys.stderr)  # fmt: skip
 
 
 def summarize(records: Sequence[dict], n: int) -> dict:
@@ -232,13 +255,22 @@ def table(summary: dict, n: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from gspo.train.console import session
+
     try:
         config = parse_config(argv)
-        summary = run(config)
+        with session(quiet=not build_parser().parse_args(argv).verbose):
+            summary = run(config)
     except ValueError as err:
         print(f"gspo eval: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.filename is None:  # not a file of ours: the traceback says where
+            raise
+        print(f"gspo eval: error: {err.filename}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(table(summary, config.n))
+    print(f"correct: reward >= {config.correct_at:g} (--correct-at)")
     if "turns_per_episode" in summary:
         print(f"--env {config.data.env}, greedy episodes: tool-call rate "
               f"{summary['tool_call_rate']:.3f}, turns per episode "
@@ -269,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its trained model (RUN_DIR/model), completions to RUN_DIR/eval-completions.jsonl")
     add_arguments(parser, EvalConfig, aliases=EvalConfig.aliases)
     parser.add_argument("-n", dest="n", type=int, default=argparse.SUPPRESS, help="same as --n")
+    parser.add_argument("--verbose", action="store_true", help="show every library's and "
+                        "engine's output; by default it goes to OUT's name with .library.log")
     return parser
 
 
@@ -302,15 +336,41 @@ def train_fields(path: str | Path) -> dict:
     return {k: v for k, v in trained.items() if k in SHARED_WITH_TRAIN}
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written (ValueError naming it) by opening it for
+    appending; a file made only by this check is removed again."""
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} cannot be written ({err.strerror or err}); give "
+                         "a writable path") from None  # fmt: skip
+    if not existed:
+        out.unlink()
+
+
 def run(config: EvalConfig) -> dict:
-    """Load the model, answer the questions, write the completions; returns the summary."""
+    """Load the model, answer the questions, write the completions; returns the summary.
+    Inside `gspo eval` (quiet unless --verbose) library output goes to ``--out``'s name with
+    ``.library.log`` (gspo.train.console)."""
+    from gspo.train.console import to_log
+
+    questions = load_questions(config)
+    out = Path(config.out)
+    check_writable(out)  # before the model loads and every question is asked
+    with to_log(out.with_suffix(".library.log")):
+        return _run(config, questions)
+
+
+def _run(config: EvalConfig, questions: list[dict]) -> dict:
     import torch
 
     from gspo.train import data, models
     from gspo.train.distributed import pick_device
     from gspo.train.engines.registry import engine_class
 
-    questions = load_questions(config)
     torch.manual_seed(config.seed)
     m = config.policy
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,

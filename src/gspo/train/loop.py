@@ -45,6 +45,7 @@ from gspo.train import checkpoint as ckpt
 from gspo.train import data, engines, episodes, models, overlap, resume, rundir, sampling, warmstart
 from gspo.train import distributed as dd
 from gspo.train.config import TrainConfig
+from gspo.train.console import log_path, to_log
 from gspo.train.report import Report, sample_groups, step_metrics
 from gspo.train.rewards import RewardError
 from gspo.train.rollout import eos_ids
@@ -99,10 +100,12 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
     run, optim = config.run, config.optim
     _check_world(config, world)
-    run_dir = rundir.resolve(config, world)  # created only once every check has passed
+    run_dir = rundir.resolve(config, world)  # made and locked now: writable, never shared
+    cleanup.callback(rundir.release, run_dir)  # unlock; remove it if training never started
     resume_from = ckpt.latest(run_dir) if run.resume else None
     if resume_from is not None:  # only what may change on resume differs from its settings
         resume.check(config, resume_from)
+    cleanup.enter_context(to_log(log_path(run_dir, world.rank)))  # libraries' output, quiet
     if run.threads or config.policy.model == "tiny":  # the tiny model's ops are too small
         torch.set_num_threads(run.threads or 1)
     # Per-rank seeds: ranks must sample different completions for their prompts.

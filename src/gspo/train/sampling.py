@@ -7,15 +7,19 @@ before. With them (gspo.train.config.BatchConfig, DAPO arXiv 2503.14476):
 * ``--overlong-penalty BUFFER`` (DAPO 3.4, soft overlong punishment, eq. 13): the reward
   gets ``overlong_penalty(length, limit, BUFFER)`` added, ``limit`` = --max-new-tokens and
   ``length`` the tokens of the longest reply (its EOS included; single-turn: the one
-  completion; ``reply_length``). Added before anything below looks at the rewards.
+  completion; ``reply_length``). Added before the advantages; ``--dynamic-sampling``
+  judges ties before it (below).
 * ``--dynamic-sampling`` (DAPO 3.2): a group whose G rewards are all equal has advantage 0
-  under every normalisation, so it only dilutes the batch. Rounds of ``prompts_per_step``
-  fresh prompts are sampled until every rank holds its ``prompts_per_step / world`` groups
-  whose rewards differ (the first ones, in stream order), or ``--max-sampling-rounds``
-  rounds were sampled; then a short rank fills its remaining slots with tied groups that
-  are kept out of the loss (``keep`` False), and the step says so (a warning and
-  ``informative_groups`` < prompts_per_step). Extra informative groups are dropped, as
-  DAPO drops them.
+  under every normalisation, so it only dilutes the batch. Ties are judged on the task's own
+  score, before the overlong penalty (DAPO's and verl's filter): a group whose answers are
+  all wrong is uninformative even when the penalty, by their lengths, unties it.
+  ``--dynamic-sampling-on shaped`` judges the rewards after the penalty instead. Rounds of
+  ``prompts_per_step`` fresh prompts are sampled until every rank holds its
+  ``prompts_per_step / world`` groups whose rewards differ (the first ones, in stream
+  order), or ``--max-sampling-rounds`` rounds were sampled; then a short rank fills its
+  remaining slots with tied groups that are kept out of the loss (``keep`` False), and the
+  step says so (a warning and ``informative_groups`` < prompts_per_step). Extra informative
+  groups are dropped, as DAPO drops them.
 * ``--mask-truncated`` (DAPO 3.4, overlong filtering): a truncated row (``truncated``: its
   last reply has no EOS, or its episode was cut by --max-turns or the positions) gets
   ``keep`` False: no loss, no gradient, not in the divisor (gspo.train.update). Its reward
@@ -161,10 +165,12 @@ def collect(
     for rounds in range(1, batch.rounds + 1):
         prompts = prompts_at(pool, run.seed, position + (rounds - 1) * per_step, per_step)
         rollout = sample(dd.shard(prompts, world), group_size=group_size, greedy=False)
-        rewards = _with_penalty(score(rollout), rollout, config)
+        scores = score(rollout)
+        rewards = _with_penalty(scores, rollout, config)
         if not batch.dynamic_sampling:
             return _finish(rollout, rewards, config, world, eos, rounds=1, counts=None)
-        flags = tied_groups(rewards, group_size)
+        flags = tied_groups(scores if batch.dynamic_sampling_on == "task" else rewards,
+                            group_size)  # fmt: skip
         for group, is_tied in zip(_groups(rollout, rewards, group_size), flags, strict=True):
             (tied if is_tied else informative).append(group)
         counts["groups"] += len(flags)

@@ -22,6 +22,7 @@ once).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -101,12 +102,15 @@ class HFEngine:
         sequence (rows contiguous per sequence: len(ids) * n of them), each up to its first
         EOS or --max-new-tokens. ``generation_batch_size`` rows per ``generate`` call (a
         sequence's n rows may span two calls: rows are independent).
-        ``seed``: re-seed torch's RNG with (engine seed, ``seed``) first, so that the batch
-        does not depend on what drew from it before (``generate`` takes no generator; the
-        overlapped sampler's trainer thread draws nothing while it runs: config refuses
-        --keep-dropout there)."""
+        ``seed``: draw from a ``torch.Generator`` of its own seeded with (engine seed,
+        ``seed``), never from torch's process-wide RNG, so that the batch depends on nothing
+        drawn before and the trainer's RNG (and the checkpoint that saves it) on nothing this
+        call draws, whichever thread runs it (the overlapped sampler's). ``generate`` takes no
+        generator: tokens are then drawn by the Gumbel-max rule (``_gumbel_argmax``)."""
+        generator = None
         if seed is not None:
-            torch.manual_seed(self.seed * 1_000_003 + seed * 65_537)
+            device = next(self.model.parameters()).device
+            generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + seed * 65_537)
         c = self.sampling
         rows = [list(p) for p in ids for _ in range(n)]
         per_call = c.generation_batch_size or len(rows)
@@ -118,7 +122,7 @@ class HFEngine:
                 response, logps, eos = generate_ids(
                     self.model, self.tokenizer, chunk, max_new_tokens=c.max_new_tokens,
                     temperature=c.temperature, top_p=c.top_p, greedy=greedy,
-                    synced=self.synced)  # fmt: skip
+                    synced=self.synced, generator=generator)  # fmt: skip
                 for i, row in enumerate(response.cpu().tolist()):
                     out.append(trim(len(chunk[i]), row, None if logps is None else logps[i],
                                     eos=eos, max_new_tokens=c.max_new_tokens,
@@ -178,14 +182,17 @@ class _Recorder:
         self.scores: torch.Tensor | None = None
         self.columns: list[torch.Tensor] = []
 
-    def processors(self, temperature: float, top_p: float):
+    def processors(self, temperature: float, top_p: float, generator=None):
+        """The warpers, then the recorder; with ``generator``, then Gumbel noise from it, for
+        generate's greedy decoding to draw the token (``_gumbel_argmax``)."""
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         # generate's own warpers, in its order (temperature, then top-p), built as it builds
         # them: only when they change anything.
         warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         warpers += [TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1)] if top_p < 1.0 else []
-        return LogitsProcessorList([*warpers, self._keep])
+        noise = [] if generator is None else [functools.partial(_gumbel_argmax, generator)]
+        return LogitsProcessorList([*warpers, self._keep, *noise])
 
     def stopping(self):
         from transformers import StoppingCriteria, StoppingCriteriaList
@@ -213,6 +220,14 @@ class _Recorder:
         return torch.stack(self.columns[:steps], dim=1)
 
 
+def _gumbel_argmax(generator: torch.Generator, input_ids, scores: torch.Tensor) -> torch.Tensor:
+    """Scores [B, V] whose argmax is a draw from softmax(scores): ``scores - log(E)``, E
+    i.i.d. Exp(1) from ``generator`` (-log E is Gumbel(0, 1): the Gumbel-max trick). A -inf
+    score (cut by top-p) stays -inf, so the nucleus is kept; float32, as softmax would be."""
+    exp1 = torch.empty(scores.shape, device=scores.device).exponential_(generator=generator)
+    return scores.float() - exp1.log()
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -226,8 +241,10 @@ def generate(
     greedy: bool = False,
     synced: bool = False,
     system_prompt: str | None = None,
+    generator: torch.Generator | None = None,
 ) -> Rollout:
-    """Sample ``group_size`` completions per prompt; groups are contiguous rows.
+    """Sample ``group_size`` completions per prompt; groups are contiguous rows; from
+    ``generator`` when given (else torch's process-wide RNG, as ``generate`` draws).
 
     ``synced`` keeps every rank stepping until all are done (needed when the forward itself
     communicates, as under FSDP); this is ``generate(synced_gpus=True)``.
@@ -237,25 +254,28 @@ def generate(
     ids = encode_prompts(tokenizer, rows, system_prompt)
     response, logps, eos = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p, greedy=greedy,
-                                        synced=synced)  # fmt: skip
+                                        synced=synced, generator=generator)  # fmt: skip
     return assemble(tokenizer, rows, ids, response.cpu().tolist(), logps, eos=eos,
                     device=device)  # fmt: skip
 
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 temperature: float, top_p: float, greedy: bool, synced: bool = False):  # fmt: skip
+                 temperature: float, top_p: float, greedy: bool, synced: bool = False,
+                 generator: torch.Generator | None = None):  # fmt: skip
     """One ``generate`` call on token ids (left-padded together): the sampled ids
     [B, T_gen] (pad after each row's EOS), the sampler's log-prob of each (a [B][T_gen]
     list; None when greedy), and the EOS ids that stopped it."""
     device = next(model.parameters()).device
     enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding_side="left")
     enc = {k: v.to(device) for k, v in enc.items()}
+    # with a generator of our own, generate decodes greedily over Gumbel-noised scores
     gen_config = fresh_generation_config(model, tokenizer, max_new_tokens=max_new_tokens,
-                                         greedy=greedy)  # fmt: skip
+                                         greedy=greedy or generator is not None)  # fmt: skip
     recorder = None if greedy else _Recorder()
-    hooks = {} if greedy else {"logits_processor": recorder.processors(temperature, top_p),
-                               "stopping_criteria": recorder.stopping()}  # fmt: skip
+    hooks = {} if greedy else {
+        "logits_processor": recorder.processors(temperature, top_p, generator),
+        "stopping_criteria": recorder.stopping()}  # fmt: skip
     # generate() fills whatever our config leaves unset from model.generation_config (a
     # saved repetition_penalty=1.3 would otherwise come back); swap in the fresh one.
     saved, model.generation_config = model.generation_config, gen_config

