@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from gspo.objectives import names
 from gspo.train.cli import main
 from gspo.train.compare import DEFAULT, parse_variants, summary_lines
-from gspo.train.config import LOSSES
 
 TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--prompts-per-step", "4",
         "--group-size", "4", "--minibatches", "2", "--max-new-tokens", "4",
@@ -25,7 +25,7 @@ def test_parse_losses_and_their_options():
     ]
     assert got[1].dirname == "grpo-eps_low0.2-eps-high0.25-adv_normloo"
     assert [v.label for v in parse_variants([])] == list(DEFAULT)
-    assert {v.changes["loss"] for v in parse_variants(list(LOSSES))} == set(LOSSES)
+    assert {v.changes["loss"] for v in parse_variants(list(names()))} == set(names())
 
 
 @pytest.mark.parametrize(
