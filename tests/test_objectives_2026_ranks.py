@@ -1,7 +1,10 @@
 """VESPO, LUSPO and DPPO in the trainer's fast step: 2 gloo ranks (DDP), each holding whole
 groups that share their prompts, run packed (--shared-prefix) with the fused loss and
 micro-batches; the update step equals one process on the whole batch through the plain path
-(--no-shared-prefix --no-fused-loss, no micro-batches), to 1e-5 in float32. VESPO divides by
+(--no-shared-prefix --no-fused-loss, no micro-batches), to 1e-6 in float32. The step is SGD
+at lr 1 after the gradient-norm clip (0.05), so parameters move by the clipped gradient
+itself: AdamW's first steps divide a tiny gradient by its own size, which turns float32
+rounding into differences of 3e-5 (measured for LUSPO) and hides nothing a test could see. VESPO divides by
 the minibatch's valid tokens over every micro-batch and rank: a rank or a piece that divided
 by its own count would weight short answers up. (The pattern of
 tests/test_prefix_distributed.py, whose batch and helpers these are.)"""
@@ -15,11 +18,32 @@ import torch
 import torch.multiprocessing as mp
 
 from gspo.train.config import TrainConfig
-from test_prefix_distributed import B, UPDATE, _single, free_port, make_batch, updated
+from gspo.train.rollout import Rollout
+from test_prefix_distributed import UPDATE, B, P, _single, free_port, make_batch
 
 LOSSES = ("vespo", "luspo", "dppo-tv")
-# off-policy enough that VESPO's phi and DPPO's mask act: lr large, two minibatches
-PLAIN = dict(UPDATE, max_tokens_per_microbatch=0, shared_prefix=False, fused_loss=False)
+FAST = dict(UPDATE, lr=1.0)  # two minibatches, micro-batches of 30 tokens
+PLAIN = dict(FAST, max_tokens_per_microbatch=0, shared_prefix=False, fused_loss=False)
+
+
+def updated(model, engine, rows, world, config):
+    """test_prefix_distributed.updated with SGD: the parameters after update()."""
+    from gspo.train import distributed as dd
+    from gspo.train.update import update
+
+    _, rollout, adv, _, _ = make_batch()
+    if isinstance(rows, torch.Tensor):  # the single process: rows in this order
+        rollout = Rollout(prompts=[rollout.prompts[i] for i in rows],
+                          input_ids=rollout.input_ids[rows],
+                          attention_mask=rollout.attention_mask[rows],
+                          response_mask=rollout.response_mask[rows], prompt_len=P,
+                          completions=[""] * B)  # fmt: skip
+        rollout, adv, rows = rollout, adv[rows], slice(0, B)
+    optimizer = torch.optim.SGD(list(engine.parameters()), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    update(engine, None, optimizer, scheduler, rollout.select(rows), adv[rows], config=config,
+           world_size=world.size)  # fmt: skip
+    return dd.full_state_dict(model, world)
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
@@ -35,7 +59,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     for loss in LOSSES:
         model = make_batch()[0]
         engine = dd.wrap(CausalLMLogprobs(model), world, fsdp=False)
-        results[loss] = updated(model, engine, rows, world, TrainConfig(**UPDATE, loss=loss))
+        results[loss] = updated(model, engine, rows, world, TrainConfig(**FAST, loss=loss))
     if rank == 0:
         torch.save(results, out)
     dd.shutdown(world)
@@ -61,4 +85,4 @@ def test_two_ranks_packed_fused_microbatched_take_the_single_process_step(two_ra
     start = make_batch()[0].state_dict()
     assert max((expected[n] - start[n]).abs().max() for n in expected) > 1e-3  # it moved
     for name, value in expected.items():
-        torch.testing.assert_close(two_ranks[loss][name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(two_ranks[loss][name], value, rtol=0, atol=1e-6, msg=name)
