@@ -257,3 +257,54 @@ def test_bad_options_name_the_option(changes, error, match):
     kw = {"advantages": torch.tensor(ADV, dtype=torch.float64), **changes}
     with pytest.raises(error, match=match):
         gspo_loss(logp, pad(OLD)[0], mask, **kw)
+
+
+@pytest.mark.parametrize("loss, extra, want", [
+    ("dppo-tv", {}, -0.02798264379329085),
+    ("dppo-kl", {}, -0.02798264379329085),
+    ("vespo", {}, 0.30507461565686056),
+    ("luspo", {"eps_low": 0.2}, -0.11275997856442133),
+])  # fmt: skip
+def test_gspo_objective_prints_the_spec_examples(loss, extra, want, tmp_path, capsys):
+    """`gspo objective --loss NAME` reads the registry: the worked examples above from JSON
+    (rewards [1, 0] give A = [1, -1]); --explain ends with the same L."""
+    import json
+
+    from gspo.cli import main
+
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"log_probs_new": NEW, "log_probs_old": OLD, "rewards": [1, 0],
+                                **extra}))  # fmt: skip
+    assert main(["objective", "--loss", loss, str(path)]) == 0
+    assert float(capsys.readouterr().out) == pytest.approx(want, abs=1e-12)
+    assert main(["objective", "--loss", loss, "--explain", str(path)]) == 0
+    assert capsys.readouterr().out.strip().endswith(repr(want))
+
+
+@pytest.mark.parametrize("variant, kw", [("vespo", {}), ("dppo-kl", {}), ("dppo-tv", {}),
+                                         ("luspo", {"eps_low": 0.2}),
+                                         ("gspo", {"seq_mask_delta": 0.05})])  # fmt: skip
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_and_fused_paths_equal_the_plain_loss(variant, kw, fused):
+    """gspo_loss_from_hidden (chunked log-probs, and the fused LM-head pass) takes the new
+    variants' keywords and gives gspo_loss's value and gradient in the hidden states."""
+    from gspo.chunked import gspo_loss_from_hidden
+    from gspo.logprobs import naive_token_logprobs
+
+    def plain_logp(h, w, y):
+        return naive_token_logprobs(h.reshape(-1, h.shape[-1]), w, y.reshape(-1)).view(y.shape)
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 11, (3, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]).bool()
+    old = plain_logp(h.detach(), w, y) - 0.3 * torch.rand(3, 5, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    got, _ = gspo_loss_from_hidden(h, w, y, old, mask, advantages=adv, variant=variant,
+                                   fused=fused, chunk_size=4, **kw)  # fmt: skip
+    (got_grad,) = torch.autograd.grad(got, h)
+    want, _ = gspo_loss(plain_logp(h, w, y), old, mask, advantages=adv, variant=variant, **kw)
+    (want_grad,) = torch.autograd.grad(want, h)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-14)
