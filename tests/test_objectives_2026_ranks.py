@@ -18,8 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from gspo.train.config import TrainConfig
-from gspo.train.rollout import Rollout
-from test_prefix_distributed import UPDATE, B, P, _single, free_port, make_batch
+from test_prefix_distributed import UPDATE, B, _single, free_port, make_batch
+from test_prefix_distributed import updated as prefix_updated
 
 LOSSES = ("vespo", "luspo", "dppo-tv")
 FAST = dict(UPDATE, lr=1.0)  # two minibatches, micro-batches of 30 tokens
@@ -27,23 +27,8 @@ PLAIN = dict(FAST, max_tokens_per_microbatch=0, shared_prefix=False, fused_loss=
 
 
 def updated(model, engine, rows, world, config):
-    """test_prefix_distributed.updated with SGD: the parameters after update()."""
-    from gspo.train import distributed as dd
-    from gspo.train.update import update
-
-    _, rollout, adv, _, _ = make_batch()
-    if isinstance(rows, torch.Tensor):  # the single process: rows in this order
-        rollout = Rollout(prompts=[rollout.prompts[i] for i in rows],
-                          input_ids=rollout.input_ids[rows],
-                          attention_mask=rollout.attention_mask[rows],
-                          response_mask=rollout.response_mask[rows], prompt_len=P,
-                          completions=[""] * B)  # fmt: skip
-        rollout, adv, rows = rollout, adv[rows], slice(0, B)
-    optimizer = torch.optim.SGD(list(engine.parameters()), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    update(engine, None, optimizer, scheduler, rollout.select(rows), adv[rows], config=config,
-           world_size=world.size)  # fmt: skip
-    return dd.full_state_dict(model, world)
+    """The parameters after update() with SGD (module docstring)."""
+    return prefix_updated(model, engine, rows, world, config, optimizer=torch.optim.SGD)
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:

@@ -256,12 +256,12 @@ class LossConfig:
         metavar="NAME[:OPTION=VALUE,...]")  # fmt: skip
     eps_low: float | None = option(
         None, "clip range below: ratio >= 1 - eps_low (gmpo: log-ratio >= -eps_low); none = "
-        "the loss's own: 0.003 for gspo, gspo-token, grpo; no lower bound for cispo; 0.4 for "
-        "gmpo; sapo has none")  # fmt: skip
+        "the loss's own: 0.003 for gspo, gspo-token, grpo, luspo; no lower bound for cispo; 0.4 "
+        "for gmpo; sapo, dppo, vespo have none")  # fmt: skip
     eps_high: float | None = option(
         None, "clip range above: ratio <= 1 + eps_high (cispo: the weight's cap - 1; gmpo: "
-        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo; 4.0 "
-        "for cispo; eps_low for gmpo; sapo has none")  # fmt: skip
+        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo, luspo; "
+        "4.0 for cispo; eps_low for gmpo; sapo, dppo, vespo have none")  # fmt: skip
     tau_pos: float | None = option(
         None, "sapo: the gate's temperature for positive advantages; none = 1.0")
     tau_neg: float | None = option(
