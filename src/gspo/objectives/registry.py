@@ -101,8 +101,7 @@ def register(objective: Objective) -> Objective:
     """Add ``objective`` (its module calls this when imported); a name is registered once."""
     if objective.divisor not in ("sequences", "tokens"):
         raise ValueError(f"{objective.name}: divisor must be 'sequences' or 'tokens'")
-    known = _REGISTRY.get(objective.name)
-    if known is not None and known.loss.__module__ != objective.loss.__module__:
+    if objective.name in _REGISTRY:  # a module runs once, so a second one is a name clash
         raise ValueError(f"objective {objective.name!r} is registered twice")
     _REGISTRY[objective.name] = objective
     return objective
@@ -172,12 +171,13 @@ def check_options(name: str, given: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------- checks for resolve()
 
 
-def number(name: str, value) -> float:
-    """``value`` as a float if it is a finite real number; else a TypeError / ValueError."""
+def number(name: str, value, rule: str = "> 0") -> float:
+    """``value`` as a float if it is a finite real number; else a TypeError / ValueError
+    whose message states ``rule``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        raise ValueError(f"{name} must be finite and {rule}, got {value!r}")
     return float(value)
 
 
@@ -191,10 +191,7 @@ def positive(name: str, value) -> float:
 
 def nonnegative(name: str, value) -> float:
     """``value`` if it is a finite number >= 0, as a float."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(
-            value):  # fmt: skip
-        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
-    value = number(name, value)
+    value = number(name, value, ">= 0")
     if value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     return value
