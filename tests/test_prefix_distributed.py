@@ -66,7 +66,9 @@ def gradients(model, engine, rows, world_size, config):
             for n, p in model.named_parameters()}  # fmt: skip
 
 
-def updated(model, engine, rows, world, config):
+def updated(model, engine, rows, world, config, optimizer=torch.optim.AdamW):
+    """The parameters after update() on ``rows`` (a tensor: the single process, in that
+    order), with ``optimizer`` (a class) at config.lr."""
     from gspo.train import distributed as dd
     from gspo.train.update import update
 
@@ -78,7 +80,7 @@ def updated(model, engine, rows, world, config):
                           response_mask=rollout.response_mask[rows], prompt_len=P,
                           completions=[""] * B)  # fmt: skip
         rollout, adv, rows = rollout, adv[rows], slice(0, B)
-    optimizer = torch.optim.AdamW(list(engine.parameters()), lr=config.lr)
+    optimizer = optimizer(list(engine.parameters()), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     update(engine, None, optimizer, scheduler, rollout.select(rows), adv[rows], config=config,
            world_size=world.size)  # fmt: skip

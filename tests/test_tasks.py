@@ -69,8 +69,13 @@ def test_task_levels_and_rows_follow_the_task_s_own_declarations(vowels):
         TrainConfig(task="vowels", prompts="rows.jsonl")
 
 
-def test_the_config_s_loss_names_are_gspo_loss_s_variants():
-    from gspo.loss import VARIANTS
-    from gspo.train.config import LOSSES
+def test_the_config_s_loss_names_are_the_registry_s():
+    """--loss's help and checks read the registry: every name is accepted, one outside it is
+    refused with the list."""
+    from gspo.objectives import names
+    from gspo.train.config import TrainConfig
 
-    assert LOSSES == VARIANTS
+    for name in names():
+        assert TrainConfig(loss=name).objective.gspo_loss_options()["variant"] == name
+    with pytest.raises(ValueError, match=r"'loss' = 'ppo' must be one of \['gspo'"):
+        TrainConfig(loss="ppo")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from gspo.objectives import names
 from gspo.train.cli import main
 from gspo.train.compare import DEFAULT, parse_variants, summary_lines
-from gspo.train.config import LOSSES
 
 TINY = ["--tiny-hidden", "32", "--tiny-layers", "1", "--prompts-per-step", "4",
         "--group-size", "4", "--minibatches", "2", "--max-new-tokens", "4",
@@ -25,7 +25,7 @@ def test_parse_losses_and_their_options():
     ]
     assert got[1].dirname == "grpo-eps_low0.2-eps-high0.25-adv_normloo"
     assert [v.label for v in parse_variants([])] == list(DEFAULT)
-    assert {v.changes["loss"] for v in parse_variants(list(LOSSES))} == set(LOSSES)
+    assert {v.changes["loss"] for v in parse_variants(list(names()))} == set(names())
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,15 @@ def test_summary_lines_give_mean_and_range_over_seeds():
     assert "first 0.050 [0.000, 0.100]" in line
     assert "best 0.500 [0.400, 0.600]" in line
     assert "last 0.450 [0.400, 0.500]" in line and "11 s/run" in line
+
+
+def test_an_objective_s_own_options_go_into_its_loss_spec():
+    """--compare "vespo:k_neg=2": k_neg is VESPO's (gspo train --loss vespo:k_neg=2), eps_low
+    LossConfig's; an option of neither is refused naming both kinds."""
+    (vespo, grpo) = parse_variants(["vespo:k_neg=2", "grpo:eps_low=0.2,seq_mask_delta=0.01"])
+    assert vespo.changes == {"loss": "vespo:k_neg=2"}
+    assert grpo.changes == {"loss": "grpo:seq_mask_delta=0.01", "eps_low": 0.2}
+    with pytest.raises(ValueError, match="k_pos=x.*not a number"):
+        parse_variants(["vespo:k_pos=x"])
+    with pytest.raises(ValueError, match="'delta_high=1' is not option=value"):
+        parse_variants(["gspo:delta_high=1"])

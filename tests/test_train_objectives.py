@@ -17,7 +17,7 @@ from gspo.train.update import update
 from test_train_update import one_update, ragged_batch, rollout_of, sequence_logp
 
 P, T = 4, 5
-NEW = ["sapo", "cispo", "gmpo"]
+NEW = ["sapo", "cispo", "gmpo", "dppo-tv", "dppo-kl", "vespo", "luspo"]
 
 
 @pytest.mark.parametrize("loss", NEW)
@@ -92,5 +92,39 @@ def test_a_short_run_of_each_loss(loss, tmp_path):
                  "--eval-prompts", "4", "--run-dir", str(run), "--no-progress",
                  "--no-plot"]) == 0  # fmt: skip
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    own = {"sapo": "gate_weight_mean", "cispo": "bound_frac_high", "gmpo": "clip_frac"}[loss]
+    own = {"sapo": "gate_weight_mean", "cispo": "bound_frac_high", "gmpo": "clip_frac",
+           "dppo-tv": "mask_frac_high", "dppo-kl": "mask_frac_low", "vespo": "phi_mean",
+           "luspo": "clip_frac"}[loss]  # fmt: skip
     assert own in last and all(isinstance(v, float | int) for v in last.values())
+
+
+@pytest.mark.parametrize("spec, want", [
+    ("vespo:k_pos=1,lambda_pos=0.5", {"variant": "vespo", "k_pos": 1.0, "lambda_pos": 0.5}),
+    ("dppo-kl:delta_high=0.1", {"variant": "dppo-kl", "delta_high": 0.1}),
+    ("luspo", {"variant": "luspo", "eps_low": 0.003, "eps_high": 0.004}),
+    ("luspo:eps_low=0.2", {"variant": "luspo", "eps_low": 0.2, "eps_high": 0.004}),
+    ("gspo:seq_mask_delta=0.01", {"variant": "gspo", "eps_low": 0.003, "eps_high": 0.004,
+                                  "seq_mask_delta": 0.01}),
+])  # fmt: skip
+def test_loss_name_takes_the_objective_s_options(spec, want):
+    from gspo.train.cli import parse_config
+
+    config, _ = parse_config(["--loss", spec])
+    assert config.objective.gspo_loss_options() == want
+    assert config.objective.name == spec.partition(":")[0]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--loss", "vespo:eps_low=0.2"], "'eps_low=0.2' is not option=value of vespo's options"),
+    (["--loss", "vespo:k_pos=x"], "k_pos='x' is not a number"),
+    (["--loss", "vespo:k_pos=-1"], "k_pos must be finite and >= 0"),
+    (["--loss", "dppo-tv", "--eps-low", "0.1"], "DPPO bounds the token probability"),
+    (["--loss", "luspo:eps_low=0.1", "--eps-low", "0.2"], "gives it too"),
+    (["--loss", "ppo"], "must be one of"),
+    (["--loss", "gspo:seq_mask_delta=0"], "seq_mask_delta must be finite and > 0"),
+])  # fmt: skip
+def test_bad_loss_options_exit_2_naming_them(argv, match, capsys):
+    from gspo.train.cli import main
+
+    assert main([*argv, "--steps", "0"]) == 2
+    assert match in capsys.readouterr().err

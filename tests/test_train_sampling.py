@@ -22,9 +22,10 @@ import torch
 from gspo.advantages import advantages
 from gspo.causal_lm import CausalLMLogprobs
 from gspo.loss import gspo_loss
+from gspo.objectives import names
 from gspo.train import distributed as dd
 from gspo.train.cli import parse_config
-from gspo.train.config import LOSSES, TrainConfig, TrainWarning
+from gspo.train.config import TrainConfig, TrainWarning
 from gspo.train.loop import train
 from gspo.train.report import step_metrics
 from gspo.train.rewards import Scores
@@ -252,7 +253,7 @@ def grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", names())
 def test_dropped_sequences_get_zero_gradient_and_the_loss_is_gspo_loss_over_the_kept(loss):
     """float64: with keep, minibatch_loss equals gspo_loss on the kept rows alone (its own
     divisor: the kept count), the gradient equals that of a batch holding only the kept

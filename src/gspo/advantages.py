@@ -9,6 +9,7 @@ Normalisations (``norm``):
     "sample"      (r - mean) / sample std (n-1) -- TRL, verl, OpenRLHF (without their epsilon)
     "center"      r - mean                      -- Dr. GRPO style, no scaling
     "loo"         r - mean of the *other* rewards of the group (RLOO) = G/(G-1) (r - mean)
+    "maxrl"       (r - mean) / mean  -- MaxRL (arXiv 2602.02710, prime-rl); 0 where mean <= 0
 
 A group whose rewards are all equal gets exactly 0 under every normalisation.
 Equality is decided on the rewards themselves, not on a computed std, because
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-NORMS = ("population", "sample", "center", "loo")
+NORMS = ("population", "sample", "center", "loo", "maxrl")
 
 
 def advantages(
@@ -43,7 +44,7 @@ def advantages(
         group_size: G, with B divisible by G; groups are contiguous rows.
         group_ids: [B] integer group labels (a tensor or a sequence of ints), instead
             of group_size.
-        norm: one of "population" (default, the spec), "sample", "center", "loo".
+        norm: one of "population" (default, the spec), "sample", "center", "loo", "maxrl".
 
     Returns:
         [B] float64 if rewards are float64, else float32.
@@ -67,6 +68,11 @@ def advantages(
     elif norm == "loo":
         size = count[inverse]
         adv = torch.where(size > 1, centred * size / (size - 1).clamp(min=1), 0.0)
+    elif norm == "maxrl":
+        # MaxRL: the mean (the group's pass rate for 0/1 rewards) as the scale, so a prompt
+        # solved with probability p weighs ~1/p; a group with mean <= 0 carries no signal
+        scale = mean[inverse]
+        adv = torch.where(scale > 0, centred / torch.where(scale > 0, scale, 1.0), 0.0)
     else:
         # Scale-free: divide by the group's largest deviation before squaring, so tiny
         # (1e-200) or huge (1e200) rewards neither underflow nor overflow.

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clamped to [-20, 20] before exp (gspo.reference.MAX_LOG_RATIO): exact below, and e^20 "
         "instead of an overflow to inf beyond; --explain names what it clamped. "
         "Keys besides log_probs_new, log_probs_old and rewards, per --loss: "
-        + "; ".join(f"{loss}: {_describe(loss)}" for loss in _KEYS)
+        + "; ".join(f"{loss}: {_describe(loss)}" for loss in _keys())
         + ". A key of another loss is refused (exit 2)."
     )
     parser.add_argument("file", nargs="?", default="-", help="JSON file, or - for stdin (default)")
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the per-sequence (per-token for sapo, cispo, gmpo) table before L",
     )  # fmt: skip
     parser.add_argument(
-        "--loss", choices=tuple(_KEYS), default="gspo",
-        help="the objective: gspo (default), sapo, cispo or gmpo (docs/spec.md)",
+        "--loss", choices=tuple(_keys()), default="gspo",
+        help="the objective (docs/spec.md): gspo (default) or another with a pure-Python "
+        "reference in gspo.objectives",
     )  # fmt: skip
     return parser
 
@@ -101,17 +102,26 @@ def objective_main(argv: Sequence[str]) -> int:
 
 
 _BASE = ("log_probs_new", "log_probs_old", "rewards")
-_KEYS = {  # --loss -> (required keys, optional keys) besides _BASE
-    "gspo": (("epsilon",), ()),
-    "sapo": ((), ("tau_pos", "tau_neg")),
-    "cispo": ((), ("eps_high", "eps_low")),
-    "gmpo": ((), ("eps_low", "eps_high")),
-}
-_FIELDS = _BASE + _KEYS["gspo"][0]  # the default's keys
+
+
+def _keys() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """--loss -> (required keys, optional keys) besides _BASE: gspo's epsilon, and each
+    registered objective's options where it has a reference (gspo.objectives)."""
+    from gspo.objectives import registry
+
+    keys = {"gspo": (("epsilon",), ())}
+    for name in registry.names():
+        record = registry.get(name)
+        if record.reference is not None:
+            keys[name] = ((), tuple(record.options))
+    return keys
+
+
+_FIELDS = (*_BASE, "epsilon")  # the default's keys
 
 
 def _describe(loss: str) -> str:
-    required, optional = _KEYS[loss]
+    required, optional = _keys()[loss]
     if not optional:
         return ", ".join(required)
     return "the optional " + ", ".join(optional)  # no loss has both kinds
@@ -123,12 +133,13 @@ def _read_payload(path: str, loss: str = "gspo") -> dict:
         payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         raise ValueError(f"input is not valid JSON: {err}") from None
-    required, optional = _KEYS[loss]
+    keys = _keys()
+    required, optional = keys[loss]
     need = [*_BASE, *required]
     if not isinstance(payload, dict):
         raise ValueError(f"input must be a JSON object with keys {need}")
     for key in payload:
-        users = [name for name, keys in _KEYS.items() if key in sum(keys, ())]
+        users = [name for name, kinds in keys.items() if key in sum(kinds, ())]
         if users and key not in required + optional:
             raise ValueError(f"key {key!r} does not apply to --loss {loss} (it takes "
                              f"{_describe(loss)}); remove it, or pass --loss "

@@ -149,8 +149,6 @@ def explain_objective(
 
 # ------------------------------------------- SAPO, CISPO, GMPO (token-level ratios)
 
-OBJECTIVES = ("gspo", "sapo", "cispo", "gmpo")  # the values of `gspo objective --loss`
-TOKEN_OBJECTIVES = ("sapo", "cispo", "gmpo")
 # Defaults, each from its source (docs/spec.md says where):
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05  # SAPO paper's temperatures (A > 0, A <= 0)
 CISPO_EPS_HIGH = 4.0  # weight cap 1 + 4 = 5: the cap TRL recommends (ScaleRL's eps_max = 5)
@@ -188,11 +186,13 @@ def objective(
     loss: str = "gspo",
     **params,
 ) -> float:
-    """The objective L of one group (docs/spec.md), in float64, for ``loss`` in OBJECTIVES.
+    """The objective L of one group (docs/spec.md), in float64, for ``loss`` a registered
+    objective with a reference (gspo.objectives).
 
     Advantages come from ``rewards`` by step 1 (``group_advantages``). ``params`` are the
-    loss's own: gspo ``epsilon`` (and ``epsilon_high``); sapo ``tau_pos``, ``tau_neg``;
-    cispo ``eps_high``, ``eps_low``; gmpo ``eps_low``, ``eps_high``. A training loss is -L.
+    loss's own: gspo ``epsilon`` (and ``epsilon_high``); the others the options of their
+    terms function (sapo ``tau_pos``, ``tau_neg``; cispo ``eps_high``, ``eps_low``; ...).
+    A training loss is -L.
 
     Raises:
         ValueError / TypeError: naming the argument, for a malformed input, an unknown
@@ -209,12 +209,20 @@ def objective(
 def objective_terms(
     log_probs_new: Ragged, log_probs_old: Ragged, advantages: Sequence[float], loss: str, **params
 ) -> list[TokenTerms]:
-    """SAPO / CISPO / GMPO terms of any number of sequences with given ``advantages`` [N]
-    (several groups at once; L averages, or for CISPO sums over tokens, across all)."""
-    terms = {"sapo": sapo_terms, "cispo": cispo_terms, "gmpo": gmpo_terms}.get(loss)
-    if terms is None:
-        raise ValueError(f"loss must be one of {OBJECTIVES}, got {loss!r}")
-    return terms(log_probs_new, log_probs_old, advantages, **params)
+    """The terms of any number of sequences with given ``advantages`` [N] (several groups at
+    once; L averages, or for the token-divided objectives sums over tokens, across all),
+    by the registered objective's reference function."""
+    return _reference(loss)(log_probs_new, log_probs_old, advantages, **params)
+
+
+def _reference(loss: str):
+    from gspo.objectives import registry
+
+    found = registry.get(loss, "loss").reference if loss in registry.names() else None
+    if found is None:
+        takers = [n for n in registry.names() if registry.get(n).reference is not None]
+        raise ValueError(f"loss must be one of {('gspo', *takers)}, got {loss!r}")
+    return found
 
 
 def sapo_terms(
@@ -347,22 +355,18 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
-_EXPLAIN = {  # loss -> (column header, TokenTerms field or callable) after "i t A_i d_t r_t"
-    "sapo": (("g(r_t)", "value"), ("4s(1-s)", "weight")),
-    "cispo": (("logp_t", None), ("w_t", "weight")),
-    "gmpo": (("m_t", "value"), ("passes", "weight")),
-}
-
-
 def explain_token_objective(
     log_probs_new: Ragged, log_probs_old: Ragged, rewards: Sequence[float], loss: str, **params
 ) -> str:
     """A per-token table for SAPO / CISPO / GMPO (docs/spec.md's worked examples), then
     each L_i and L."""
     _validate(log_probs_new, log_probs_old, rewards)
+    from gspo.objectives import registry
+
     terms = objective_terms(log_probs_new, log_probs_old, group_advantages(rewards), loss,
                             **params)  # fmt: skip
-    extra = _EXPLAIN[loss]
+    record = registry.get(loss, "loss")
+    extra = record.explain
     header = ("i", "t", "A_i", "d_t", "r_t", *(h for h, _ in extra), "dL/dlogp_t")
     rows = []
     for i, (term, new) in enumerate(zip(terms, log_probs_new, strict=True)):
@@ -376,9 +380,7 @@ def explain_token_objective(
     widths = [max(len(h), *(len(row[k]) for row in rows)) for k, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    what = {"sapo": "L_i = mean_t g(r_t) A_i", "cispo": "sum_t w_t A_i logp_t",
-            "gmpo": "L_i = A_i exp(mean_t m_t)"}[loss]  # fmt: skip
-    lines += [f"sequence {i}: {what} = {t.objective:.6f}" for i, t in enumerate(terms)]
+    lines += [f"sequence {i}: {record.formula} = {t.objective:.6f}" for i, t in enumerate(terms)]
     lines += [
         f"sequence {i} token {k}: log-ratio {x:.6g} clamped to "
         f"{math.copysign(MAX_LOG_RATIO, x):+g} before exp (MAX_LOG_RATIO)"
@@ -387,37 +389,8 @@ def explain_token_objective(
         if abs(x) > MAX_LOG_RATIO
     ]
     total = math.fsum(t.share for t in terms)
-    how = "sum_i (sum_t w_t A_i logp_t) / sum_i T_i" if loss == "cispo" else "mean_i L_i"
-    lines.append(f"L = {how} = {total!r}")
+    lines.append(f"L = {record.total} = {total!r}")
     return "\n".join(lines)
-
-
-# Which keyword of gspo_loss each variant takes (None: it does not apply; refused if given).
-# Here, in pure Python, so that `gspo train`'s config checks the same table without torch.
-APPLIES = {
-    "tau_pos": ("sapo",),
-    "tau_neg": ("sapo",),
-    "eps_low": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
-    "eps_high": ("gspo", "gspo-token", "grpo", "cispo", "gmpo"),
-    "num_sequences": ("gspo", "gspo-token", "grpo", "sapo", "gmpo"),
-    "num_tokens": ("cispo",),
-}
-WHY = {
-    "num_sequences": "CISPO divides by the batch's token count: pass num_tokens instead",
-    "num_tokens": "this variant averages per sequence: pass num_sequences instead",
-    "eps_low": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
-    "eps_high": "SAPO has no clip range; its gate is shaped by tau_pos and tau_neg",
-}
-
-
-def check_arguments(variant: str, **given) -> None:
-    """Refuse a keyword of gspo_loss that the variant does not use (given = not None)."""
-    for name, value in given.items():
-        if value is not None and variant not in APPLIES[name]:
-            users = ", ".join(repr(v) for v in APPLIES[name])
-            why = WHY.get(name, f"it applies to variant={users} only")
-            raise ValueError(f"{name}={value!r} does not apply to variant={variant!r}: {why}; "
-                             f"remove it")  # fmt: skip
 
 
 def _check_positive(name: str, value) -> None:

@@ -4,9 +4,10 @@
     gspo train --compare gspo grpo --compare-seeds 0 1 2
     gspo train --compare gspo "grpo:eps_low=0.2,eps_high=0.2" --steps 100
 
-Each ``--compare`` value is a loss (``gspo.train.config.LOSSES``), optionally followed by
-``:option=value,...`` of the objective's own options (LossConfig: clip range, KL, advantage
-normalisation...), so a token-level loss can run at its usual clip range next to GSPO's.
+Each ``--compare`` value is a loss (``gspo.objectives.names()``), optionally followed by
+``:option=value,...``: the loss options of LossConfig (clip range, KL, advantage
+normalisation...) and the objective's own (``gspo train --loss NAME:option=value``), so a
+token-level loss can run at its usual clip range next to GSPO's.
 Every (loss, seed) is a full ``gspo train`` into ``RUN_DIR/<loss>/seed<k>``; the other
 options are the command's own. ``RUN_DIR/compare.png`` draws the held-out reward of every
 loss: the mean over seeds, and the band from the lowest to the highest seed.
@@ -23,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gspo.config import flags
-from gspo.train.config import LOSSES, LossConfig, TrainConfig
+from gspo.objectives import registry
+from gspo.train.config import LossConfig, TrainConfig
 
 # What `--compare` alone runs: GSPO, GRPO with the same clip range, and GRPO with the 0.2
 # that token-level methods usually use.
@@ -49,17 +51,25 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
     out = []
     for spec in specs or DEFAULT:
         loss, _, options = spec.partition(":")
-        if loss not in LOSSES:
+        if loss not in registry.names():
             raise ValueError(f"--compare {spec!r}: unknown loss {loss!r}; use one of "
-                             f"{list(LOSSES)}, optionally as LOSS:option=value,...")  # fmt: skip
-        changes = {"loss": loss}
+                             f"{list(registry.names())}, optionally as LOSS:option=value,...")
+        changes, own = {"loss": loss}, []
+        takes = set(registry.get(loss).options) | set(registry.COMMON_OPTIONS)
         for item in filter(None, options.split(",")):
             name, eq, text = item.partition("=")
             name = name.strip().replace("-", "_")
+            if eq and name in takes - set(known):  # the objective's own: in --loss NAME:...
+                own.append(f"{name}={text.strip()}")
+                continue
             if not eq or name not in known or name == "loss":
+                choices = sorted((set(known) | takes) - {"loss"})
                 raise ValueError(f"--compare {spec!r}: {item!r} is not option=value of the "
-                                 f"loss's options {sorted(set(known) - {'loss'})}")  # fmt: skip
+                                 f"loss's options {choices}")  # fmt: skip
             changes[name] = _value(spec, name, text.strip(), known[name].base)
+        if own:
+            changes["loss"] = f"{loss}:{','.join(own)}"
+            registry.parse_spec(changes["loss"], f"--compare {spec!r}:")
         out.append(Variant(spec, changes))
     labels = [v.dirname for v in out]
     if len(set(labels)) != len(labels):

@@ -21,17 +21,11 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 from gspo.config import Composite, check, check_choices, check_dataset_fields, option
-from gspo.reference import APPLIES, WHY
+from gspo.objectives import registry
 from gspo.train.warmstart import WarmStartConfig
 
-# Losses that take per-token advantages (token-tis weights): gspo_loss's rule.
-PER_TOKEN_ADVANTAGES = ("gspo-token", "grpo", "sapo", "cispo")
-# gspo_loss's variants (gspo.loss.VARIANTS; a test holds the two equal): written out so
-# that `gspo train --help` does not import torch.
-LOSSES = ("gspo", "gspo-token", "grpo", "sapo", "cispo", "gmpo")
-# The trainer's clip range for the ratio-clipping losses when --eps-low/--eps-high are not
-# given (the default run's tuning; the GSPO paper's is 3e-4 / 4e-4, gspo_loss's default).
-CLIP_RANGE = {"gspo": (0.003, 0.004), "gspo-token": (0.003, 0.004), "grpo": (0.003, 0.004)}
+# the objective options that are also flags of their own (--eps-low ...), for older configs
+FLAG_OPTIONS = ("eps_low", "eps_high", "tau_pos", "tau_neg")
 
 
 class TrainWarning(UserWarning):
@@ -256,20 +250,18 @@ class LossConfig:
     corrections."""
 
     loss: str = option(
-        "gspo",
-        "the objective (gspo_loss's variant, docs/spec.md): gspo (sequence ratio), gspo-token, "
-        "grpo (token ratios), sapo (soft gate), cispo (clipped weight on REINFORCE), gmpo "
-        "(geometric mean of clipped token ratios)",
-        choices=LOSSES,
-    )
+        "gspo", "the objective (gspo_loss's variant, gspo.objectives, docs/objectives.md), "
+        "optionally with its options as NAME:option=value,...: "
+        + ", ".join(o.summary for o in map(registry.get, registry.names())),
+        metavar="NAME[:OPTION=VALUE,...]")  # fmt: skip
     eps_low: float | None = option(
         None, "clip range below: ratio >= 1 - eps_low (gmpo: log-ratio >= -eps_low); none = "
-        "the loss's own: 0.003 for gspo, gspo-token, grpo; no lower bound for cispo; 0.4 for "
-        "gmpo; sapo has none")  # fmt: skip
+        "the loss's own: 0.003 for gspo, gspo-token, grpo, luspo; no lower bound for cispo; 0.4 "
+        "for gmpo; sapo, dppo, vespo have none")  # fmt: skip
     eps_high: float | None = option(
         None, "clip range above: ratio <= 1 + eps_high (cispo: the weight's cap - 1; gmpo: "
-        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo; 4.0 "
-        "for cispo; eps_low for gmpo; sapo has none")  # fmt: skip
+        "log-ratio <= eps_high); none = the loss's own: 0.004 for gspo, gspo-token, grpo, luspo; "
+        "4.0 for cispo; eps_low for gmpo; sapo, dppo, vespo have none")  # fmt: skip
     tau_pos: float | None = option(
         None, "sapo: the gate's temperature for positive advantages; none = 1.0")
     tau_neg: float | None = option(
@@ -277,8 +269,9 @@ class LossConfig:
     kl_coef: float = option(0.0, "weight of the k3 KL penalty to the frozen initial model")
     adv_norm: str = option(
         "population",
-        "group advantage normalisation (gspo.advantages)",
-        choices=("population", "sample", "center", "loo"),
+        "group advantage normalisation (gspo.advantages): population std (the spec), sample "
+        "std, center, loo (RLOO), maxrl (divide by the group's mean reward, MaxRL)",
+        choices=("population", "sample", "center", "loo", "maxrl"),
     )
     old_logprobs: str = option(
         "auto", "old-policy log-probs: trainer (one forward pass) or sampler (the engine's); "
@@ -292,37 +285,32 @@ class LossConfig:
     correction_high: float = option(1.01, "seq-mask: drop sequences whose mean ratio is above")
     correction_cap: float = option(2.0, "seq-tis / token-tis: truncate importance weights at this")
 
+    @property
+    def name(self) -> str:
+        """The objective's name (``loss`` less its ``:option=value`` part)."""
+        return self.loss.partition(":")[0]
+
     def gspo_loss_options(self) -> dict:
-        """The keywords of ``gspo_loss`` this objective takes: the variant, and its clip
-        range or gate temperatures (those not given left to the loss's own defaults)."""
-        low, high = CLIP_RANGE.get(self.loss, (None, None))
-        options = {"variant": self.loss,
-                   "eps_low": low if self.eps_low is None else self.eps_low,
-                   "eps_high": high if self.eps_high is None else self.eps_high,
-                   "tau_pos": self.tau_pos, "tau_neg": self.tau_neg}  # fmt: skip
-        return {k: v for k, v in options.items() if v is not None}
+        """The keywords of ``gspo_loss`` this objective takes: the variant, the options given
+        (in ``--loss NAME:...`` or as flags) and the trainer's defaults for the others."""
+        return registry.trainer_options(self.loss, {k: getattr(self, k) for k in FLAG_OPTIONS})
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("eps_low", "eps_high", "tau_pos", "tau_neg"):
-            value = getattr(self, name)
-            check(value is None or value > 0, name, value, "it must be > 0, or none")
-            users = APPLIES[name]
-            why = f" ({WHY[name]})" if name in WHY else ""
-            check(value is None or self.loss in users, name, value,
-                  f"--loss {self.loss} does not use it{why}; it applies to --loss "
-                  f"{' / '.join(users)}: drop it")  # fmt: skip
-        check(self.eps_low is None or self.loss == "gmpo" or self.eps_low < 1, "eps_low",
-              self.eps_low, "the lower bound 1 - eps_low must be a positive ratio: use (0, 1)")
+        for key in FLAG_OPTIONS:
+            value = getattr(self, key)
+            check(value is None or value > 0, key, value, "it must be > 0, or none")
+        self.gspo_loss_options()  # the objective's own checks (gspo.objectives.registry)
+        takers = [n for n in registry.names() if registry.get(n).per_token_advantages]
+        check(self.rollout_correction != "token-tis" or self.name in takers,
+              "rollout_correction", self.rollout_correction,
+              "per-token weights need a per-token loss (one that takes per-token advantages): "
+              f"--loss {' / '.join(takers)} (a sequence-level ratio or weight, as gspo's or "
+              "gmpo's, takes seq-tis or seq-mask)")  # fmt: skip
         check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "use >= 0 (0 disables the KL term)")
         check(0 < self.correction_low < 1, "correction_low", self.correction_low, "use (0, 1)")
         check(self.correction_high > 1, "correction_high", self.correction_high, "use > 1")
         check(self.correction_cap >= 1, "correction_cap", self.correction_cap, "use >= 1")
-        check(self.rollout_correction != "token-tis" or self.loss in PER_TOKEN_ADVANTAGES,
-              "rollout_correction", self.rollout_correction,
-              "per-token weights need a per-token loss (one that takes per-token advantages): "
-              f"--loss {' / '.join(PER_TOKEN_ADVANTAGES)} (a sequence-level ratio, as gspo's or "
-              "gmpo's, takes seq-tis or seq-mask)")  # fmt: skip
         check(self.rollout_correction == "none" or self.old_logprobs != "sampler",
               "rollout_correction", self.rollout_correction,
               "a correction weighs the trainer's old log-probs against the sampler's: it needs "

@@ -159,20 +159,17 @@ def no_sync(engine, last: bool):
     return engine.no_sync()
 
 
-def merge_metrics(pieces: list[tuple[dict, int, int]], sequence_level: bool) -> dict:
+def merge_metrics(pieces: list[tuple[dict, int, int]], token_metrics=frozenset()) -> dict:
     """Metrics of a minibatch from its micro-batches' (metrics, sequences, tokens).
 
     Sums for the loss (each piece is already divided by the minibatch's count), extremes for
     ratio_min / ratio_max, and weighted means for the rest: by tokens for token-level means
-    (entropy, approx_kl, and the clip and ratio statistics of token-level variants), by
-    sequences otherwise.
+    (entropy, approx_kl, and the objective's ``token_metrics``, gspo.objectives.registry),
+    by sequences otherwise.
     """
     if len(pieces) == 1:
         return pieces[0][0]
-    token_keys = {"entropy", "approx_kl"}
-    if not sequence_level:
-        token_keys |= {"clip_frac_low", "clip_frac_high", "ratio_mean", "gate_weight_mean",
-                       "gate_weight_low_frac", "bound_frac_high", "bound_frac_low"}
+    token_keys = {"entropy", "approx_kl", *token_metrics}
     seqs = [s for _, s, _ in pieces]
     toks = [t for _, _, t in pieces]
     out = {}

@@ -28,6 +28,7 @@ import torch
 
 from gspo.loss import gspo_loss, k3
 from gspo.masking import masked_mean
+from gspo.objectives import registry
 from gspo.train import correction
 from gspo.train import microbatch as mb
 from gspo.train.rollout import Rollout, eval_mode
@@ -113,7 +114,8 @@ def minibatch_loss(
     num_sequences = num_sequences or len(batch) * world_size
     # CISPO averages over every token of the minibatch (MiniMax-M1's J_CISPO), the others
     # over its sequences
-    divisor = ({"num_tokens": num_tokens or int(mask.sum())} if objective.loss == "cispo"
+    divisor = ({"num_tokens": num_tokens or int(mask.sum())}
+               if registry.get(objective.name).divisor == "tokens"
                else {"num_sequences": num_sequences})  # fmt: skip
     start, target = _targets(batch)
 
@@ -338,7 +340,7 @@ def accumulate_gradients(
     # a piece with no sequence in the loss has NaN metrics and weighs nothing
     counted = [p for p in pieces if p[1] > 0] or pieces[:1]
     total_loss = sum(p[0]["loss"] for p in pieces)  # each is already over the whole divisor
-    metrics = mb.merge_metrics(counted, sequence_level=config.objective.loss == "gspo")
+    metrics = mb.merge_metrics(counted, registry.get(config.objective.name).token_metrics)
     metrics["loss"] = total_loss
     metrics["logp"] = torch.cat(logps)  # [b, T] for the sampler mismatch (update())
     if len(counted) > 1:  # these three are not means of their pieces: take them whole
