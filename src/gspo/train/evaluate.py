@@ -182,7 +182,9 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
         if turns is not None:  # the greedy episode, turn by turn
             records[-1].update(greedy_turns=turns[i]["turns"],
                                greedy_tool_calls=turns[i]["tool_calls"],
-                               greedy_truncated=turns[i]["truncated"])  # fmt: skip
+                               greedy_truncated=turns[i]["truncated"],
+                               **({"greedy_tool_errors": turns[i]["tool_errors"]}
+                                  if "tool_errors" in turns[i] else {}))  # fmt: skip
     summary = summarize(records, config.n)
     if turns is not None:  # greedy episodes: how the model used the environment
         summary.update(episodes.episode_metrics(turns))
@@ -239,9 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table(summary, config.n))
     if "turns_per_episode" in summary:
-        print(f"--env {config.data.env}, greedy episodes: tool-call rate "
+        print(f"--env {config.data.env or config.data.tools}, greedy episodes: tool-call rate "
               f"{summary['tool_call_rate']:.3f}, turns per episode "
               f"{summary['turns_per_episode']:.2f}, truncated {summary['truncated_frac']:.3f}")
+    if "tool_errors" in summary:
+        print(f"--tools: tool calls {summary['tool_calls']:.2f} and tool errors "
+              f"{summary['tool_errors']:.2f} per greedy episode")
     print(json.dumps(summary))
     return 0
 
@@ -314,6 +319,7 @@ def run(config: EvalConfig) -> dict:
     m = config.policy
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
                                    seed=config.seed)  # fmt: skip
+    models.use_chat_template(tokenizer, m.chat_template)
     # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
     (questions,), _, longest = data.fit([questions], tokenizer, model, config)
     if not questions:
