@@ -167,6 +167,30 @@ class SelfScored(CounterEnv):
         return float(self.counter > 0)
 
 
+class OwnsItsReward:
+    """TRL's other documented form: the row's column as a named argument of reset, and the
+    environment scoring itself with get_reward (no reward function)."""
+
+    def reset(self, target, **kwargs) -> None:
+        self.counter, self.target = 0, target
+
+    def get_reward(self) -> float:
+        return float(-abs(self.counter - self.target))
+
+    def increment(self, step: int) -> int:
+        """
+        Increment the internal counter.
+
+        Args:
+            step: Value to add to the counter.
+
+        Returns:
+            The updated counter value.
+        """
+        self.counter += step
+        return self.counter
+
+
 def increments(reply: str) -> list[ToolCall]:
     return [ToolCall("increment", {"step": int(d)}, d) for d in re.findall(r"\d", reply)]
 
@@ -210,20 +234,51 @@ def test_a_trl_shaped_class_without_a_reward_is_refused():
         trl_env(CounterEnv, parser="hermes")
 
 
-def test_a_trl_shaped_class_trains_through_env_and_reward(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags", [
+    ["--env", "test_train_tools:CounterEnv", "--reward", "test_train_tools:reward_func"],
+    ["--env", "test_train_tools:OwnsItsReward"],
+])  # fmt: skip
+def test_a_trl_shaped_class_trains_through_env_and_reward(tmp_path, flags):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"count to {t}", "target": t}) + "\n"
                                for t in range(2, 10)))  # fmt: skip
     run = tmp_path / "run"
     args = [a for a in TOOLS if a not in ("--tools", "test_train_tools:double", "--task",
                                           "digitsum", "--tool-parser", "digits")]
-    assert main([*args, "--prompts", str(prompts), "--env", "test_train_tools:CounterEnv",
-                 "--reward", "test_train_tools:reward_func", "--tool-parser", "increments",
+    assert main([*args, "--prompts", str(prompts), *flags, "--tool-parser", "increments",
                  "--steps", "2", "--run-dir", str(run)]) == 0  # fmt: skip
     got = samples(run)
     assert got and all("tool_errors" in c for c in got)
-    for c in got:  # the reward is reward_func's: minus the distance of the counter
+    for c in got:  # reward_func's or get_reward's: minus the distance of the counter
         steps = [int(d) for t in c["turns"] if t["role"] == "assistant"
                  for d in re.findall(r"\d", t["content"])][: c["tool_calls"]]
         target = int(re.search(r"count to (\d)", c["turns"][0]["content"])[1])
         assert c["reward"] == -abs(sum(steps) - target), c
+
+
+def test_reward_with_a_contract_environment_is_refused_at_start(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"count to {t}", "target": t}) + "\n"
+                               for t in range(4)))  # fmt: skip
+    assert main([*TINY, "--prompts", str(prompts), "--env", "test_train_envs:Digits",
+                 "--reward", "test_train_tools:reward_func", "--steps", "1",
+                 "--run-dir", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "drop --reward" in capsys.readouterr().err
+
+
+def test_eval_with_tools_reports_calls_and_errors(tmp_path, capsys):
+    from gspo.train.evaluate import main as eval_main
+
+    out = tmp_path / "c.jsonl"
+    assert eval_main(["--model", "tiny", "--tiny-hidden", "32", "--tiny-layers", "1", "--task",
+                      "digitsum", "--tools", "test_train_tools:double", "--tool-parser",
+                      "digits", "--chat-template", TINY_TEMPLATE, "--rollout", "hf", "-n", "0",
+                      "--questions", "8", "--max-new-tokens", "6", "--no-progress",
+                      "--out", str(out)]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["tool_calls"] == sum(r["greedy_tool_calls"] for r in records) / 8
+    assert summary["tool_errors"] == sum(r["greedy_tool_errors"] for r in records) / 8
+    for r in records:
+        replies = [t["content"] for t in r["greedy_turns"] if t["role"] == "assistant"]
+        assert r["greedy_tool_calls"] == sum(expected_counts(x)[0] for x in replies)
