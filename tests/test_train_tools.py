@@ -282,3 +282,59 @@ def test_eval_with_tools_reports_calls_and_errors(tmp_path, capsys):
     for r in records:
         replies = [t["content"] for t in r["greedy_turns"] if t["role"] == "assistant"]
         assert r["greedy_tool_calls"] == sum(expected_counts(x)[0] for x in replies)
+
+
+# ---------------------------------------------------------------- warm start on tool episodes
+
+
+def test_warm_start_validates_runs_of_tool_messages(tmp_path):
+    from gspo.train import warmstart
+
+    u, a, t = ({"role": r, "content": "x"} for r in ("user", "assistant", "tool"))
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"messages": [u, a, t, t, a]}) + "\n")
+    assert len(warmstart.load(str(good))) == 1
+    for messages in ([u, t, a], [u, a, t, u, a], [t, a], [u, a, t]):
+        bad.write_text(json.dumps({"messages": messages}) + "\n")
+        with pytest.raises(ValueError, match="line 1: an episode is"):
+            warmstart.load(str(bad))
+
+
+def test_a_worked_tool_episode_encodes_as_the_template_renders_it():
+    """The warm start's ids of a worked calculator episode are the chat template's own
+    rendering of the conversation (tools included), and only the assistant's tokens are
+    targets: an independent check of the turn-by-turn rendering with tool messages."""
+    from gspo.train import warmstart
+    from gspo.train.models import load, use_chat_template
+    from gspo.train.tasks.wordproblems import wordproblem_prompts
+    from gspo.train.tools.builtin import worked_episode
+    from gspo.train.tools.schema import load_tools, tool_schema
+
+    model, tokenizer = load("smollm2")
+    use_chat_template(tokenizer, TEMPLATE)
+    tools = [tool_schema(fn) for fn in load_tools("calculator").values()]
+    eos = episodes.eos_ids(model, tokenizer)
+    turns = episodes.Turns(tokenizer, None, eos, tools=tools)
+    end = warmstart.end_of_turn_id(turns, eos)
+    messages = worked_episode(wordproblem_prompts(1, 5)[0])["messages"]
+    messages = [*messages[:2], messages[2], {"role": "tool", "content": "again"}, messages[3]]
+    ids, mask = warmstart.encode(messages, turns, end)
+    whole = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert tokenizer.decode(ids) == whole.removesuffix("\n")
+    targets = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert targets == f"{messages[1]['content']}<|im_end|>{messages[4]['content']}<|im_end|>"
+
+
+def test_wordproblems_demos_file_is_what_its_script_writes():
+    import sys
+
+    from gspo.train import warmstart
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import wordproblems_demos
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    path = REPO / "examples" / "wordproblems-demos.jsonl"
+    assert path.read_text().splitlines() == wordproblems_demos.lines()
+    assert len(warmstart.load(str(path))) == 96

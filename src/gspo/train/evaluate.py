@@ -241,11 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table(summary, config.n))
     if "turns_per_episode" in summary:
-        print(f"--env {config.data.env or config.data.tools}, greedy episodes: tool-call rate "
+        source = f"--env {config.data.env}" if config.data.env else f"--tools {config.data.tools}"
+        print(f"{source}, greedy episodes: tool-call rate "
               f"{summary['tool_call_rate']:.3f}, turns per episode "
               f"{summary['turns_per_episode']:.2f}, truncated {summary['truncated_frac']:.3f}")
     if "tool_errors" in summary:
-        print(f"--tools: tool calls {summary['tool_calls']:.2f} and tool errors "
+        print(f"tool calls {summary['tool_calls']:.2f} and tool errors "
               f"{summary['tool_errors']:.2f} per greedy episode")
     print(json.dumps(summary))
     return 0
@@ -258,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # rows. Nor is --generation-batch-size, a memory setting sized for the training batch (a
 # run's 0, all at once, would generate every question's n samples in one call).
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", "env", "max_turns",
+                     "max_prompt_tokens", "env", "max_turns", "chat_template", "tools",
+                     "tool_parser", "tool_time_limit",
                      *(f.name for f in dataclasses.fields(SamplingConfig)
                        if f.name != "generation_batch_size"))
 
