@@ -338,3 +338,25 @@ def test_wordproblems_demos_file_is_what_its_script_writes():
     path = REPO / "examples" / "wordproblems-demos.jsonl"
     assert path.read_text().splitlines() == wordproblems_demos.lines()
     assert len(warmstart.load(str(path))) == 96
+
+
+def test_prompt_lengths_count_the_tools_the_template_renders():
+    """--max-prompt-tokens and the engines' sizes see the prompt the model sees: with the
+    tools' schemas (a count without them is short by the schema's tokens)."""
+    from gspo.train import data
+    from gspo.train.config import TrainConfig
+    from gspo.train.models import load, use_chat_template
+    from gspo.train.tasks import get
+
+    config = TrainConfig(model="tiny", task="digitsum", tools="test_train_tools:double",
+                         tool_parser="digits", chat_template=TINY_TEMPLATE)  # fmt: skip
+    model, tokenizer = load("tiny")
+    use_chat_template(tokenizer, TINY_TEMPLATE)
+    prompts = get("digitsum").prompts(4, 0)
+    _, _, longest = data.fit([prompts], tokenizer, model, config)
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}],
+                                              tools=[{"function": {"name": "double"}}],
+                                              tokenize=False, add_generation_prompt=True)
+                for p in prompts]  # fmt: skip
+    assert rendered[0].startswith("tools: doubleuser: ")
+    assert longest == max(len(tokenizer(t)["input_ids"]) for t in rendered)
