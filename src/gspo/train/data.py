@@ -12,16 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gspo.train.config import warn
+from gspo.train.envs.select import tool_schemas
 from gspo.train.models import position_limit
 from gspo.train.rollout import encode_prompts
 from gspo.train.tasks.base import Prompt
 
 
-def prompt_lengths(tokenizer, prompts: Sequence[Prompt], system_prompt: str | None) -> list[int]:
-    """Tokens of each prompt as the rollout engines feed it (rollout.encode_prompts)."""
+def prompt_lengths(tokenizer, prompts: Sequence[Prompt], system_prompt: str | None,
+                   tools: list[dict] | None = None) -> list[int]:  # fmt: skip
+    """Tokens of each prompt as the rollout engines feed it (rollout.encode_prompts; with
+    function tools, their schemas as the template renders them)."""
     if not prompts:
         return []
-    return [len(ids) for ids in encode_prompts(tokenizer, prompts, system_prompt)]
+    return [len(ids) for ids in encode_prompts(tokenizer, prompts, system_prompt, tools)]
 
 
 def fit_prompts(
@@ -51,8 +54,9 @@ def fit(parts: list[list[Prompt]], tokenizer, model,
     limit = position_limit(model)
     cap, sampling = config.data.max_prompt_tokens, config.sampling
     kept, dropped, longest = [], 0, (0, None)
+    tools = tool_schemas(config.data) if getattr(tokenizer, "chat_template", None) else None
     for part in parts:
-        lengths = prompt_lengths(tokenizer, part, sampling.system_prompt)
+        lengths = prompt_lengths(tokenizer, part, sampling.system_prompt, tools)
         keep = [p for p, n in zip(part, lengths, strict=True) if cap is None or n <= cap]
         dropped += len(part) - len(keep)
         kept.append(keep)

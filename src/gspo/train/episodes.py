@@ -33,7 +33,8 @@ from collections.abc import Sequence
 
 import torch
 
-from gspo.train.envs.base import EnvError, call, check_message, check_reward, load_env
+from gspo.train.envs.base import EnvError, call, check_message, check_reward
+from gspo.train.envs.select import declared_system_prompt, resolve, tools_shown
 from gspo.train.rewards import Scores, score
 from gspo.train.rollout import Rollout, encode_prompts, eos_ids, own_specials
 
@@ -63,15 +64,19 @@ class SingleTurn:
 
 class Turns:
     """How an environment's message becomes token ids after the model's reply (module
-    docstring). ``system_prompt``: put first, as rollout.render_prompt does."""
+    docstring). ``system_prompt``: put first, as rollout.render_prompt does. ``tools``: the
+    JSON schemas of function tools (gspo.train.envs.tools), given to the template as
+    ``tools=`` in every rendering; none = no tools."""
 
-    def __init__(self, tokenizer, system_prompt: str | None, eos: Sequence[int]) -> None:
+    def __init__(self, tokenizer, system_prompt: str | None, eos: Sequence[int],
+                 tools: list[dict] | None = None) -> None:  # fmt: skip
         self.tokenizer, self.system_prompt, self.eos = tokenizer, system_prompt, set(eos)
         self.templated = bool(getattr(tokenizer, "chat_template", None))
+        self.tools = tools or None
 
     def first_ids(self, messages: Sequence[str | list]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, [{"prompt": m} for m in messages],
-                              self.system_prompt)  # fmt: skip
+                              self.system_prompt, self.tools)  # fmt: skip
 
     def _history(self, first: str | list, later: Sequence[dict]) -> list[dict]:
         messages = [{"role": "user", "content": first}] if isinstance(first, str) else \
@@ -81,18 +86,21 @@ class Turns:
         return messages + list(later)
 
     def env_text(self, first, later: Sequence[dict], reply_ids: Sequence[int],
-                 message: str) -> str:  # fmt: skip
+                 message: str | list[dict]) -> str:  # fmt: skip
         """The text that follows the model's reply ``reply_ids`` (its tokens) when the
-        environment answers ``message``; ``first``/``later``: the conversation so far, the
-        reply last."""
+        environment answers ``message`` (a user turn's text, or messages: a function tool's
+        ``tool`` messages); ``first``/``later``: the conversation so far, the reply last."""
+        new = [{"role": "user", "content": message}] if isinstance(message, str) else \
+            list(message)  # fmt: skip
         if not self.templated:
-            return f"{PLAIN_SEPARATOR}{message}{PLAIN_SEPARATOR}"
-        apply = self.tokenizer.apply_chat_template
+            text = "\n".join(m["content"] for m in new)
+            return f"{PLAIN_SEPARATOR}{text}{PLAIN_SEPARATOR}"
+        def apply(messages, **kwargs):
+            return self.tokenizer.apply_chat_template(messages, tools=self.tools, **kwargs)
         history = self._history(first, later[:-1]) + [{"role": "assistant", "content": SENTINEL}]
         try:
             before = apply(history, tokenize=False, add_generation_prompt=False)
-            after = apply(history + [{"role": "user", "content": message}], tokenize=False,
-                          add_generation_prompt=True)  # fmt: skip
+            after = apply(history + new, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # noqa: BLE001 - the template is code from the model's files
             reason = " ".join(str(err).split())[:200]
             raise ValueError(f"--env: the tokenizer's chat template fails on a conversation "
@@ -115,9 +123,14 @@ class Turns:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def check(self) -> None:
-        """Fail at start, not mid-run, if the template cannot take turns."""
+        """Fail at start, not mid-run, if the template cannot take turns (with tools: tool
+        messages, and a rendering that shows the tools to the model)."""
+        message = "1 + 1 = 2" if self.tools is None else \
+            [{"role": "tool", "name": "calculator", "content": "2"}]  # fmt: skip
         self.env_ids("1 + 1?", [{"role": "assistant", "content": "<calc>1 + 1</calc>"}],
-                     sorted(self.eos)[:1], "1 + 1 = 2")  # fmt: skip
+                     sorted(self.eos)[:1], message)  # fmt: skip
+        if self.tools is not None:
+            tools_shown(self.tokenizer, self.tools, self.system_prompt)
 
 
 class MultiTurn:
@@ -132,7 +145,8 @@ class MultiTurn:
         self.max_turns, self.max_new_tokens, self.max_len = max_turns, max_new_tokens, max_len
         self.eos = list(eos)
         self.strip = set(own_specials(tokenizer, eos))
-        self.turns = Turns(tokenizer, system_prompt, eos)
+        self.turns = Turns(tokenizer, system_prompt, eos,
+                           tools=getattr(env_class, "tool_schemas", None))  # fmt: skip
         self.turns.check()
 
     def reply_text(self, ids: Sequence[int]) -> str:
@@ -199,7 +213,8 @@ class MultiTurn:
                 calls[i] += 1
                 segments[i].append((extra, False, None))
                 ids[i] += extra
-                later[i].append({"role": "user", "content": message})
+                later[i] += [{"role": "user", "content": message}] if isinstance(message, str) \
+                    else message  # fmt: skip
                 still.append(i)
             live = still
             if not self.sampler.more(bool(live)):
@@ -209,9 +224,10 @@ class MultiTurn:
             turns = sum(m["role"] == "assistant" for m in later[i])
             where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt")}
             rewards.append(check_reward(env, call(env, "reward", **where), **where))
+        # function tools count their calls and errors (envs.tools: ``counts``)
         episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
                      "reward": rewards[i], "truncated": is_truncated(replies[i], ends[i]),
-                     "end": ends[i], "tool_calls": calls[i]}
+                     "end": ends[i], "tool_calls": calls[i], **getattr(envs[i], "counts", {})}
                     for i in range(len(rows))]  # fmt: skip
         completions = [self.reply_text(r) for r in last_reply]
         rollout = lay_out(rows, prompt_ids, segments, completions, episodes,
@@ -243,14 +259,20 @@ def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     """Means over ``episodes``: model replies per episode (``turns_per_episode``), the share
     whose model saw at least one environment answer (``tool_call_rate``; a call on the last
     allowed turn is never answered), the share ended by --max-turns or the model's positions
-    (``cut_frac``)."""
+    (``cut_frac``). With function tools also
+    ``tool_calls`` and ``tool_errors``: calls made, and calls answered with an error, per
+    episode."""
     n = max(len(episodes), 1)
-    return {
+    out = {
         "turns_per_episode": sum(sum(t["role"] == "assistant" for t in e["turns"])
                                  for e in episodes) / n,  # fmt: skip
         "tool_call_rate": sum(e["tool_calls"] > 0 for e in episodes) / n,
         "cut_frac": sum(e["end"] != "done" for e in episodes) / n,
     }
+    if episodes and "tool_errors" in episodes[0]:
+        out["tool_calls"] = sum(e["tool_calls"] for e in episodes) / n
+        out["tool_errors"] = sum(e["tool_errors"] for e in episodes) / n
+    return out
 
 
 def _first_turns(turns: Turns, first) -> list[dict]:
@@ -292,9 +314,9 @@ def lay_out(rows, prompt_ids, segments, completions, episodes, *, pad: int, gree
 def build(task, sampling, sampler, tokenizer, model, reward_fn) -> SingleTurn | MultiTurn:
     """The episodes of a run or an evaluation: ``task`` (TaskConfig: --env, --max-turns),
     ``sampling`` (SamplingConfig: the system prompt and the length of a turn)."""
-    if task.env is None:
+    env_class = resolve(task, reward_fn)  # --env, a TRL-shaped --env, or --tools
+    if env_class is None:
         return SingleTurn(sampler, reward_fn)
-    env_class = load_env(task.env)
     return MultiTurn(sampler, tokenizer, env_class, max_turns=task.max_turns,
                      system_prompt=system_prompt(task, sampling), eos=eos_ids(model, tokenizer),
                      max_new_tokens=sampling.max_new_tokens,
@@ -307,4 +329,4 @@ def system_prompt(task, sampling) -> str | None:
     (its class attribute ``system_prompt``), else none."""
     if sampling.system_prompt is not None or task.env is None:
         return sampling.system_prompt
-    return getattr(load_env(task.env), "system_prompt", None)
+    return declared_system_prompt(task.env)

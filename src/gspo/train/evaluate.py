@@ -194,7 +194,9 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
         if turns is not None:  # the greedy episode, turn by turn
             records[-1].update(greedy_turns=turns[i]["turns"],
                                greedy_tool_calls=turns[i]["tool_calls"],
-                               greedy_truncated=turns[i]["truncated"])  # fmt: skip
+                               greedy_truncated=turns[i]["truncated"],
+                               **({"greedy_tool_errors": turns[i]["tool_errors"]}
+                                  if "tool_errors" in turns[i] else {}))  # fmt: skip
     summary = {**summarize(records, config.n), "correct_at": correct_at}
     _warn_if_nothing_is_correct(greedy_rewards + sampled_rewards, correct_at)
     if turns is not None:  # greedy episodes: how the model used the environment
@@ -272,9 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(summary, config.n))
     print(f"correct: reward >= {config.correct_at:g} (--correct-at)")
     if "turns_per_episode" in summary:
-        print(f"--env {config.data.env}, greedy episodes: tool-call rate "
+        source = f"--env {config.data.env}" if config.data.env else f"--tools {config.data.tools}"
+        print(f"{source}, greedy episodes: tool-call rate "
               f"{summary['tool_call_rate']:.3f}, turns per episode "
               f"{summary['turns_per_episode']:.2f}, truncated {summary['truncated_frac']:.3f}")
+    if "tool_errors" in summary:
+        print(f"tool calls {summary['tool_calls']:.2f} and tool errors "
+              f"{summary['tool_errors']:.2f} per greedy episode")
     print(json.dumps(summary))
     return 0
 
@@ -286,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # rows. Nor is --generation-batch-size, a memory setting sized for the training batch (a
 # run's 0, all at once, would generate every question's n samples in one call).
 SHARED_WITH_TRAIN = ("model", "tiny_layers", "tiny_hidden", "task", "task_levels",
-                     "max_prompt_tokens", "env", "max_turns",
+                     "max_prompt_tokens", "env", "max_turns", "chat_template", "tools",
+                     "tool_parser", "tool_time_limit",
                      *(f.name for f in dataclasses.fields(SamplingConfig)
                        if f.name != "generation_batch_size"))
 
@@ -375,6 +382,7 @@ def _run(config: EvalConfig, questions: list[dict]) -> dict:
     m = config.policy
     model, tokenizer = models.load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
                                    seed=config.seed)  # fmt: skip
+    models.use_chat_template(tokenizer, m.chat_template)
     # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
     (questions,), _, longest = data.fit([questions], tokenizer, model, config)
     if not questions:

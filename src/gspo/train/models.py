@@ -79,6 +79,13 @@ def load(name: str, *, layers: int = 2, hidden: int = 128, seed: int = 0):
     return model, tokenizer
 
 
+def use_chat_template(tokenizer, path: str | None) -> None:
+    """``--chat-template FILE``: the file's Jinja text replaces the tokenizer's template (it
+    is saved with the tokenizer, so the trained model keeps it); none leaves it."""
+    if path is not None:
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+
+
 def load_adapter_dir(path: Path):
     """(model, tokenizer) of an adapter directory (a LoRA run's ``model/`` or checkpoint):
     its base model, rebuilt from ``gspo-base.json`` (or PEFT's ``base_model_name_or_path``),
@@ -146,6 +153,7 @@ def build(config):
     m, optim = config.policy, config.optim
     model, tokenizer = load(m.model, layers=m.tiny_layers, hidden=m.tiny_hidden,
                             seed=config.run.seed)  # fmt: skip
+    use_chat_template(tokenizer, m.chat_template)
     kl = config.objective.kl_coef > 0
     compute_dtype = COMPUTE_DTYPES[optim.dtype]
     if optim.lora_r:

@@ -189,6 +189,9 @@ def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count:
                     "advantage": float(adv[i])}  # fmt: skip
             if episodes is not None:
                 item.update(turns=episodes[i]["turns"], truncated=episodes[i]["truncated"])
+                # function tools (--tools, a TRL-shaped --env): calls made and failed
+                item.update({k: episodes[i][k] for k in ("tool_calls", "tool_errors")
+                             if "tool_errors" in episodes[i]})  # fmt: skip
             items.append(item)
         out.append({"prompt": prompts[rows[0]]["prompt"], "completions": items})
     return out

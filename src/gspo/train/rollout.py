@@ -141,14 +141,16 @@ def eval_mode(module: torch.nn.Module):
             m.training = mode
 
 
-def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None) -> str:
+def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None = None,
+                  tools: list[dict] | None = None) -> str:
     """The text the model sees: a text prompt is the user message of the tokenizer's chat
     template when it has one (after ``system_prompt``, if given; none leaves the template's
     own default), else the text itself. Chat messages ``[{"role", "content"}]`` go through the
     template as they are (``system_prompt`` is put first if they bring no system message);
     messages that end with an assistant message are a prefill: the model continues that
     message (``continue_final_message``, as TRL's conversational format means), no new turn
-    is opened after it.
+    is opened after it. ``tools``: JSON schemas the template renders (``apply_chat_template
+    (tools=)``, gspo.train.envs.tools); none = the template's rendering without tools.
 
     A template that fails (Gemma's refuses a system message, Llama 2's wants user and
     assistant to alternate) is a one-line ValueError naming the prompt and what to change."""
@@ -168,7 +170,7 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
         messages = [{"role": "system", "content": system_prompt}, *messages]
     prefill = messages[-1]["role"] == "assistant"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False,
+        return tokenizer.apply_chat_template(messages, tokenize=False, tools=tools,
                                              add_generation_prompt=not prefill,
                                              continue_final_message=prefill)  # fmt: skip
     except Exception as err:  # noqa: BLE001 - the template is code from the model's files
@@ -201,13 +203,14 @@ def render_prompt(tokenizer, prompt: str | list[dict], system_prompt: str | None
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[Prompt], system_prompt: str | None = None
+    tokenizer, prompts: Sequence[Prompt], system_prompt: str | None = None,
+    tools: list[dict] | None = None,
 ) -> list[list[int]]:
     """Token ids of each prompt, as the model saw such text in training: the chat template
     when there is one (it writes its own special tokens), else the tokenizer's own special
     tokens (a BOS for Llama-style tokenizers; nothing for the built-in one)."""
     templated = bool(getattr(tokenizer, "chat_template", None))
-    texts = [render_prompt(tokenizer, p["prompt"], system_prompt) for p in prompts]
+    texts = [render_prompt(tokenizer, p["prompt"], system_prompt, tools) for p in prompts]
     return tokenizer(texts, add_special_tokens=not templated)["input_ids"]
 
 

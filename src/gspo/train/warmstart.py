@@ -12,7 +12,9 @@ RL recipes.
 Each episode is rendered into token ids the way a rollout is (gspo.train.episodes.Turns):
 its first user message as a prompt (the run's system prompt first unless the episode has
 its own), each assistant message as the model's tokens plus the end-of-turn token the model
-writes itself, each later user message (the environment's) as the template's new text. The
+writes itself, each later user message (the environment's), or run of ``tool`` messages
+(function tools' answers, with the run's tool schemas in the template), as the template's
+new text. The
 loss is the mean negative log-likelihood of the assistant tokens only (cross-entropy,
 temperature 1), AdamW at a constant ``--warm-start-lr``, ``--warm-start-epochs`` passes in
 batches of ``BATCH`` episodes per rank, shuffled by the run's seed. It runs once, on a new
@@ -34,7 +36,7 @@ from gspo.config import check, option
 # module's WarmStartConfig, and `gspo train --help` does not import torch.
 
 BATCH = 8  # episodes per rank per optimizer step
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +68,8 @@ def load(path: str) -> list[tuple[int, list[dict]]]:
     without a known ``role`` or a string ``content``, a system message anywhere but first,
     or roles out of turn (user first; after the first assistant message, assistant and user
     alternate and the assistant has the last word: an environment's messages are user
-    turns, as in a rollout)."""
+    turns, as in a rollout, or ``tool`` messages for function tools, a run of them being
+    one turn)."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--warm-start {path}: no such file")
@@ -98,9 +101,15 @@ def _episode(line: str, where: str) -> list[dict]:
             raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) "
                              f"and a string content, got {message!r:.80}")  # fmt: skip
     roles = [m["role"] for m in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
+    # a run of tool messages (function tools' answers to one reply) is one environment turn
+    merged = [r for i, r in enumerate(roles) if r != "tool" or i == 0 or roles[i - 1] != "tool"]
+    turns = ["user" if r == "tool" and i else r for i, r in enumerate(
+        merged[1:] if merged[0] == "system" else merged)]  # fmt: skip
     later = turns[turns.index("assistant") :] if "assistant" in turns else []
-    if (not later or turns[0] != "user" or "system" in turns or later[-1] != "assistant"
+    answers = all(r != "tool" or (i and roles[i - 1] in ("assistant", "tool"))
+                  for i, r in enumerate(roles))  # tool messages answer a reply  # fmt: skip
+    if (not later or not answers or turns[0] != "user" or "system" in turns
+            or later[-1] != "assistant"
             or any(a == b for a, b in zip(later, later[1:], strict=False))):  # fmt: skip
         raise ValueError(f"{where}: an episode is an optional system message, user messages, "
                          "then assistant and user (the environment's) messages in turn, "
@@ -118,13 +127,20 @@ def encode(episode: list[dict], turns, end_of_turn: int) -> tuple[list[int], lis
     mask = [False] * len(ids)
     tokenize = turns.tokenizer
     for k, message in enumerate(later):
+        if message["role"] == "tool" and later[k - 1]["role"] == "tool":
+            continue  # answered with the first of its run
         if message["role"] == "assistant":
             new = tokenize(message["content"], add_special_tokens=False)["input_ids"]
             new = new + [end_of_turn]
             ids, mask = ids + new, mask + [True] * len(new)
             reply_ids = new
         else:
-            new = turns.env_ids(first, later[:k], reply_ids, message["content"])
+            run = message["content"]
+            if message["role"] == "tool":  # the run of tool messages, as a rollout appends it
+                end = next((j for j in range(k, len(later)) if later[j]["role"] != "tool"),
+                           len(later))  # fmt: skip
+                run = later[k:end]
+            new = turns.env_ids(first, later[:k], reply_ids, run)
             ids, mask = ids + new, mask + [False] * len(new)
     return ids, mask
 
@@ -205,12 +221,15 @@ def warm_start(config, policy, logprobs, world, *, limit: int | None,
     model's positions (models.position_limit; None = unbounded). Returns each epoch's mean
     loss."""
     from gspo.train import episodes
+    from gspo.train.envs.select import tool_schemas
     from gspo.train.rollout import eos_ids
 
     path = config.warm.warm_start
     system = episodes.system_prompt(config.data, config.sampling)
     eos = eos_ids(policy.hf_model, policy.tokenizer)
-    turns = episodes.Turns(policy.tokenizer, system, eos)
+    tools = tool_schemas(config.data) if getattr(policy.tokenizer, "chat_template", None) \
+        else None  # fmt: skip
+    turns = episodes.Turns(policy.tokenizer, system, eos, tools=tools)
     end = end_of_turn_id(turns, eos)
     encoded = []
     for number, episode in load(path):

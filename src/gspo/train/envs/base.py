@@ -76,7 +76,9 @@ def check_message(env, message, method: str, *, episode: int, turn: int, prompt=
     """A message from ``reset``/``step`` must be a str (``step``: or None)."""
     if message is None and method == "step":
         return None
-    ok = isinstance(message, str) or (method == "reset" and isinstance(message, list))
+    # reset: chat messages; step: messages too (a function tool's ``tool`` messages)
+    ok = isinstance(message, str) or (isinstance(message, list) and bool(message) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in message))
     if not ok:
         raise EnvError(
             f"environment {type(env).__qualname__}.{method}() returned "

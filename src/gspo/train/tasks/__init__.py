@@ -5,6 +5,7 @@
     digitsum.py   the default task (digits that sum to a target), learnable from a random start
     copy.py       copy a 3-letter word
     arith.py      school arithmetic for pretrained chat models, exact rational answers
+    wordproblems.py  multi-step school word problems (GSM8K kind), exact answers, arith's reward
     files.py      prompts from --prompts JSONL files and --dataset local data sets
 
 Adding a task is one file with a Task subclass plus its line in registry.py (or a

@@ -7,6 +7,7 @@ from gspo.train.tasks.arith import Arith
 from gspo.train.tasks.base import Task
 from gspo.train.tasks.copy import Copy
 from gspo.train.tasks.digitsum import DigitSum
+from gspo.train.tasks.wordproblems import WordProblems
 
 TASKS: dict[str, Task] = {}
 
@@ -32,5 +33,5 @@ def get(task: str | Task) -> Task:
     return TASKS[task]
 
 
-for _task in (DigitSum(), Copy(), Arith()):
+for _task in (DigitSum(), Copy(), Arith(), WordProblems()):
     register(_task)
