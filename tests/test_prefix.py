@@ -173,13 +173,15 @@ def test_models_it_is_not_exact_for_run_the_plain_path(monkeypatch):
 
 
 def forbid_packing(monkeypatch, why: str) -> None:
-    """A spy: building a packed attention mask (the packed forward) raises ``why``."""
+    """A spy: the packed forward (its maskless plan, or its dense mask) raises ``why``."""
     import gspo.causal_lm
+    import gspo.prefix_attention
 
     def refuse(*args):
         raise AssertionError(why)
 
     monkeypatch.setattr(gspo.causal_lm, "attention_mask_4d", refuse)
+    monkeypatch.setattr(gspo.prefix_attention, "Rows", refuse)
 
 
 def test_bad_prompt_len_is_refused():
@@ -203,6 +205,9 @@ def test_packing_runs_only_where_it_is_cheaper(monkeypatch):
     assert cheaper(model, plain=(8, 80), packed=(1, 220))
     assert not cheaper(model, plain=(8, 1060), packed=(1, 8060))
     assert not cheaper(model, plain=(8, 11), packed=(8, 11))  # nothing shared, no padding
+    # The maskless attention (8 gathered rows of 1060, causal half) costs no more than the
+    # plain rows' attention: sharing the prompt's weight products wins.
+    assert cheaper(model, plain=(8, 1060), packed=(1, 8060), rows=(8, 1060))
     ids, mask, target = batch()
     ids, mask, target = ids[:, :-1], mask[:, :-1], target[:, :-1]
     mask[:, P:] = 1  # no response padding, and groups of one row: no saving

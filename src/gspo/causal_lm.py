@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gspo import prefix_attention
 from gspo.chunked import DEFAULT_CHUNK_SIZE, check_chunk_size, fused_loss, token_logprobs
 from gspo.prefix import attention_mask_4d, cheaper, pack, unsupported
 
@@ -39,6 +40,10 @@ class CausalLMLogprobs(torch.nn.Module):
       would not be exact (gspo.prefix.unsupported: the model type, its attention
       implementation, sliding windows; or a target whose preceding column is padding), or
       would not be cheaper (gspo.prefix.cheaper: long responses), the plain forward runs.
+      ``prefix_attention="rows"`` (default) runs an SDPA model's packed attention without
+      an N x N mask (gspo.prefix_attention: causal SDPA over one gathered row per
+      response; the model's attention implementation becomes ``gspo_sdpa``, which is
+      SDPA elsewhere); ``"dense"``, and eager models, give it the [S, 1, N, N] block mask.
     - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
       trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
       gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
@@ -69,9 +74,12 @@ class CausalLMLogprobs(torch.nn.Module):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compute_dtype: torch.dtype | None = None,
+        prefix_attention: str = "rows",
     ):
         super().__init__()
         check_chunk_size(chunk_size)
+        if prefix_attention not in ("rows", "dense"):
+            raise ValueError(f"prefix_attention: {prefix_attention!r} is not 'rows' or 'dense'")
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             # A PEFT model: run the Hugging Face model inside it, whose layers carry the
             # adapters (through the wrapper, base_model_prefix would find that whole model,
@@ -86,6 +94,7 @@ class CausalLMLogprobs(torch.nn.Module):
             raise ValueError(f"compute_dtype: {compute_dtype} is not None, float32, bf16 or fp16")
         self.model = model
         self.chunk_size = chunk_size
+        self.prefix_attention = prefix_attention
         self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
         self.logit_scale, self.softcap = logit_transform(model)
 
@@ -117,9 +126,18 @@ class CausalLMLogprobs(torch.nn.Module):
         rows = target_ok.nonzero(as_tuple=True)  # only the scored targets reach the LM head
         packed = self._pack(input_ids, attention_mask, target_ok, prompt_len)
         if packed is not None:  # one packed row per group (gspo.prefix)
-            implementation = self.model.config._attn_implementation
-            mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
-            hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
+            if self.prefix_attention == "rows" and prefix_attention.use(self.model):
+                # No N x N mask: causal SDPA over one gathered row per response.
+                plan = prefix_attention.Rows(packed.rows, packed.back)
+                # An all-ones 2D mask: transformers then builds no 4D mask (SDPA's causal
+                # skip), where None would make it build one from the packed position ids.
+                ones = torch.ones_like(packed.input_ids)
+                hidden = self._decoder(packed.input_ids, ones, packed.position_ids,
+                                       gspo_rows=plan)  # fmt: skip
+            else:  # eager attention, or the dense reference: the [S, 1, N, N] block mask
+                implementation = self.model.config._attn_implementation
+                mask = attention_mask_4d(packed.keep, implementation, self.model.dtype)
+                hidden = self._decoder(packed.input_ids, mask, packed.position_ids)
             index = packed.source[:, :-1][rows]
         else:
             # As generate() numbers them: the first real token is position 0 whatever the
@@ -152,13 +170,15 @@ class CausalLMLogprobs(torch.nn.Module):
             return loss, metrics, logp.detach(), None if ent is None else ent.detach()
         return (logp, ent) if return_entropy else logp
 
-    def _decoder(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
-        """The base decoder's final hidden states [B, L, H] (under autocast for bf16)."""
+    def _decoder(self, input_ids: Tensor, attention_mask: Tensor | None, positions: Tensor,
+                 **kwargs) -> Tensor:  # fmt: skip
+        """The base decoder's final hidden states [B, L, H] (under autocast for bf16);
+        ``kwargs`` reach the attention function (gspo.prefix_attention's plan)."""
         base = getattr(self.model, self.model.base_model_prefix)
         low = self.compute_dtype
         with torch.autocast(input_ids.device.type, dtype=low or torch.float32, enabled=bool(low)):
             out = base(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=positions, use_cache=False)  # fmt: skip
+                       position_ids=positions, use_cache=False, **kwargs)  # fmt: skip
         return out[0]
 
     def _pack(self, input_ids, attention_mask, target_ok, prompt_len):
@@ -174,7 +194,9 @@ class CausalLMLogprobs(torch.nn.Module):
         packed = pack(input_ids, attention_mask, prompt_len)
         if unsupported(self.model, packed.input_ids.shape[1]) is not None:
             return None
-        if not cheaper(self.model, tuple(input_ids.shape), tuple(packed.input_ids.shape)):
+        maskless = self.prefix_attention == "rows" and prefix_attention.use(self.model)
+        rows = tuple(packed.rows.shape) if maskless else None
+        if not cheaper(self.model, tuple(input_ids.shape), tuple(packed.input_ids.shape), rows):
             return None  # long responses: the packed rows' attention would cost more
         # A target scored from a padding column (the plain path reads that column's hidden
         # state) has no packed equal: keep the plain path's numbers then.

@@ -45,20 +45,41 @@ SHARED_PREFIX_MODELS = frozenset(
 class Packed:
     """One packed row per group.
 
-    input_ids [S, N]; position_ids [S, N]; keep [S, N, N] bool (True = query position may
-    attend to key position); source [B, L] long: the flat index (row * N + position) of
-    each original token in the packed batch, -1 where the original is padding.
+    input_ids [S, N]; position_ids [S, N]; segment [S, N] long (0 prompt, i response i,
+    -1 tail padding); source [B, L] long: the flat index (row * N + position) of each
+    original token in the packed batch, -1 where the original is padding.
+
+    For attention without an N x N mask (gspo.prefix_attention): rows [M, Lr] long, one row
+    per response (M responses), the flat packed indices of its group's prompt then its own
+    tokens, tail-padded with the row's last real index, so causal attention over a row is
+    exactly that response's attention; back [S, N] long, the flat index (row * Lr + column)
+    in ``rows`` whose output each packed position takes (a prompt token's from its group's
+    first response row; a padding slot's from any slot, its output is never read).
     """
 
     input_ids: Tensor
     position_ids: Tensor
-    keep: Tensor
+    segment: Tensor
     source: Tensor
+    rows: Tensor
+    back: Tensor
 
     @property
     def tokens(self) -> int:
         """Tokens the decoder runs on: S x N (tail padding included)."""
         return self.input_ids.numel()
+
+    @property
+    def keep(self) -> Tensor:
+        """[S, N, N] bool, True = query position may attend to key position: the dense
+        block mask (a prompt token sees the prompt causally, a response token the prompt
+        and itself causally; a padding slot sees only itself). The reference the maskless
+        attention is tested against; N^2 memory, so built only when asked for."""
+        n = self.segment.shape[1]
+        q, kk = self.segment[:, :, None], self.segment[:, None, :]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        keep = causal & (q >= 0) & ((kk == 0) | (kk == q))
+        return keep | torch.eye(n, dtype=torch.bool, device=q.device)  # padding sees itself
 
 
 def groups(input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> list[slice]:
@@ -114,20 +135,50 @@ def pack(input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Packed:
             source[r, prompt_cols] = k * length + torch.arange(n_p, device=device)
             source[r, cols] = k * length + torch.arange(at, at + n, device=device)
             at += n
-    q, kk = seg[:, :, None], seg[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    keep = causal & (q >= 0) & ((kk == 0) | (kk == q))
-    keep |= torch.eye(length, dtype=torch.bool, device=device)  # padding sees itself
-    return Packed(input_ids=ids, position_ids=pos, keep=keep, source=source)
+    rows, back = _rows(rows, length, device)
+    return Packed(input_ids=ids, position_ids=pos, segment=seg, source=source,
+                  rows=rows, back=back)  # fmt: skip
 
 
-def cheaper(model: torch.nn.Module, plain: tuple[int, int], packed: tuple[int, int]) -> bool:
+def _rows(groups_cols, length: int, device) -> tuple[Tensor, Tensor]:
+    """(rows [M, Lr], back [S, N]) of Packed from each group's (first row, prompt columns,
+    [(row, response columns)]), in packed positions."""
+    spans = []  # per response: (group, prompt length, start, end) in packed positions
+    for k, (_, prompt_cols, responses) in enumerate(groups_cols):
+        at = n_p = len(prompt_cols)
+        for _, cols in responses:
+            spans.append((k, n_p, at, at + len(cols)))
+            at += len(cols)
+    width = max(n_p + end - start for _, n_p, start, end in spans)
+    rows = torch.empty(len(spans), width, dtype=torch.long)
+    back = torch.zeros(len(groups_cols), length, dtype=torch.long)
+    first = set()
+    for m, (k, n_p, start, end) in enumerate(spans):
+        index = torch.cat([torch.arange(n_p), torch.arange(start, end)]) + k * length
+        rows[m, : len(index)] = index
+        rows[m, len(index) :] = index[-1]  # causal: a tail slot is never a real token's key
+        back[k, start:end] = m * width + torch.arange(n_p, n_p + end - start)
+        if k not in first:  # the prompt's outputs: the same in every row of the group
+            first.add(k)
+            back[k, :n_p] = m * width + torch.arange(n_p)
+    return rows.to(device), back.to(device)
+
+
+def cheaper(model: torch.nn.Module, plain: tuple[int, int], packed: tuple[int, int],
+            rows: tuple[int, int] | None = None) -> bool:
     """Whether the packed forward (S rows of N) costs fewer FLOPs than the plain one (B rows
     of L), per layer: each token's weight products (2 x the layer's weights) plus the
-    attention's two products over every key of its row (4 H per key: a 4D mask makes SDPA
-    compute the whole N x N, masked or not). Packing wins when prompts are long next to
-    responses (the recipe: P = 60, R = 20, G = 8 packs 8 x 80 tokens into about 220); with
-    long responses the N^2 of a packed row grows past the G x L^2 it saves."""
+    attention's two products, 4 H per query-key pair the kernel computes. The plain rows
+    and a dense block mask compute every pair (a mask keeps SDPA from skipping any: L^2,
+    N^2). ``rows`` = (M, Lr) prices the maskless attention instead (gspo.prefix_attention:
+    M gathered rows of Lr under causal SDPA, which computes about the lower half, Lr^2 / 2;
+    the plain rows are then priced at their causal half too, so a batch that shares nothing
+    does not pack).
+
+    With the dense mask, packing wins when prompts are long next to responses (the recipe:
+    P = 60, R = 20, G = 8 packs 8 x 80 tokens into about 220) and loses with long responses,
+    whose packed row's N^2 grows past the G x L^2 it saves; with ``rows`` the attention
+    costs no more than the plain rows', so sharing the prompt's weight products decides."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config  # fmt: skip
     hidden = config.hidden_size
@@ -135,14 +186,18 @@ def cheaper(model: torch.nn.Module, plain: tuple[int, int], packed: tuple[int, i
     weights = sum(p.numel() for n, p in model.named_parameters()
                   if ".layers." in n or ".h." in n) / max(layers, 1)  # fmt: skip
     (b, length), (s, n) = plain, packed
-    return s * n * (2 * weights + 4 * hidden * n) < b * length * (2 * weights + 4 * hidden * length)
+    if rows is None:
+        attention, plain_attention = 4 * hidden * s * n * n, 4 * hidden * b * length**2
+    else:  # the plain rows priced at the causal half too: pack only for a real saving
+        attention, plain_attention = 2 * hidden * rows[0] * rows[1] ** 2, 2 * hidden * b * length**2
+    return s * n * 2 * weights + attention < b * length * 2 * weights + plain_attention
 
 
 def attention_mask_4d(keep: Tensor, implementation: str, dtype: torch.dtype) -> Tensor:
     """[S, 1, N, N] in the form the model's attention takes: bool for SDPA (True = attend),
     additive for eager (0 or the dtype's minimum, as transformers builds it)."""
     keep = keep[:, None]
-    if implementation == "sdpa":
+    if implementation in ("sdpa", "gspo_sdpa"):
         return keep
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
         ~keep, torch.finfo(dtype).min
@@ -165,7 +220,7 @@ def unsupported(model: torch.nn.Module, length: int | None = None) -> str | None
     if kind not in SHARED_PREFIX_MODELS:
         return f"model type {kind!r} is not one packing is known exact for"
     implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in ("sdpa", "gspo_sdpa", "eager"):
         return f"attention implementation {implementation!r} takes no 4D mask"
     layer_types = getattr(text, "layer_types", None) or ()
     if any(t != "full_attention" for t in layer_types):
