@@ -40,10 +40,13 @@ class CausalLMLogprobs(torch.nn.Module):
       would not be exact (gspo.prefix.unsupported: the model type, its attention
       implementation, sliding windows; or a target whose preceding column is padding), or
       would not be cheaper (gspo.prefix.cheaper: long responses), the plain forward runs.
-      ``prefix_attention="rows"`` (default) runs an SDPA model's packed attention without
-      an N x N mask (gspo.prefix_attention: causal SDPA over one gathered row per
-      response; the model's attention implementation becomes ``gspo_sdpa``, which is
-      SDPA elsewhere); ``"dense"``, and eager models, give it the [S, 1, N, N] block mask.
+      ``prefix_attention="rows"`` runs an SDPA model's packed attention without an N x N
+      mask (gspo.prefix_attention: causal SDPA over one gathered row per response; the
+      model's attention implementation becomes ``gspo_sdpa``, which is SDPA elsewhere);
+      ``"dense"`` (default), and eager models, give it the [S, 1, N, N] block mask. Dense
+      stays the default: the rows copy each prompt's keys and values G times, and the
+      calculator recipe's one-step peak RSS was 14.6 GB with rows against 10.2 GB dense
+      (both under load; docs/fast-step.md); rows win at long responses (linear memory).
     - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
       trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
       gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
@@ -74,7 +77,7 @@ class CausalLMLogprobs(torch.nn.Module):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compute_dtype: torch.dtype | None = None,
-        prefix_attention: str = "rows",
+        prefix_attention: str = "dense",
     ):
         super().__init__()
         check_chunk_size(chunk_size)
