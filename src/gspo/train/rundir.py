@@ -116,6 +116,11 @@ def release(path: Path) -> None:
         return
     (path / LOCK).unlink(missing_ok=True)
     os.close(fd)
+    if made and not (path / "config.json").exists():
+        # training never started: the libraries' output of a failed load (library*.log,
+        # gspo.train.console) goes with the directory; the refusal itself was on the console
+        for log in path.glob("library*.log"):
+            log.unlink(missing_ok=True)
     for directory in reversed(made):  # innermost first, each only while empty
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
