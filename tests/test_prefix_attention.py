@@ -175,7 +175,10 @@ print(json.dumps(peaks))
 def peaks(attention: str, lengths: list[int]) -> list[float]:
     import os
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # a clean environment: variables earlier tests of the suite set (allocator, thread and
+    # engine settings) must not change the child's peak memory (it failed only in the suite)
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
     out = subprocess.run([sys.executable, "-c", MEMORY, attention, ",".join(map(str, lengths))],
                          capture_output=True, text=True, env=env, timeout=300, check=True)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
