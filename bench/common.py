@@ -15,7 +15,7 @@ Every benchmark script here follows one pattern::
     if __name__ == "__main__":
         common.run(child, main)           # the child's report, or main()
 
-Why a subprocess per case: peak resident memory (``ru_maxrss``) is a high-water
+Why a subprocess per case: peak resident memory (VmHWM) is a high-water
 mark that never goes down, so two cases in one process would hide each other's
 peaks; a fresh process also starts with a cold allocator, as a training job does.
 
@@ -53,7 +53,16 @@ def current_rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far: Linux's VmHWM, else ru_maxrss.
+
+    VmHWM first because Linux's ru_maxrss keeps the forking parent's peak across exec, so a
+    case started from a large parent would report the parent's peak (ru_maxrss is KiB on
+    Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
