@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from gspo.config import Composite, check, check_choices, check_dataset_fields, option
 from gspo.objectives import registry
+from gspo.train import compose
 from gspo.train.warmstart import WarmStartConfig
 
 # the objective options that are also flags of their own (--eps-low ...), for older configs
@@ -514,54 +515,7 @@ class TrainConfig(Composite):
     warm: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def __post_init__(self) -> None:
-        n_seq = self.run.prompts_per_step * self.run.group_size
-        fix = f"it must divide prompts_per_step * group_size = {n_seq}"
-        check(n_seq % self.optim.minibatches == 0, "minibatches", self.optim.minibatches, fix)
-        # vLLM schedules its own batches (within --vllm-memory): a batch size it would
-        # ignore is refused. (gspo eval keeps its default for hf and says vLLM ignores it.)
-        check(self.sampling.generation_batch_size == 0 or self.sampling.rollout != "vllm",
-              "generation_batch_size", self.sampling.generation_batch_size,
-              "--rollout vllm schedules its own batches (size its KV cache with "
-              "--vllm-memory); drop it or use --rollout hf")  # fmt: skip
-        limit, buffer = self.sampling.max_new_tokens, self.batch.overlong_penalty
-        check(buffer <= limit, "overlong_penalty", buffer,
-              f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "
-              f"{limit}, or 0 for no penalty")  # fmt: skip
-        # Under FSDP every generate() is a collective, but episodes end after different
-        # numbers of turns on each rank: refused rather than left to hang.
-        check(self.data.env is None or not self.run.fsdp, "env", self.data.env,
-              "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
-        check(self.data.tools is None or not self.run.fsdp, "tools", self.data.tools,
-              "multi-turn episodes run under DDP or one process, not --fsdp: drop --fsdp")
-        # One step off-policy, a step's prompts are sampled before the step before it has
-        # ended: where a refill round (--dynamic-sampling) takes its prompts from the data
-        # stream depends on how many rounds that earlier step needed, which is not known
-        # yet. (--env runs its episodes on the sampler thread: gspo.train.overlap.)
-        check(not self.run.async_rollouts or not self.batch.dynamic_sampling,
-              "dynamic_sampling", self.batch.dynamic_sampling,
-              "with --async-rollouts a step's prompts are drawn before the step before it "
-              "knows how many refill rounds it needs, so the data position of a refill is "
-              "unknown; drop one of them")  # fmt: skip
-        check(not self.run.async_rollouts or self.data.tools is None, "tools", self.data.tools,
-              "function tools do not run with --async-rollouts yet: drop one of them")
-        # The KL reference is the model before the warm start; a user would expect the
-        # warm-started one (SFT, then RL with KL to the SFT model): refused, not surprising.
-        check(self.warm.warm_start is None or self.objective.kl_coef == 0, "warm_start",
-              self.warm.warm_start, "the KL reference would be the model before the warm "
-              "start, not the warm-started one: use --kl-coef 0 with it")  # fmt: skip
-        self._check_async()
-        self._resolve_old_logprobs()
-        # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master
-        # weights); the samplers compute otherwise (HF generate and vLLM in fp32; vLLM's own
-        # bf16 is further still), so their log-probs are not the old policy's: measured on
-        # SmolLM2 (arith, 32 tokens, on-policy samples) k3 8.3e-4 (bf16 vLLM: 1.9e-3) and
-        # sequence ratios 0.968..1.018, against 4e-11 in fp32; GSPO's clip range
-        # (1 - 0.003, 1 + 0.004) would cut on-policy samples.
-        check(self.objective.old_logprobs != "sampler" or self.optim.dtype == "fp32",
-              "old_logprobs", self.objective.old_logprobs,
-              "under --dtype bf16 the sampler's log-probs are not the bf16 policy's (they "
-              "differ by ~1e-3 k3, past GSPO's clip range): use --old-logprobs trainer, or "
-              "--dtype fp32")  # fmt: skip
+        compose.check_pairs(self)
 
     def _resolve_old_logprobs(self) -> None:
         """``auto``: the sampler's log-probs under --async-rollouts (unless a correction asks
@@ -577,18 +531,3 @@ class TrainConfig(Composite):
         lagged = self.run.async_rollouts and objective.rollout_correction == "none"
         resolved = replace(objective, old_logprobs="sampler" if lagged else "trainer")
         object.__setattr__(self, "objective", resolved)
-
-    def _check_async(self) -> None:
-        run, rollout = self.run, self.sampling.rollout
-        if not run.async_rollouts or rollout != "hf":
-            return
-        # The HF engine samples the policy module itself; ahead of the trainer it needs a copy
-        # of its own (gspo.train.overlap), which is a plain replica of the HF model.
-        for name, value, unset, why in (
-            ("fsdp", run.fsdp, False, "the sampler's copy would be a whole model per rank"),
-            ("lora_r", self.optim.lora_r, 0, "the sampler's copy would hold the adapters"),
-            ("keep_dropout", self.optim.keep_dropout, False,
-             "dropout draws from the RNG the HF sampler thread draws from at the same time"),
-        ):  # fmt: skip
-            check(value == unset, name, value, f"with --async-rollouts and --rollout hf {why}: "
-                  "use --rollout vllm (it holds its own weights), or drop the option")  # fmt: skip
