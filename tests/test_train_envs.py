@@ -19,6 +19,7 @@ from gspo.train.cli import main, parse_config
 from gspo.train.config import TrainConfig
 from gspo.train.engines.hf import HFEngine
 from gspo.train.loop import train
+from gspo.train.tasks import POOL_SIZE
 from gspo.train.tasks.digitsum import digitsum_reward
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.update import k3_kl, lr_lambda, response_logprobs, update
@@ -281,7 +282,9 @@ def test_async_environment_error_checkpoints_and_exits_3(tmp_path, capsys):
     (BreaksInBatch2 fails in the episodes of batch 2 only, which the thread runs while
     step 1 trains; the held-out episodes at step 0 come after batches 1 and 2.)"""
     run = tmp_path / "run"
-    BreaksInBatch2.made = 0
+    # the start-up check reads each row's first message from an instance of its own
+    # (data.fit): one per training row (the task's pool) and held-out row (--eval-prompts 4)
+    BreaksInBatch2.made = -(POOL_SIZE + 4)
     code = main([*TINY, "--steps", "2", "--no-plot", "--env", "test_train_envs:BreaksInBatch2",
                  "--async-rollouts", "--run-dir", str(run)])  # fmt: skip
     err = capsys.readouterr().err

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gspo.train import episodes
 from gspo.train.config import warn
-from gspo.train.envs.select import tool_schemas
+from gspo.train.envs.select import resolve
 from gspo.train.models import position_limit
 from gspo.train.rollout import encode_prompts
 from gspo.train.tasks.base import Prompt
@@ -45,36 +46,68 @@ def fit_prompts(
     return pool, held_out, dropped, longest
 
 
-def fit(parts: list[list[Prompt]], tokenizer, model,
-        config) -> tuple[list[list[Prompt]], int, int]:  # fmt: skip
+def fit(parts: list[list[Prompt]], tokenizer, model, config,
+        labels: Sequence[str] = ("training row", "held-out row"),
+        ) -> tuple[list[list[Prompt]], int, int]:  # fmt: skip
     """Each list of prompts without those over ``--max-prompt-tokens``, how many were
     dropped, and the longest one left (tokens); a ValueError if it, plus
     ``--max-new-tokens``, does not fit the model's positions (the one rule of `gspo train`
-    and `gspo eval`; the engines are sized by the same numbers, ``sequence_len``)."""
+    and `gspo eval`; the engines are sized by the same numbers, ``sequence_len``). With an
+    environment (--env, --tools) a row's prompt is its first message: what the
+    environment's ``reset()`` writes, after its system prompt (``first_lengths``; ``labels``
+    name each part's rows in its errors)."""
     limit = position_limit(model)
     cap, sampling = config.data.max_prompt_tokens, config.sampling
-    kept, dropped, longest = [], 0, (0, None)
-    tools = tool_schemas(config.data) if getattr(tokenizer, "chat_template", None) else None
-    for part in parts:
-        lengths = prompt_lengths(tokenizer, part, sampling.system_prompt, tools)
+    kept, dropped, longest = [], 0, (0, ("", ""))
+    for k, part in enumerate(parts):
+        label = labels[k] if k < len(labels) else "row"
+        lengths, names = first_lengths(tokenizer, part, config, label)
         keep = [p for p, n in zip(part, lengths, strict=True) if cap is None or n <= cap]
         dropped += len(part) - len(keep)
         kept.append(keep)
-        for p, n in zip(part, lengths, strict=True):
+        for name, n in zip(names, lengths, strict=True):
             if (cap is None or n <= cap) and n > longest[0]:
-                longest = (n, p["prompt"])
+                longest = (n, name)
     if limit is not None and longest[0] + sampling.max_new_tokens > limit:
-        text = repr(longest[1])
-        text = text if len(text) <= 80 else text[:77] + "..."
         room = limit - sampling.max_new_tokens
         fix = (f"--max-prompt-tokens {room} drops longer prompts, or shorten the prompts, or "
                "lower --max-new-tokens" if room > 0 else
                f"lower --max-new-tokens below {limit}")  # fmt: skip
         raise ValueError(
-            f"a prompt of {longest[0]} tokens ({text}) plus --max-new-tokens "
+            f"{longest[1][0]} of {longest[0]} tokens {longest[1][1]} plus --max-new-tokens "
             f"{sampling.max_new_tokens} exceeds the model's {limit} positions; {fix}"
         )
     return kept, dropped, longest[0]
+
+
+def first_lengths(tokenizer, rows: Sequence[Prompt], config,
+                  label: str) -> tuple[list[int], list[tuple[str, str]]]:  # fmt: skip
+    """(tokens of each row's first message as the engines are fed it, what to call each in
+    the error of ``fit``: the words before and after its length). Without an environment:
+    the prompt (rollout.encode_prompts, after --system-prompt). With one
+    (envs.select.resolve): the message its ``reset()`` writes for the row, after the
+    episodes' system prompt (--system-prompt or the environment's own) and with its tools,
+    exactly as episodes.MultiTurn renders it; a failing constructor or ``reset()`` is a
+    ValueError naming the row (exit 2)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    env_class = resolve(config.data, None)  # the reward is not needed to read the rows
+    if env_class is None:
+        lengths = prompt_lengths(tokenizer, rows, config.sampling.system_prompt)
+        return lengths, [("a prompt", f"({_clip(p['prompt'])})") for p in rows]
+    name = env_class.__qualname__
+    firsts = episodes.first_messages(env_class, rows, label)
+    tools = getattr(env_class, "tool_schemas", None) or None
+    system = episodes.system_prompt(config.data, config.sampling)
+    lengths = prompt_lengths(tokenizer, [{"prompt": m} for m in firsts], system,
+                             tools if templated else None)  # fmt: skip
+    return lengths, [("the first message", f"(environment {name}'s reset() for {label} {i}, "
+                      f"after the system prompt; the row's fields {_clip(row)})")
+                     for i, row in enumerate(rows)]  # fmt: skip
+
+
+def _clip(value, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def sequence_len(model, prompt_tokens: int | None, max_new_tokens: int) -> int:

@@ -155,16 +155,7 @@ class MultiTurn:
                                      skip_special_tokens=False)  # fmt: skip
 
     def _start(self, i: int, row: dict):
-        try:
-            env = self.env_class(**row)
-        except Exception as err:  # noqa: BLE001 - user code: stop the run with context
-            raise EnvError(f"environment {self.env_class.__qualname__}() raised "
-                           f"{type(err).__name__}: {err} in episode {i} (prompt "
-                           f"{row.get('prompt')!r:.80}), turn 0; fix the environment or the "
-                           "prompt fields") from err  # fmt: skip
-        where = {"episode": i, "turn": 0, "prompt": row.get("prompt")}
-        first = check_message(env, call(env, "reset", **where), "reset", **where)
-        return env, first
+        return start(self.env_class, row, i)
 
     def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                 seed: int | None = None) -> Rollout:  # fmt: skip
@@ -174,6 +165,7 @@ class MultiTurn:
         rows = [p for p in prompts for _ in range(group_size)]
         envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
         prompt_ids = self.turns.first_ids(firsts)
+        self._check_room(rows, prompt_ids)
         ids = [list(p) for p in prompt_ids]
         # per row: [(token ids, the model's?, sampler log-probs or None)]
         segments: list[list[tuple]] = [[] for _ in rows]
@@ -197,7 +189,7 @@ class MultiTurn:
                 last_reply[i] = tokens
                 reply = self.reply_text(tokens)
                 later[i].append({"role": "assistant", "content": reply})
-                where = {"episode": i, "turn": turn, "prompt": rows[i].get("prompt")}
+                where = {"episode": i, "turn": turn, "prompt": rows[i].get("prompt", rows[i])}
                 message = check_message(envs[i], call(envs[i], "step", reply, **where), "step",
                                         **where)  # fmt: skip
                 if message is None:
@@ -222,7 +214,7 @@ class MultiTurn:
         rewards = []
         for i, env in enumerate(envs):
             turns = sum(m["role"] == "assistant" for m in later[i])
-            where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt")}
+            where = {"episode": i, "turn": turns, "prompt": rows[i].get("prompt", rows[i])}
             rewards.append(check_reward(env, call(env, "reward", **where), **where))
         # function tools count their calls and errors (envs.tools: ``counts``)
         episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
@@ -236,6 +228,19 @@ class MultiTurn:
         rollout.replies, rollout.ends = replies, ends
         return rollout
 
+    def _check_room(self, rows: Sequence[dict], prompt_ids: Sequence[list[int]]) -> None:
+        """An EnvError (checkpoint, exit 3), not the engine's, for a first message that
+        leaves no room for a reply: data.fit checked every row's at start, so only an
+        environment whose reset() writes something else now gets here."""
+        for i, ids in enumerate(prompt_ids):
+            if self.max_len is not None and len(ids) + self.max_new_tokens > self.max_len:
+                raise EnvError(f"environment {self.env_class.__qualname__}.reset() wrote a "
+                               f"first message of {len(ids)} tokens in episode {i} (fields "
+                               f"{_fields(rows[i])}): with --max-new-tokens "
+                               f"{self.max_new_tokens} it exceeds the {self.max_len} positions "
+                               "the engine holds, though at start it fit; make reset() "
+                               "write the same message for the same row")  # fmt: skip
+
     def score(self, rollout: Rollout) -> Scores:
         return Scores([e["reward"] for e in rollout.episodes])
 
@@ -243,6 +248,41 @@ class MultiTurn:
         """Means over this rank's episodes (``episode_metrics``); ``truncated_frac`` comes
         from gspo.train.sampling, for every run, with the same meaning."""
         return episode_metrics(rollout.episodes)
+
+
+def start(env_class: type, row: dict, i: int, *, where: str = "episode"):
+    """(the environment of ``row``, its first message): ``env_class(**row)``, then
+    ``reset()`` (a str or chat messages); any exception is an EnvError naming the class,
+    ``where`` and ``i`` (the row in the batch), the row's fields and turn 0."""
+    try:
+        env = env_class(**row)
+    except Exception as err:  # noqa: BLE001 - user code: stop the run with context
+        raise EnvError(f"environment {env_class.__qualname__}() raised "
+                       f"{type(err).__name__}: {err} in {where} {i} (fields {_fields(row)}), "
+                       "turn 0; fix the environment or the row's fields") from err  # fmt: skip
+    context = {"episode": i, "turn": 0, "prompt": row.get("prompt", row)}
+    first = check_message(env, call(env, "reset", **context), "reset", **context)
+    return env, first
+
+
+def first_messages(env_class: type, rows: Sequence[dict], label: str) -> list[str | list]:
+    """Each row's first message, as ``reset()`` writes it (``start``), for the checks at
+    start (gspo.train.data.fit): a ValueError (exit 2) naming the environment and the row
+    (``label`` and its index) when the constructor or ``reset()`` fails or returns no
+    message. One instance per row, then dropped: the contract's rule, one per episode."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(start(env_class, row, i, where=label)[1])
+        except EnvError as err:
+            raise ValueError(f"{err} (at start, reading the first message of {label} {i})") \
+                from None  # fmt: skip
+    return out
+
+
+def _fields(row: dict, width: int = 80) -> str:
+    text = repr(row)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def is_truncated(replies: Sequence[tuple[int, int, str]], end: str) -> bool:

@@ -137,11 +137,12 @@ def load_questions(config: EvalConfig) -> list[dict]:
     if d.dataset is not None:
         rows, held_out = load_dataset_prompts(d.dataset, task=d.task, split=d.dataset_split,
                                               prompt_field=d.prompt_field,
-                                              answer_field=d.answer_field)  # fmt: skip
+                                              answer_field=d.answer_field,
+                                              env=d.env is not None)  # fmt: skip
         return rows if held_out is None or d.dataset_split is not None else held_out
     if d.prompts is None:  # the held-out prompts gspo train evaluates on
         return held_out_prompts(d.task, d.eval_prompts, config.seed, d.task_levels)
-    return load_prompts_file(d.prompts, d.task)
+    return load_prompts_file(d.prompts, d.task, env=d.env is not None)
 
 
 def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
@@ -182,7 +183,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: EvalConfig,
         # user's reward scores rows that need not have them
         checks = {} if d.reward else task.eval_metrics(question, greedy[i])
         records.append({
-            "question": question.get("question", question["prompt"]),
+            "question": question.get("question", question.get("prompt", question)),
             "answer": question.get("answer"),
             "category": str(question.get("category", "all")),
             "greedy": greedy[i], "greedy_reward": greedy_rewards[i],
@@ -384,7 +385,8 @@ def _run(config: EvalConfig, questions: list[dict]) -> dict:
                                    seed=config.seed)  # fmt: skip
     models.use_chat_template(tokenizer, m.chat_template)
     # the rule gspo train applies at start: --max-prompt-tokens, and the model's positions
-    (questions,), _, longest = data.fit([questions], tokenizer, model, config)
+    (questions,), _, longest = data.fit([questions], tokenizer, model, config,
+                                        labels=("question",))  # fmt: skip
     if not questions:
         raise ValueError(f"--max-prompt-tokens {config.data.max_prompt_tokens} drops every "
                          "question; raise it")  # fmt: skip

@@ -122,6 +122,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         task=d.task, prompts_file=d.prompts, reward=d.reward, reward_weights=d.reward_weights,
         eval_size=d.eval_prompts, seed=run.seed, levels=d.task_levels, dataset=d.dataset,
         dataset_split=d.dataset_split, prompt_field=d.prompt_field, answer_field=d.answer_field,
+        env=d.env is not None,
     )  # fmt: skip
     pool, held_out, dropped, longest = data.fit_prompts(pool, held_out, policy.tokenizer,
                                                         policy.model, config)  # fmt: skip

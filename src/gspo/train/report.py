@@ -193,8 +193,17 @@ def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count:
                 item.update({k: episodes[i][k] for k in ("tool_calls", "tool_errors")
                              if "tool_errors" in episodes[i]})  # fmt: skip
             items.append(item)
-        out.append({"prompt": prompts[rows[0]]["prompt"], "completions": items})
+        out.append({"prompt": _prompt_of(prompts[rows[0]], episodes and episodes[rows[0]]),
+                    "completions": items})  # fmt: skip
     return out
+
+
+def _prompt_of(row: dict, episode: dict | None):
+    """The row's prompt; for an environment's row without one (docs/environments.md: its
+    reset() writes the first message), that first message as the episode recorded it."""
+    if "prompt" in row or not episode:
+        return row.get("prompt")
+    return episode["turns"][0]["content"]
 
 
 def format_group(group: dict, width: int = 100) -> str:

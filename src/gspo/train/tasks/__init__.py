@@ -45,23 +45,25 @@ def build_task(
     dataset_split: str | None = None,
     prompt_field: str | None = None,
     answer_field: str | None = None,
+    env: bool = False,
 ) -> tuple[list[Prompt], list[Prompt], RewardFn | Rewards]:
     """(training pool, fixed held-out prompts, reward function(s)); ``levels`` picks the
     difficulty of tasks that have levels (arith). The prompts come from ``prompts_file``
     (JSONL), ``dataset`` (a file or a saved data set, its columns chosen by the ``*_field``
     arguments) or else the task itself; the reward is the user's ``reward`` if given, else
-    the task's."""
+    the task's. ``env`` (--env): a file's rows may hold only the environment's fields, its
+    ``reset()`` writing the first message (files.task_prompt)."""
     task = get(task)
     specs = [reward] if isinstance(reward, str) else list(reward or ())
     reward_fn = load_rewards(specs, reward_weights) if specs else task.reward
     if dataset is not None:
         rows, held_out = load_dataset_prompts(dataset, task=task, split=dataset_split,
                                               prompt_field=prompt_field,
-                                              answer_field=answer_field)  # fmt: skip
+                                              answer_field=answer_field, env=env)  # fmt: skip
         if held_out is not None:  # the data set's own held-out split
             return rows, held_out[:eval_size], reward_fn
     elif prompts_file is not None:
-        rows = load_prompts_file(prompts_file, task)
+        rows = load_prompts_file(prompts_file, task, env=env)
     else:
         pool = task.prompts(POOL_SIZE, seed, levels)
         return pool, task.held_out(eval_size, seed, levels), reward_fn

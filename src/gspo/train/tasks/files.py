@@ -43,10 +43,12 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 HELD_OUT_SPLITS = ("test", "validation")  # the first one a saved DatasetDict has
 
 
-def load_prompts_file(path: str | Path, task: str | Task | None = None) -> list[Prompt]:
+def load_prompts_file(path: str | Path, task: str | Task | None = None, *,
+                      env: bool = False) -> list[Prompt]:  # fmt: skip
     """Read a JSONL file of ``{"prompt": str | chat messages, ...}`` objects, or of the rows
     ``task`` formats itself (arith: ``{"question", "answer"}``); a UTF-8 byte order mark is
-    allowed; errors name the line."""
+    allowed; errors name the line. ``env``: an environment's ``reset()`` writes the first
+    message (--env), so a row may hold only the environment's fields (``task_prompt``)."""
     rows = []
     try:
         # utf-8-sig: editors on Windows (and pandas' to_json) may write a byte order mark
@@ -60,18 +62,25 @@ def load_prompts_file(path: str | Path, task: str | Task | None = None) -> list[
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"--prompts {path}: line {number} is not JSON ({err})") from None
-        rows.append(task_prompt(row, task, f"--prompts {path}: line {number}"))
+        rows.append(task_prompt(row, task, f"--prompts {path}: line {number}", env=env))
     if len(rows) < 2:
         raise ValueError(f"--prompts {path}: need at least 2 prompts, found {len(rows)}")
     return rows
 
 
-def task_prompt(row, task: str | Task | None, where: str) -> Prompt:
+def task_prompt(row, task: str | Task | None, where: str, *, env: bool = False) -> Prompt:
     """One row of the user's data as a prompt: formatted by ``task`` if it reads rows
-    itself (arith: ``{"question", "answer"}``), then checked; ``where`` starts the error."""
+    itself (arith: ``{"question", "answer"}``), then checked; ``where`` starts the error.
+    ``env`` (--env): the row's fields go to the environment, whose ``reset()`` writes the
+    first message, so a row without ``"prompt"`` is taken as it is (the contract,
+    docs/environments.md); a ``"prompt"`` it has must still be a prompt."""
     task = None if task is None else get(task)
     if isinstance(row, dict) and task is not None and task.question_field is not None:
         row = task.from_row(row, where)
+    if env and isinstance(row, dict) and "prompt" not in row:
+        if not row:
+            raise ValueError(f"{where} is an empty object; give the environment's fields")
+        return row
     if not isinstance(row, dict) or not _is_prompt(row.get("prompt")):
         got = f"got {type(row.get('prompt')).__name__}" if isinstance(row, dict) else \
             f"got {type(row).__name__}"  # fmt: skip
@@ -103,13 +112,15 @@ def load_dataset_prompts(
     prompt_field: str | None = None,
     answer_field: str | None = None,
     split: str | None = None,
+    env: bool = False,
 ) -> tuple[list[Prompt], list[Prompt] | None]:
     """(prompts of the training split, prompts of the held-out split or None): see the
-    module docstring for which split is which and how the columns are named."""
+    module docstring for which split is which and how the columns are named. ``env``: rows
+    may lack a prompt column (``task_prompt``)."""
     tables = read_local(path, split=split)
     out = [None if table is None else
            as_prompts(table, source=f"--dataset {path}", task=task, prompt_field=prompt_field,
-                      answer_field=answer_field) for table in tables]  # fmt: skip
+                      answer_field=answer_field, env=env) for table in tables]  # fmt: skip
     rows, held_out = out
     if len(rows) < 2:
         raise ValueError(f"--dataset {path}: need at least 2 prompts, found {len(rows)}")
@@ -173,14 +184,17 @@ def _from_disk(datasets, where: Path, path, split: str | None):
 
 
 def as_prompts(table, *, source: str, task: str | Task | None, prompt_field: str | None,
-               answer_field: str | None) -> list[Prompt]:  # fmt: skip
-    """The rows of a ``datasets.Dataset`` as task prompts, columns renamed (module docstring)."""
+               answer_field: str | None, env: bool = False) -> list[Prompt]:  # fmt: skip
+    """The rows of a ``datasets.Dataset`` as task prompts, columns renamed (module docstring).
+    ``env``: without a prompt column the rows are the environment's fields as they are."""
     columns = list(table.column_names)
     question = None if task is None else get(task).question_field  # arith: "question"
     if prompt_field is None:  # the task's own rows, e.g. arith's {"question", "answer"}
         prompt_field = question if question is not None and question in columns else "prompt"
+        if env and prompt_field not in columns:
+            prompt_field = None  # reset() writes the first message
     target = question if question is not None and prompt_field != "prompt" else "prompt"
-    renames = {prompt_field: target}
+    renames = {} if prompt_field is None else {prompt_field: target}
     if answer_field is not None:
         if answer_field == prompt_field:
             raise ValueError(f"--answer-field {answer_field!r} is also the prompt field; "
@@ -195,7 +209,7 @@ def as_prompts(table, *, source: str, task: str | Task | None, prompt_field: str
     out = []
     for number, row in enumerate(table.to_list(), 1):
         row = {renames.get(k, k): v for k, v in row.items() if k in renames or k not in replaced}
-        out.append(task_prompt(row, task, f"{source}: row {number}"))
+        out.append(task_prompt(row, task, f"{source}: row {number}", env=env))
     return out
 
 
