@@ -15,12 +15,14 @@ the episode.
 Token ids end to end (docs/environments.md): an episode's ids start as its first message
 rendered exactly as a prompt is (rollout.encode_prompts); each turn appends the model's
 sampled ids as they came from the engine (never decoded and re-encoded), then the ids of
-the *new* text only: the chat template's end of the model's turn (minus the EOS the model
-already wrote), the environment's message as a user turn, and the template's opening of the
-next assistant turn. The new text is the difference between the template's rendering of the
-conversation with and without the new message (with a sentinel as the last reply, so that
-how a template re-renders past replies does not matter). Without a chat template the
-environment's message is appended as ``PLAIN_SEPARATOR + message + PLAIN_SEPARATOR``.
+the text the template puts after the model's turn: its end of that turn (minus the EOS the
+model already wrote), the environment's message as a user turn (tool results as the
+template renders them), and the template's opening of the next assistant turn: all that
+follows a sentinel standing for the last reply in the template's rendering of the
+conversation with the new message, so that how a template re-renders past replies (Qwen3's
+drop their think blocks) does not matter; tokenized in its context (``Turns.env_ids``).
+Without a chat template the environment's message is appended as ``PLAIN_SEPARATOR +
+message + PLAIN_SEPARATOR``.
 
 In the Rollout, the response is everything after the first message: ``response_mask``
 [B, T] is True on the model's tokens only (the loss, its ``T_i``, the KL, the old and
@@ -90,37 +92,63 @@ class Turns:
         """The text that follows the model's reply ``reply_ids`` (its tokens) when the
         environment answers ``message`` (a user turn's text, or messages: a function tool's
         ``tool`` messages); ``first``/``later``: the conversation so far, the reply last."""
+        return self._render(first, later, reply_ids, message)[1]
+
+    def _render(self, first, later, reply_ids, message) -> tuple[str, str]:
+        """(context, text): ``env_text`` and the text it follows. With a chat template, the
+        template's rendering of the conversation with the new message, the model's reply a
+        sentinel: ``text`` is all that follows the sentinel (the template's end of the
+        model's turn, minus the EOS the model wrote, then the message as the template
+        renders it after that turn, then the opening of the next assistant turn), and the
+        context all before it. Only the rendering *after* the model's turn is read, so a
+        template that re-renders earlier turns (Qwen3's drops past think blocks and puts
+        an empty one before a final assistant turn) does not matter: the episode keeps
+        the model's tokens as sampled. Without a template: the reply's text, then
+        ``PLAIN_SEPARATOR + message + PLAIN_SEPARATOR``."""
         new = [{"role": "user", "content": message}] if isinstance(message, str) else \
             list(message)  # fmt: skip
         if not self.templated:
             text = "\n".join(m["content"] for m in new)
-            return f"{PLAIN_SEPARATOR}{text}{PLAIN_SEPARATOR}"
-        def apply(messages, **kwargs):
-            return self.tokenizer.apply_chat_template(messages, tools=self.tools, **kwargs)
+            reply = self.tokenizer.decode(list(reply_ids), skip_special_tokens=False)
+            return reply, f"{PLAIN_SEPARATOR}{text}{PLAIN_SEPARATOR}"
         history = self._history(first, later[:-1]) + [{"role": "assistant", "content": SENTINEL}]
         try:
-            before = apply(history, tokenize=False, add_generation_prompt=False)
-            after = apply(history + new, tokenize=False, add_generation_prompt=True)
+            after = self.tokenizer.apply_chat_template(history + new, tools=self.tools,
+                                                       tokenize=False,
+                                                       add_generation_prompt=True)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - the template is code from the model's files
             reason = " ".join(str(err).split())[:200]
             raise ValueError(f"--env: the tokenizer's chat template fails on a conversation "
                              f"of user and assistant turns ({type(err).__name__}: {reason}); "
                              "use a model whose template renders one (--model)") from None
-        if SENTINEL not in before or not after.startswith(before):
+        if after.count(SENTINEL) != 1:
             raise ValueError(
-                "--env: the tokenizer's chat template does not render a conversation as the "
-                "beginning of its continuation (so a new turn cannot be appended to the "
-                "episode's tokens); use a model whose template does (--model)"
+                "--env: the tokenizer's chat template does not render the model's last reply "
+                "once, as written, before the environment's message (so the message's text "
+                "after the reply is unknown); use a model whose template does (--model)"
             )
-        closing = before[before.rindex(SENTINEL) + len(SENTINEL) :]  # the template's end of turn
+        cut = after.index(SENTINEL) + len(SENTINEL)
+        text = after[cut:]  # the template's end of turn, the message, the next opening
         if reply_ids and reply_ids[-1] in self.eos:  # the model wrote that marker itself
             written = self.tokenizer.decode([reply_ids[-1]], skip_special_tokens=False)
-            closing = closing.removeprefix(written)
-        return closing + after[len(before) :]
+            text = text.removeprefix(written)
+        return after[: len(after) - len(text)], text
 
-    def env_ids(self, first, later, reply_ids, message: str) -> list[int]:
-        text = self.env_text(first, later, reply_ids, message)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def env_ids(self, first, later, reply_ids, message: str | list[dict]) -> list[int]:
+        """The ids of ``env_text``, tokenized in its context: the ids the tokenizer gives the
+        text where the template's rendering has it, after the reply, not alone (alone, a
+        SentencePiece-style tokenizer, Metaspace with prepend_scheme "first", starts the
+        text with a word boundary "▁" the rendering does not have). Taken as the ids of
+        context + text past those of the context; where the two do not share the context's
+        ids (the text's first characters merge into the context's last token), the
+        text's own ids."""
+        context, text = self._render(first, later, reply_ids, message)
+        def encode(s: str) -> list[int]:
+            return self.tokenizer(s, add_special_tokens=False)["input_ids"]
+        head, whole = encode(context), encode(context + text)
+        if context and whole[: len(head)] == head:
+            return whole[len(head) :]
+        return encode(text)
 
     def check(self) -> None:
         """Fail at start, not mid-run, if the template cannot take turns (with tools: tool
