@@ -1,0 +1,118 @@
+"""Pairs of settings run together (docs/settings.md, "Every pair of settings"): each test
+turns on several features at once at tiny sizes and checks what must hold for all of them
+together: a run stopped after step 2 and resumed equals the straight one (weights and every
+metric, so any state a feature holds is saved and restored), the ratio of the first
+minibatch is 1 on policy, and each feature did its work (truncated episodes dropped,
+lengths penalised, top-p's log-probs the trainer's, the warm start ran once).
+
+The table's cells name these tests for the pairs no narrower test covers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gspo.train.cli import main, parse_config
+from gspo.train.loop import train
+from test_train_e2e import TINY, rows
+
+VOLATILE = ("time", "step_time", "tokens_per_s")  # wall-clock metrics
+
+
+def _warm_start_file(tmp_path: Path) -> str:
+    path = tmp_path / "demos.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"sum {i}{i}:"},
+                                      {"role": "assistant", "content": str(2 * i)}]})
+             for i in range(8)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _saved(run: Path) -> dict[str, torch.Tensor]:
+    model = run / "model"
+    name = "adapter_model.safetensors" if (model / "adapter_model.safetensors").exists() \
+        else "model.safetensors"  # fmt: skip
+    return load_file(model / name)
+
+
+def _kept(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def straight_and_resumed(tmp_path: Path, args: list[str]) -> list[dict]:
+    """A 4-step run with ``args`` and the same run stopped after step 2 and resumed: equal
+    weights (bit for bit) and equal metrics lines; the straight run's rows."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    common = [*args, "--steps", "4", "--checkpoint-every", "10", "--no-plot"]
+    train(parse_config([*common, "--run-dir", str(straight)])[0])
+    assert train(parse_config([*common, "--run-dir", str(stopped)])[0], stop_after=2)["step"] == 2
+    assert main(["--resume", str(stopped)]) == 0
+    a, b = _saved(straight), _saved(stopped)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = rows(straight), rows(stopped)
+    assert [_kept(r) for r in ra] == [_kept(r) for r in rb]
+    return ra
+
+
+ENV = ["--env", "test_train_envs:Digits", "--max-turns", "2"]
+HYGIENE = ["--mask-truncated", "--overlong-penalty", "2"]
+
+
+def test_hf_env_hygiene_dynamic_sampling_lora_top_p_prefix_warm_start_resume(tmp_path):
+    """--env with --mask-truncated, --overlong-penalty, --dynamic-sampling, LoRA, top-p,
+    --shared-prefix and --warm-start, on the HF engine in one process: a resumed run
+    equals the straight one, one minibatch per step has ratio 1, the sampler's top-p
+    log-probs are the trainer's, truncated episodes leave the loss."""
+    records = straight_and_resumed(tmp_path, [
+        *TINY, *ENV, *HYGIENE, "--dynamic-sampling", "--max-sampling-rounds", "2",
+        "--lora-r", "4", "--lr", "1e-2", "--top-p", "0.9", "--shared-prefix",
+        "--minibatches", "1", "--warm-start", _warm_start_file(tmp_path),
+        "--warm-start-lr", "1e-3", "--seed", "3"])  # fmt: skip
+    assert records[0]["warm_start_loss"] > 0
+    stepped = [r for r in records[1:] if r["ratio_min"] == r["ratio_min"]]  # not NaN
+    assert stepped, records  # a step whose sequences were all masked logs NaN, not 1
+    for r in stepped:
+        assert r["ratio_min"] == r["ratio_max"] == 1.0, r
+    for r in records[1:]:
+        assert r["mismatch_max_abs"] < 1e-5 and r["turns_per_episode"] > 1, r
+    assert any(r["truncated_frac"] > 0 for r in records[1:])  # so the masking had work
+
+
+def test_hf_async_env_hygiene_top_p_prefix_bf16_warm_start_resume(tmp_path):
+    """--async-rollouts (HF: the sampler's own copy) with --env, --mask-truncated,
+    --overlong-penalty, top-p, --shared-prefix, --dtype bf16 (with the trainer's old
+    log-probs: the sampler's are refused under bf16) and --warm-start: a resumed run
+    equals the straight one and batches after the first lag one update."""
+    records = straight_and_resumed(tmp_path, [
+        *TINY, *ENV, *HYGIENE, "--async-rollouts", "--top-p", "0.9", "--shared-prefix",
+        "--dtype", "bf16", "--old-logprobs", "trainer", "--minibatches", "1",
+        "--warm-start", _warm_start_file(tmp_path), "--warm-start-lr", "1e-3",
+        "--seed", "4"])  # fmt: skip
+    assert [r["policy_lag"] for r in records[1:]] == [0, 1, 1, 1]
+    assert records[0]["warm_start_loss"] > 0
+    stepped = [r for r in records[1:] if r["ratio_min"] == r["ratio_min"]]  # not NaN
+    assert stepped, records
+    for r in stepped:
+        assert r["ratio_min"] == r["ratio_max"] == 1.0, r  # old log-probs: the bf16 policy's
+    assert all(r["turns_per_episode"] > 1 for r in records[1:])
+
+
+def test_vllm_env_async_hygiene_top_p_lora_prefix_warm_start_resume(tmp_path):
+    """vLLM in one process with --env, --async-rollouts (one step off, the sampler's
+    log-probs as the old policy), --mask-truncated, --overlong-penalty, top-p, LoRA,
+    --shared-prefix and --warm-start: a resumed run equals the straight one (the pending
+    batch restored from the checkpoint) and batches after the first lag one update."""
+    pytest.importorskip("vllm")
+    from test_train_vllm import TINY as VLLM
+
+    records = straight_and_resumed(tmp_path, [
+        *VLLM, *ENV, *HYGIENE, "--async-rollouts", "--top-p", "0.9", "--lora-r", "4",
+        "--lr", "1e-2", "--shared-prefix", "--warm-start", _warm_start_file(tmp_path),
+        "--warm-start-lr", "1e-3", "--seed", "5"])  # fmt: skip
+    assert [r["policy_lag"] for r in records[1:]] == [0, 1, 1, 1]
+    assert any(r["ratio_min"] == r["ratio_min"] for r in records[1:])  # a step trained
+    assert all(r["turns_per_episode"] > 1 for r in records[1:])
