@@ -116,3 +116,74 @@ def test_vllm_env_async_hygiene_top_p_lora_prefix_warm_start_resume(tmp_path):
     assert [r["policy_lag"] for r in records[1:]] == [0, 1, 1, 1]
     assert any(r["ratio_min"] == r["ratio_min"] for r in records[1:])  # a step trained
     assert all(r["turns_per_episode"] > 1 for r in records[1:])
+
+
+def test_env_on_a_tensor_parallel_vllm_engine_under_torchrun(tmp_path):
+    """--env with --vllm-tp 2 on 2 torchrun ranks (one engine over both, gloo on CPU),
+    with top-p, --mask-truncated, --overlong-penalty and --dynamic-sampling: every turn
+    gathers the group's episodes and shares its seed, the ranks take as many turns as the
+    longest episode needs, the sampler agrees with each rank's trainer, and a run resumed
+    from step 2 equals the straight one."""
+    pytest.importorskip("vllm")
+    import inspect
+
+    from test_scaleout_vllm import assert_agree
+    from test_scaleout_vllm import straight_and_resumed as torchrun_resumed
+    from test_train_envs import Digits
+
+    (tmp_path / "myenv.py").write_text(inspect.getsource(Digits))
+    records = torchrun_resumed(tmp_path, [
+        "--vllm-tp", "2", "--env", "myenv:Digits", "--max-turns", "2", "--top-p", "0.9",
+        *HYGIENE, "--dynamic-sampling", "--max-sampling-rounds", "2"])  # fmt: skip
+    assert len(records) == 5
+    for r in records[1:]:
+        assert_agree(r)
+        assert r["turns_per_episode"] > 1, r
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_with_top_p_bf16_prefix_and_warm_start_resume_exactly(tmp_path, fsdp):
+    """2 gloo ranks under torchrun (DDP, or FSDP2) with top-p, --dtype bf16,
+    --shared-prefix and --warm-start: a run resumed from step 2 equals the straight one
+    (weights to 1e-6, every reward_mean)."""
+    from test_train_distributed import TINY as TORCHRUN
+    from test_train_distributed import straight_and_resumed as torchrun_resumed
+
+    extra = ["--fsdp"] if fsdp else []
+    _, records, _ = torchrun_resumed(tmp_path, [
+        *TORCHRUN, *extra, "--top-p", "0.9", "--dtype", "bf16", "--shared-prefix",
+        "--warm-start", _warm_start_file(tmp_path), "--warm-start-lr", "1e-3"])  # fmt: skip
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[0]["warm_start_loss"] > 0
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    ({"env": "calculator", "fsdp": True}, "multi-turn episodes run under DDP or one process"),
+    ({"tools": "m:f", "fsdp": True}, "multi-turn episodes run under DDP or one process"),
+    ({"vllm_tp": 2}, "tensor-parallel sampling is vLLM's: add --rollout vllm"),
+    ({"vllm_device": "cpu"}, "it places vLLM's engine: add --rollout vllm"),
+    ({"async_rollouts": True, "dynamic_sampling": True}, "the data position of a refill"),
+    ({"async_rollouts": True, "lora_r": 4}, "the sampler's copy would hold the adapters"),
+    ({"async_rollouts": True, "fsdp": True}, "the sampler's copy would be a whole model"),
+    ({"async_rollouts": True, "dtype": "bf16"}, "under --dtype bf16 the sampler's log-probs"),
+])  # fmt: skip
+def test_refused_pairs_say_why(options, why):
+    from gspo.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=why):
+        TrainConfig(**options)
+
+
+def test_vllm_device_with_a_tensor_parallel_engine_is_refused():
+    """--vllm-tp K > 1 needs K torchrun ranks (the engine's group), where --vllm-device
+    is refused: each rank's engine runs in the rank's own process."""
+    pytest.importorskip("vllm")
+    from gspo.train.config import SamplingConfig
+    from gspo.train.distributed import World
+    from gspo.train.engines.vllm import VLLMEngine
+
+    for size in (1, 2):
+        sampling = SamplingConfig(rollout="vllm", vllm_tp=2, vllm_device="cpu")
+        why = "must split into groups of 2" if size == 1 else "under torchrun each rank"
+        with pytest.raises(ValueError, match=why):
+            VLLMEngine.for_run(sampling, None, World(rank=0, size=size), None, seed=0)
