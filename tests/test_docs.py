@@ -103,3 +103,33 @@ def test_make_names_the_ci_targets():
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
         assert f"make {target}" in ci, target
     assert "mkdocs build --strict" in makefile and "twine check" in makefile
+
+
+def source_text() -> str:
+    """Every .py file under src/, adjacent string literals joined (a message split over
+    lines, ``"a " "b"``, reads as ``a b``)."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "src").rglob("*.py")))
+    return re.sub(r"[\"']\s*(?:#[^\n]*)?\n\s*f?[\"']", "", text)
+
+
+def quoted_messages(page: str) -> list[str]:
+    """The messages a page quotes: the first cell of each row of its "Message" tables, and
+    every bold code span (``**`...`**``)."""
+    found, in_table = [], False
+    for line in page.splitlines():
+        if line.startswith("| Message |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and not line.startswith("| ---"):
+            found += re.findall(r"`([^`]+)`", line.split("|")[1])
+    return found + re.findall(r"\*\*`([^`]+)`\*\*", page)
+
+
+def test_every_message_the_troubleshooting_page_quotes_is_in_the_source():
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    quoted = quoted_messages(page)
+    assert len(quoted) >= 20, quoted
+    source = source_text()
+    missing = [m for m in quoted if m not in source]
+    assert not missing, f"docs/troubleshooting.md quotes messages gone from src/: {missing}"

@@ -3,7 +3,8 @@ and ``--compare`` (gspo.train.compare).
 
 Precedence: defaults < the resumed run's config.json < --config FILE < flags.
 Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the fix),
-3 the reward function or the --env environment failed (a checkpoint was saved first),
+3 the reward function or the --env environment failed (a checkpoint was saved first), or
+another torchrun rank failed and this one stopped with it (its last checkpoint is intact),
 130 stopped by a signal (a checkpoint was saved; continue with --resume RUN_DIR).
 """
 
@@ -109,6 +110,10 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("gspo train: interrupted; the last checkpoint (if any) is intact", file=sys.stderr)
         return 130
+    except _peer_failure() as err:  # one line for the job, from the lowest surviving rank
+        if err.failed_rank is None or _rank() == (1 if err.failed_rank == 0 else 0):
+            print(f"gspo train: error: {err}; {_after_peer(err.run_dir)}", file=sys.stderr)
+        return 3
     except _reward_error() as err:
         what = "environment" if type(err).__name__ == "EnvError" else "reward"
         print(f"gspo train: {what} error: {err}", file=sys.stderr)
@@ -122,6 +127,26 @@ def _reward_error():
     from gspo.train.rewards import RewardError
 
     return RewardError
+
+
+def _peer_failure():
+    from gspo.train.distributed import PeerFailure
+
+    return PeerFailure
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _after_peer(run_dir) -> str:
+    from gspo.train.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(run_dir) if run_dir is not None else []
+    if not saved:
+        return "every rank stopped before a checkpoint was saved; fix it and start again"
+    return (f"every rank stopped; the last checkpoint ({saved[-1].name}) is intact: fix it "
+            f"and continue with {resume_command(run_dir)}")  # fmt: skip
 
 
 def _report(summary: dict) -> int:

@@ -9,7 +9,9 @@ their G completions itself, so every group lives whole on one rank.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -78,6 +80,99 @@ def shutdown(world: World, *, clean: bool = True) -> None:
 
 
 _EXIT_GRACE_S = 0.2
+
+
+# ---------------------------------------------------------------- one rank fails, all stop
+
+
+class PeerFailure(RuntimeError):
+    """Another rank of the job failed first, and this one stopped with it, at once and
+    without a checkpoint (saving one needs every rank): the last checkpoint is intact.
+
+    ``failed_rank``: the rank that failed (None when it died without a word: killed by a
+    signal or the out-of-memory killer); ``run_dir``: set by the loop once RUN_DIR is known.
+    """
+
+    def __init__(self, notice: str, failed_rank: int | None, run_dir=None) -> None:
+        super().__init__(notice)
+        self.failed_rank, self.run_dir = failed_rank, run_dir
+
+
+_FAILED = "gspo/failed"  # the key of the first failure's notice in the job's store
+_STORE_TIMEOUT = datetime.timedelta(seconds=5)
+
+
+def _job_store(world: World):
+    """A client of the job's key-value store (torch.distributed's TCPStore at MASTER_ADDR:
+    MASTER_PORT, which torchrun's agent hosts, so it outlives a failed rank); None without
+    one."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not world.distributed or not addr or not port:
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=_STORE_TIMEOUT)
+    except (RuntimeError, ValueError):  # the store went with its host
+        return None
+
+
+def announce_failure(world: World, err: BaseException) -> None:
+    """Leave this rank's failure, in one line, in the job's store for the other ranks to
+    print (the first failure's notice stays). Ctrl-C and exits are not failures."""
+    if not isinstance(err, Exception) or isinstance(err, PeerFailure) or lost_peer(err):
+        return
+    store = _job_store(world)
+    if store is None:
+        return
+    first = (str(err).strip().splitlines() or [""])[0][:400]
+    notice = f"rank {world.rank} failed: {type(err).__name__}: {first}"
+    with contextlib.suppress(RuntimeError):
+        store.compare_set(_FAILED, "", notice)
+
+
+def peer_failure(world: World) -> PeerFailure | None:
+    """Another rank's announced failure, or None (none yet, or the store is gone)."""
+    store = _job_store(world)
+    if store is None:
+        return None
+    try:
+        if not store.check([_FAILED]):
+            return None
+        notice = store.get(_FAILED).decode()
+    except RuntimeError:
+        return None
+    rank = int(notice.split()[1]) if notice.startswith("rank ") else None
+    return None if rank == world.rank else PeerFailure(notice, rank)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo: its connection closed)."""
+    if isinstance(err, dist.DistNetworkError | dist.DistBackendError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("closed by peer" in text
+                                              or "reset by peer" in text)  # fmt: skip
+
+
+def stopped_by_peer(world: World, err: BaseException) -> PeerFailure | None:
+    """On a rank leaving training with ``err``: this rank's own failure is announced to the
+    others (None is returned: raise ``err``); a failure that another rank's caused (its
+    notice, or a collective that lost it) comes back as the PeerFailure to raise instead."""
+    if not world.distributed:
+        return None
+    if isinstance(err, PeerFailure):
+        peer = err
+    elif lost_peer(err):
+        peer = peer_failure(world) or PeerFailure(
+            "another rank stopped without a message (killed by a signal or the out-of-memory "
+            "killer?); torchrun's summary below names it and its exit code", None)  # fmt: skip
+    else:
+        announce_failure(world, err)
+        return None
+    # torchrun's SIGTERM to the surviving ranks carries the same news: let this rank finish
+    # stopping and exit with its own code and message instead of being killed mid-way
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return peer
 
 
 def shard(items: list, world: World) -> list:

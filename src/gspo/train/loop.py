@@ -55,9 +55,11 @@ from gspo.train.update import lr_lambda, update
 
 class Stop:
     """Set by SIGINT/SIGTERM; the loop finishes the step, checkpoints and exits.
-    A second signal interrupts at once."""
+    A second signal interrupts at once, and so does the SIGTERM torchrun sends when another
+    rank failed (its notice is in the job's store): that rank cannot join a checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: dd.World) -> None:
+        self.world = world
         self.requested = False
         self.signal = None
         self._old = {}
@@ -73,6 +75,9 @@ class Stop:
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
+        peer = dd.peer_failure(self.world)
+        if peer is not None:
+            raise peer
         self.requested, self.signal = True, signum
 
     def __exit__(self, *exc) -> None:
@@ -87,9 +92,21 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # save_pretrained's shard bars would break our own bar
+    run_dir = None
     try:
         with contextlib.ExitStack() as cleanup:  # closes the rollout engine on any exit
-            summary = _train(config, world, stop_after, cleanup)
+            try:
+                _check_world(config, world)
+                run_dir = rundir.resolve(config, world)  # made and locked: writable, not shared
+                cleanup.callback(rundir.release, run_dir)  # unlock; removed if never trained in
+                summary = _train(config, world, run_dir, stop_after, cleanup)
+            except BaseException as err:  # before the cleanup, which may take seconds:
+                # under torchrun our failure goes to the other ranks, or theirs stops us
+                peer = dd.stopped_by_peer(world, err)
+                if peer is None:
+                    raise
+                peer.run_dir = run_dir
+                raise peer from None
     except BaseException:
         dd.shutdown(world, clean=False)
         raise
@@ -97,11 +114,9 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
     return summary
 
 
-def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
+def _train(config: TrainConfig, world: dd.World, run_dir, stop_after: int | None,
+           cleanup) -> dict:  # fmt: skip
     run, optim = config.run, config.optim
-    _check_world(config, world)
-    run_dir = rundir.resolve(config, world)  # made and locked now: writable, never shared
-    cleanup.callback(rundir.release, run_dir)  # unlock; remove it if training never started
     resume_from = ckpt.latest(run_dir) if run.resume else None
     if resume_from is not None:  # only what may change on resume differs from its settings
         resume.check(config, resume_from)
@@ -220,7 +235,7 @@ def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup
         if warm_losses:
             first["warm_start_loss"] = warm_losses[-1]  # nats per assistant token, last epoch
         log.metrics(first)
-    with Stop() as stop:
+    with Stop(world) as stop:
         for step in range(start + 1, run.steps + 1):
             t0, rng_before = time.perf_counter(), ckpt.rng_state()
             # prompts -> rollouts -> rewards: this rank's contiguous share of the step's
