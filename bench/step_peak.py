@@ -3,7 +3,8 @@
 Runs ``gspo ARGS`` in this process with ``CausalLMLogprobs``'s ``prefix_attention`` default
 set to ``--attention`` (auto, dense or rows: the trainer has no flag for it), then prints
 this process's own peak resident set (VmHWM: the trainer, whose step is what the attention
-changes) and its children's largest (a vLLM engine's process, say), in MiB, as one JSON line.
+changes) and its children's largest (a vLLM engine's process, say), in MiB, and how many
+log-prob forwards ran each attention, as one JSON line.
 
     .venv/bin/python bench/step_peak.py --attention dense -- \\
         train --config examples/smollm2-calculator.toml --steps 1 --warm-start none
@@ -36,13 +37,23 @@ def main() -> int:
     from gspo.cli import main as gspo
 
     CausalLMLogprobs.__init__.__kwdefaults__["prefix_attention"] = args.attention
+    picks: dict[str, int] = {}  # what each forward ran: "rows", "dense" or None (plain)
+    forward = CausalLMLogprobs.forward
+
+    def counted(self, *a, **k):
+        out = forward(self, *a, **k)
+        picks[str(self.attention_used)] = picks.get(str(self.attention_used), 0) + 1
+        return out
+
+    CausalLMLogprobs.forward = counted
     start = time.perf_counter()
     code = gspo(gspo_args)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"bench": "step_peak", "attention": args.attention, "exit": code,
                       "wall_s": time.perf_counter() - start,
                       "peak_rss_mib": common.peak_rss_mib(), "children_peak_rss_mib": children,
-                      "loadavg_1min": os.getloadavg()[0], "args": gspo_args}))  # fmt: skip
+                      "loadavg_1min": os.getloadavg()[0], "attention_used": picks,
+                      "args": gspo_args}))  # fmt: skip
     return code or 0
 
 

@@ -19,6 +19,10 @@ interface; it behaves as ``sdpa`` unless the forward passes ``gspo_rows`` (the p
 The plan travels as a keyword argument of the decoder's forward, so gradient checkpointing's
 recompute sees it too.
 
+The rows copy each prompt's attention tensors G times where the mask costs N^2, so neither
+wins everywhere: ``extra_memory`` estimates both from the shapes, and
+``CausalLMLogprobs(prefix_attention="auto")`` (the default) runs the smaller per forward.
+
 Why not FlexAttention's block masks: on this project's CPU runs (CI's) flex needs
 torch.compile, whose compile time per new shape exceeds a test's whole budget, and eager
 flex materialises the scores; the gathered rows need no compiler and use the kernels SDPA
