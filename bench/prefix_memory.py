@@ -142,6 +142,7 @@ def main() -> None:
             case = {"model": args.model, "layers": args.layers, "shape": [p, g, r], "case": name,
                     "device": args.device, "dtype": args.dtype}  # fmt: skip
             found[name] = common.isolated(__file__, case)
+            print(f"{p},{g},{r} {name}: {found[name]}", file=sys.stderr, flush=True)  # as it goes
         rows.append(summarise(p, g, r, found))
     columns = [("P", "P", "d"), ("G", "G", "d"), ("R", "R", "d")]
     columns += [(c, c, ".0f") for c in cases]
