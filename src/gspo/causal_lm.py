@@ -43,10 +43,12 @@ class CausalLMLogprobs(torch.nn.Module):
       ``prefix_attention="rows"`` runs an SDPA model's packed attention without an N x N
       mask (gspo.prefix_attention: causal SDPA over one gathered row per response; the
       model's attention implementation becomes ``gspo_sdpa``, which is SDPA elsewhere);
-      ``"dense"`` (default), and eager models, give it the [S, 1, N, N] block mask. Dense
-      stays the default: the rows copy each prompt's keys and values G times, and the
-      calculator recipe's one-step peak RSS was 14.6 GB with rows against 10.2 GB dense
-      (both under load; docs/fast-step.md); rows win at long responses (linear memory).
+      ``"dense"``, and eager models, give it the [S, 1, N, N] block mask. ``"auto"``
+      (default) picks per forward the one with less estimated memory
+      (gspo.prefix_attention.extra_memory: the mask's N^2 terms against the rows' G - 1
+      copies of each prompt's attention tensors): the mask for long prompts and short
+      responses (the calculator recipe), the rows for long responses. ``attention_used``
+      says what the last forward ran ("rows", "dense", or None: the plain forward).
     - ``loss_fn(logp [B,L-1]) -> (loss, metrics)`` (a sum of per-sequence terms: the
       trainer's GSPO loss, KL and corrections) computes the loss inside this forward, its
       gradients formed in the LM-head pass (gspo.chunked.fused_loss: three matmuls per
@@ -77,12 +79,14 @@ class CausalLMLogprobs(torch.nn.Module):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compute_dtype: torch.dtype | None = None,
-        prefix_attention: str = "dense",
+        prefix_attention: str = "auto",
     ):
         super().__init__()
         check_chunk_size(chunk_size)
-        if prefix_attention not in ("rows", "dense"):
-            raise ValueError(f"prefix_attention: {prefix_attention!r} is not 'rows' or 'dense'")
+        if prefix_attention not in ("auto", "rows", "dense"):
+            raise ValueError(
+                f"prefix_attention: {prefix_attention!r} is not 'auto', 'rows' or 'dense'"
+            )
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             # A PEFT model: run the Hugging Face model inside it, whose layers carry the
             # adapters (through the wrapper, base_model_prefix would find that whole model,
@@ -98,6 +102,7 @@ class CausalLMLogprobs(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.prefix_attention = prefix_attention
+        self.attention_used: str | None = None  # the last forward's: "rows", "dense" or None
         self.compute_dtype = None if compute_dtype == torch.float32 else compute_dtype
         self.logit_scale, self.softcap = logit_transform(model)
 
@@ -127,9 +132,9 @@ class CausalLMLogprobs(torch.nn.Module):
         dtype = self.compute_dtype or weight.dtype  # bf16 copies are differentiable
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = target_ok.nonzero(as_tuple=True)  # only the scored targets reach the LM head
-        packed = self._pack(input_ids, attention_mask, target_ok, prompt_len)
+        packed, self.attention_used = self._pack(input_ids, attention_mask, target_ok, prompt_len)
         if packed is not None:  # one packed row per group (gspo.prefix)
-            if self.prefix_attention == "rows" and prefix_attention.use(self.model):
+            if self.attention_used == "rows" and prefix_attention.use(self.model):
                 # No N x N mask: causal SDPA over one gathered row per response.
                 plan = prefix_attention.Rows(packed.rows, packed.back)
                 # An all-ones 2D mask: transformers then builds no 4D mask (SDPA's causal
@@ -185,27 +190,49 @@ class CausalLMLogprobs(torch.nn.Module):
         return out[0]
 
     def _pack(self, input_ids, attention_mask, target_ok, prompt_len):
-        """The packed batch when ``prompt_len`` asks for it and packing is exact, else None."""
+        """(the packed batch, its attention: "rows" or "dense") when ``prompt_len`` asks for
+        it and packing is exact and cheaper, else (None, None)."""
         if prompt_len is None:
-            return None
+            return None, None
         if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
             raise TypeError(f"prompt_len: must be an int, got {type(prompt_len).__name__}")
         if not 1 <= prompt_len < input_ids.shape[1]:
             raise ValueError(f"prompt_len: {prompt_len} is not in [1, {input_ids.shape[1]})")
         if unsupported(self.model) is not None:
-            return None
+            return None, None
         packed = pack(input_ids, attention_mask, prompt_len)
         if unsupported(self.model, packed.input_ids.shape[1]) is not None:
-            return None
-        maskless = self.prefix_attention == "rows" and prefix_attention.use(self.model)
-        rows = tuple(packed.rows.shape) if maskless else None
-        if not cheaper(self.model, tuple(input_ids.shape), tuple(packed.input_ids.shape), rows):
-            return None  # long responses: the packed rows' attention would cost more
+            return None, None
         # A target scored from a padding column (the plain path reads that column's hidden
         # state) has no packed equal: keep the plain path's numbers then.
         if bool((packed.source[:, :-1][target_ok] < 0).any()):
-            return None
-        return packed
+            return None, None
+        return self.choose_attention(tuple(input_ids.shape), packed)
+
+    def choose_attention(self, plain: tuple[int, int], packed):
+        """(packed, "rows" | "dense") for a packed batch (gspo.prefix.Packed) of the plain
+        batch's shape ``plain`` (B, L), or (None, None) where neither attention is cheaper in
+        FLOPs than the plain rows (gspo.prefix.cheaper: long responses under the dense mask).
+        "auto" takes, of the cheaper ones, the one with less estimated memory
+        (gspo.prefix_attention.extra_memory, under the current grad mode); ties go to the
+        dense mask. Reads only shapes and the model's config."""
+        options = {"auto": ("dense", "rows"), "rows": ("rows",), "dense": ("dense",)}
+        options = options[self.prefix_attention]
+        if not prefix_attention.supports(self.model):  # eager: only the block mask
+            options = ("dense",)
+        shape, rows = tuple(packed.input_ids.shape), tuple(packed.rows.shape)
+        options = [o for o in options
+                   if cheaper(self.model, plain, shape, rows if o == "rows" else None)]  # fmt: skip
+        if len(options) == 2:
+            # every layer's attention tensors wait for the backward, unless no_grad or
+            # checkpointing (one layer's at a time)
+            grad = torch.is_grad_enabled() and not getattr(
+                self.model, "is_gradient_checkpointing", False)  # fmt: skip
+            cost = prefix_attention.extra_memory(self.model, shape, rows,
+                                                 self.compute_dtype or self.model.dtype,
+                                                 saved_layers=None if grad else 1)  # fmt: skip
+            options = ["rows" if cost["rows"] < cost["dense"] else "dense"]
+        return (packed, options[0]) if options else (None, None)
 
 
 # Logit transforms some models apply after their LM head that this module does not
