@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gspo.train.config import warn
-from gspo.train.envs.select import tool_schemas
+from gspo.train.envs.select import check_rows, tool_schemas
 from gspo.train.models import position_limit
 from gspo.train.rollout import encode_prompts
 from gspo.train.tasks.base import Prompt
@@ -56,6 +56,7 @@ def fit(parts: list[list[Prompt]], tokenizer, model,
     kept, dropped, longest = [], 0, (0, None)
     tools = tool_schemas(config.data) if getattr(tokenizer, "chat_template", None) else None
     for part in parts:
+        check_rows(config.data, part)  # several --env classes: each row names one
         lengths = prompt_lengths(tokenizer, part, sampling.system_prompt, tools)
         keep = [p for p, n in zip(part, lengths, strict=True) if cap is None or n <= cap]
         dropped += len(part) - len(keep)
