@@ -184,3 +184,13 @@ def test_a_contract_class_among_several_is_refused(tmp_path, capsys):
 def test_a_warm_start_with_several_classes_is_refused():
     with pytest.raises(ValueError, match="each episode has its own class's tools"):
         TrainConfig(env=ENV, reward=REWARDS, prompts="rows.jsonl", warm_start="demos.jsonl")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tools": "calculator", "fsdp": True}, "not --fsdp: drop --fsdp"),
+    ({"tools": "calculator", "async_rollouts": True}, "function tools do not run with "
+     "--async-rollouts yet"),
+])  # fmt: skip
+def test_function_tools_refuse_fsdp_and_async_rollouts(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(task="wordproblems", **change)
