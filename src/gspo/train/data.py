@@ -105,7 +105,8 @@ def engine_prompt_tokens(config, longest: int) -> int | None:
     ``fit`` accepted, or None (the model's positions) under ``--env``, whose later turns
     carry the earlier ones; episodes.MultiTurn ends an episode at the engine's ``max_len``,
     so vLLM and hf (the model's positions) then cut episodes alike."""
-    return None if getattr(config.data, "env", None) else longest
+    multi = getattr(config.data, "env", None) or getattr(config.data, "tools", None)
+    return None if multi else longest  # --tools episodes have later turns too
 
 
 def start_warnings(config, pool_size: int, dropped: int = 0) -> None:
