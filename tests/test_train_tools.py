@@ -360,3 +360,14 @@ def test_prompt_lengths_count_the_tools_the_template_renders():
                 for p in prompts]  # fmt: skip
     assert rendered[0].startswith("tools: doubleuser: ")
     assert longest == max(len(tokenizer(t)["input_ids"]) for t in rendered)
+
+
+def test_a_tools_run_sizes_the_engine_for_later_turns():
+    """vLLM's max_model_len was the longest prompt plus one reply under --tools (only --env
+    was multi-turn there), so every episode was cut after its first call: the word-problem
+    recipe's held-out reward read 0.0 on vLLM where hf gave 0.17 accuracy."""
+    from gspo.train.config import TrainConfig
+    from gspo.train.data import engine_prompt_tokens
+
+    assert engine_prompt_tokens(TrainConfig(task="wordproblems", tools="calculator"), 300) is None
+    assert engine_prompt_tokens(TrainConfig(task="wordproblems"), 300) == 300

@@ -62,6 +62,12 @@ def check_pairs(config) -> None:
     check(config.warm.warm_start is None or config.objective.kl_coef == 0, "warm_start",
           config.warm.warm_start, "the KL reference would be the model before the warm "
           "start, not the warm-started one: use --kl-coef 0 with it")  # fmt: skip
+    # worked episodes are rendered with the run's tools; with several --env classes each
+    # row's class has its own, and a worked episode names none
+    check(config.warm.warm_start is None or "," not in (config.data.env or ""), "warm_start",
+          config.warm.warm_start, "with several --env classes each episode has its own "
+          "class's tools, which a worked episode does not name: warm-start a run of one "
+          "class")  # fmt: skip
     _check_async(config)
     config._resolve_old_logprobs()
     # Under --dtype bf16 the policy is the bf16 computation (autocast over fp32 master

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from gspo.train import episodes
 from gspo.train.config import warn
-from gspo.train.envs.select import resolve
+from gspo.train.envs.select import check_rows, resolve, tool_schemas
 from gspo.train.models import position_limit
 from gspo.train.rollout import encode_prompts
 from gspo.train.tasks.base import Prompt
@@ -61,6 +61,7 @@ def fit(parts: list[list[Prompt]], tokenizer, model, config,
     kept, dropped, longest = [], 0, (0, ("", ""))
     for k, part in enumerate(parts):
         label = labels[k] if k < len(labels) else "row"
+        check_rows(config.data, part)  # several --env classes: each row names one
         lengths, names = first_lengths(tokenizer, part, config, label)
         keep = [p for p, n in zip(part, lengths, strict=True) if cap is None or n <= cap]
         dropped += len(part) - len(keep)
@@ -91,8 +92,9 @@ def first_lengths(tokenizer, rows: Sequence[Prompt], config,
     ValueError naming the row (exit 2)."""
     templated = bool(getattr(tokenizer, "chat_template", None))
     env_class = resolve(config.data, None)  # the reward is not needed to read the rows
-    if env_class is None:
-        lengths = prompt_lengths(tokenizer, rows, config.sampling.system_prompt)
+    if env_class is None:  # function tools (--tools) without an environment: their schemas
+        tools = tool_schemas(config.data) if templated else None
+        lengths = prompt_lengths(tokenizer, rows, config.sampling.system_prompt, tools)
         return lengths, [("a prompt", f"({_clip(p['prompt'])})") for p in rows]
     name = env_class.__qualname__
     firsts = episodes.first_messages(env_class, rows, label)
@@ -137,7 +139,8 @@ def engine_prompt_tokens(config, longest: int) -> int | None:
     ``fit`` accepted, or None (the model's positions) under ``--env``, whose later turns
     carry the earlier ones; episodes.MultiTurn ends an episode at the engine's ``max_len``,
     so vLLM and hf (the model's positions) then cut episodes alike."""
-    return None if getattr(config.data, "env", None) else longest
+    multi = getattr(config.data, "env", None) or getattr(config.data, "tools", None)
+    return None if multi else longest  # --tools episodes have later turns too
 
 
 def start_warnings(config, pool_size: int, dropped: int = 0) -> None:

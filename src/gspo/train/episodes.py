@@ -175,7 +175,13 @@ class MultiTurn:
         self.strip = set(own_specials(tokenizer, eos))
         self.turns = Turns(tokenizer, system_prompt, eos,
                            tools=getattr(env_class, "tool_schemas", None))  # fmt: skip
-        self.turns.check()
+        # several TRL-shaped classes (envs.trl.Routed): each episode sees its class's tools
+        self.routes = {name: Turns(tokenizer, system_prompt if system_prompt is not None
+                                   else getattr(c, "system_prompt", None), eos,
+                                   tools=c.tool_schemas)
+                       for name, c in getattr(env_class, "routes", {}).items()}  # fmt: skip
+        for turns in [*self.routes.values()] or [self.turns]:
+            turns.check()
 
     def reply_text(self, ids: Sequence[int]) -> str:
         """The reply as the environment reads it: the rule of Rollout.completions."""
@@ -192,7 +198,9 @@ class MultiTurn:
         thread of --async-rollouts)."""
         rows = [p for p in prompts for _ in range(group_size)]
         envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
-        prompt_ids = self.turns.first_ids(firsts)
+        turns_of = [self.routes.get(getattr(e, "route", None), self.turns) for e in envs]
+        prompt_ids = [t.first_ids([f])[0] for t, f in zip(turns_of, firsts, strict=True)] \
+            if self.routes else self.turns.first_ids(firsts)  # fmt: skip
         self._check_room(rows, prompt_ids)
         ids = [list(p) for p in prompt_ids]
         # per row: [(token ids, the model's?, sampler log-probs or None)]
@@ -223,7 +231,7 @@ class MultiTurn:
                 if message is None:
                     continue  # the episode ends
                 extra = [] if turn == self.max_turns else \
-                    self.turns.env_ids(firsts[i], later[i], tokens, message)  # fmt: skip
+                    turns_of[i].env_ids(firsts[i], later[i], tokens, message)  # fmt: skip
                 room = self.max_len is None or \
                     len(ids[i]) + len(extra) + self.max_new_tokens <= self.max_len  # fmt: skip
                 if turn == self.max_turns or not room:
@@ -247,7 +255,8 @@ class MultiTurn:
         # function tools count their calls and errors (envs.tools: ``counts``)
         episodes = [{"turns": _first_turns(self.turns, firsts[i]) + later[i],
                      "reward": rewards[i], "truncated": is_truncated(replies[i], ends[i]),
-                     "end": ends[i], "tool_calls": calls[i], **getattr(envs[i], "counts", {})}
+                     "end": ends[i], "tool_calls": calls[i], **getattr(envs[i], "counts", {}),
+                     **({"environment": envs[i].route} if self.routes else {})}
                     for i in range(len(rows))]  # fmt: skip
         completions = [self.reply_text(r) for r in last_reply]
         rollout = lay_out(rows, prompt_ids, segments, completions, episodes,
@@ -273,9 +282,10 @@ class MultiTurn:
         return Scores([e["reward"] for e in rollout.episodes])
 
     def metrics(self, rollout: Rollout) -> dict[str, float]:
-        """Means over this rank's episodes (``episode_metrics``); ``truncated_frac`` comes
-        from gspo.train.sampling, for every run, with the same meaning."""
-        return episode_metrics(rollout.episodes)
+        """Means over this rank's episodes (``episode_metrics``, and per class of several
+        ``route_metrics``); ``truncated_frac`` comes from gspo.train.sampling, for every
+        run, with the same meaning."""
+        return {**episode_metrics(rollout.episodes), **route_metrics(rollout.episodes, self.routes)}
 
 
 def start(env_class: type, row: dict, i: int, *, where: str = "episode"):
@@ -297,14 +307,18 @@ def first_messages(env_class: type, rows: Sequence[dict], label: str) -> list[st
     """Each row's first message, as ``reset()`` writes it (``start``), for the checks at
     start (gspo.train.data.fit): a ValueError (exit 2) naming the environment and the row
     (``label`` and its index) when the constructor or ``reset()`` fails or returns no
-    message. One instance per row, then dropped: the contract's rule, one per episode."""
+    message. One instance per row, then closed (its ``close()``, where it has one: a session
+    such as OpenEnv's) and dropped: the contract's rule, one per episode."""
     out = []
     for i, row in enumerate(rows):
         try:
-            out.append(start(env_class, row, i, where=label)[1])
+            env, first = start(env_class, row, i, where=label)
         except EnvError as err:
             raise ValueError(f"{err} (at start, reading the first message of {label} {i})") \
                 from None  # fmt: skip
+        out.append(first)
+        if callable(getattr(env, "close", None)):
+            env.close()
     return out
 
 
@@ -340,6 +354,18 @@ def episode_metrics(episodes: Sequence[dict]) -> dict[str, float]:
     if episodes and "tool_errors" in episodes[0]:
         out["tool_calls"] = sum(e["tool_calls"] for e in episodes) / n
         out["tool_errors"] = sum(e["tool_errors"] for e in episodes) / n
+    return out
+
+
+def route_metrics(episodes: Sequence[dict], routes) -> dict[str, float]:
+    """Per class of several (``routes``' names, the same keys on every rank):
+    ``episodes_NAME``, its share of the episodes, and ``reward_NAME``, their mean reward (0
+    when the batch has none: read it with the share)."""
+    out = {}
+    for name in routes:
+        rewards = [e["reward"] for e in episodes if e.get("environment") == name]
+        out[f"episodes_{name}"] = len(rewards) / max(len(episodes), 1)
+        out[f"reward_{name}"] = sum(rewards) / len(rewards) if rewards else 0.0
     return out
 
 

@@ -192,6 +192,8 @@ def sample_groups(prompts, completions, rewards, adv, *, group_size: int, count:
                 # function tools (--tools, a TRL-shaped --env): calls made and failed
                 item.update({k: episodes[i][k] for k in ("tool_calls", "tool_errors")
                              if "tool_errors" in episodes[i]})  # fmt: skip
+                if "environment" in episodes[i]:  # several --env classes: the row's
+                    item["environment"] = episodes[i]["environment"]
             items.append(item)
         out.append({"prompt": _prompt_of(prompts[rows[0]], episodes and episodes[rows[0]]),
                     "completions": items})  # fmt: skip

@@ -7,7 +7,15 @@ from __future__ import annotations
 from gspo.train.envs.base import load_env
 from gspo.train.envs.registry import ENVS
 from gspo.train.envs.tools import function_tools
-from gspo.train.envs.trl import is_trl_shaped, tool_names, trl_env
+from gspo.train.envs.trl import (
+    ROUTE,
+    check_routes,
+    env_paths,
+    is_trl_shaped,
+    routed_env,
+    tool_names,
+    trl_env,
+)
 from gspo.train.rewards import import_reward, import_user
 from gspo.train.tools.schema import load_tools, method_schema, tool_schema
 
@@ -17,6 +25,41 @@ DEFAULT_PARSER = "hermes"  # Qwen / Hermes / ChatML with tools (examples/chatml-
 def _target(spec: str):
     path = ENVS.get(spec, spec)
     return import_user("--env", path) if ":" in path else None
+
+
+def several(spec: str | None) -> bool:
+    """``--env`` gives several classes, routed by each row's ``environment`` field."""
+    return spec is not None and "," in spec
+
+
+def _classes(spec: str) -> list[type]:
+    """The TRL-shaped classes of ``--env module:A,B``; ValueError for a name that is not a
+    class there, or a class of docs/environments.md's contract (which is not routed)."""
+    out = []
+    for path in env_paths(spec):
+        target = import_user("--env", path)
+        if not is_trl_shaped(target):
+            raise ValueError(f"--env {spec!r}: {path} is not a TRL-shaped class (one with "
+                             "reset(**row) and tools as methods, without the contract's step "
+                             "and reward); rows are routed by their "
+                             f"{ROUTE!r} field to TRL-shaped classes only")  # fmt: skip
+        out.append(target)
+    return out
+
+
+def _routed(task, parser: str) -> type:
+    rewards = [import_reward(s) for s in task.reward]
+    limit, weights = task.tool_time_limit, task.reward_weights
+    adapted = [trl_env(c, parser=parser, reward_fns=rewards, weights=weights, time_limit=limit)
+               for c in _classes(task.env)]  # fmt: skip
+    return routed_env(adapted)
+
+
+def check_rows(task, rows) -> None:
+    """With several ``--env`` classes, ValueError (exit 2, at start) for a row whose
+    ``environment`` field names none of them."""
+    if several(task.env):
+        check_routes(rows, {c.__name__: c for c in _classes(task.env)})
 
 
 def resolve(task, reward_fn) -> type | None:
@@ -30,6 +73,8 @@ def resolve(task, reward_fn) -> type | None:
                               time_limit=task.tool_time_limit)  # fmt: skip
     if task.env is None:
         return None
+    if several(task.env):
+        return _routed(task, parser)
     target = _target(task.env)
     if is_trl_shaped(target):
         return trl_env(target, parser=parser, reward_fns=[import_reward(s) for s in task.reward],
@@ -50,6 +95,8 @@ def tool_schemas(task) -> list[dict] | None:
     (--tools, or a TRL-shaped --env's methods), else None: prompt lengths count them."""
     if task.tools is not None:
         return [tool_schema(fn) for fn in load_tools(task.tools).values()]
+    if several(task.env):  # every class's tools: an upper bound on each prompt's length
+        return _routed(task, task.tool_parser or DEFAULT_PARSER).tool_schemas or None
     target = None if task.env is None else _target(task.env)
     if is_trl_shaped(target):
         return [method_schema(target, name) for name in tool_names(target)] or None
@@ -57,7 +104,10 @@ def tool_schemas(task) -> list[dict] | None:
 
 
 def declared_system_prompt(spec: str) -> str | None:
-    """The class attribute ``system_prompt`` of ``--env spec`` (either shape), else None."""
+    """The class attribute ``system_prompt`` of ``--env spec`` (either shape), else None;
+    with several classes, each episode's class's own (episodes.MultiTurn)."""
+    if several(spec):
+        return None
     target = _target(spec)
     if is_trl_shaped(target):
         return getattr(target, "system_prompt", None)

@@ -27,6 +27,10 @@ the episode ends at the first reply without a call. The reward is the sum of eac
 (``prompts``, ``completions``, ``environments`` = [this episode's instance], and each other
 column as a list), and ``get_reward()`` when the class has one. A class with ``reset``,
 ``step`` and ``reward`` is one of docs/environments.md's contract instead, and runs as such.
+
+Several classes in one run (``--env module:Wordle,Catch`` or ``--env a:Wordle,b:Catch``):
+each row names its class by name in its ``environment`` field (``routed_env``); each
+episode sees its own class's tools; rows are checked at start (``check_routes``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gspo.train.tools.parsers import get_parser
 from gspo.train.tools.schema import method_schema
 
 RESERVED = ("reset", "get_reward")  # methods that are not tools (TRL's rule)
+ROUTE = "environment"  # the row field naming its class when --env gives several
 
 
 def is_trl_shaped(target) -> bool:
@@ -59,6 +64,7 @@ class TRLEnv(ToolEnv):
     per run by ``trl_env``."""
 
     trl_class: type = object
+    route: str = ""  # the class's name: what a row's ``environment`` field gives
     reward_fns: tuple[RewardFn, ...] = ()
     weights: tuple[float, ...] = ()
 
@@ -95,16 +101,21 @@ class TRLEnv(ToolEnv):
         # TRL's completions: text for a text prompt, the turns after it for chat messages
         completion = self.last_reply if not isinstance(prompt, list) else self.conversation
         columns = {k: [v] for k, v in self.row.items() if k != "prompt"}
-        total = 0.0
+        total, scored = 0.0, False
         for fn, weight in zip(self.reward_fns, self.weights, strict=True):
             values = list(fn(prompts=[prompt], completions=[completion],
                              environments=[self.environment], **columns))  # fmt: skip
             if len(values) != 1:
                 raise ValueError(f"reward function {fn.__qualname__} returned {len(values)} "
                                  "values for 1 completion")  # fmt: skip
-            total += weight * float(values[0])
+            if values[0] is not None:  # None: not this function's episode (TRL's rule)
+                total, scored = total + weight * float(values[0]), True
         if callable(getattr(self.environment, "get_reward", None)):
-            total += float(self.environment.get_reward())
+            total, scored = total + float(self.environment.get_reward()), True
+        if not scored:
+            raise ValueError(f"every --reward function returned None for this episode and "
+                             f"{self.route} has no get_reward(); return a number for "
+                             "it")  # fmt: skip
         return total
 
 
@@ -124,10 +135,62 @@ def trl_env(cls: type, *, parser: str, reward_fns: Sequence[RewardFn] = (),
                          "without arguments; read the row's columns in reset(**kwargs)")
     names = tool_names(cls)
     return type(f"TRL{cls.__name__}", (TRLEnv,), {
-        "trl_class": cls, "tools": dict.fromkeys(names),
+        "trl_class": cls, "route": cls.__name__, "tools": dict.fromkeys(names),
         "tool_schemas": [method_schema(cls, name) for name in names],
         "parser": staticmethod(get_parser(parser)), "time_limit": time_limit,
         "reward_fns": tuple(reward_fns),
         "weights": tuple(float(w) for w in weights) or (1.0,) * len(reward_fns),
         "system_prompt": getattr(cls, "system_prompt", None),
     })  # fmt: skip
+
+
+def env_paths(spec: str) -> list[str]:
+    """``module:A,B`` or ``m1:A,m2:B`` as ``["module:A", "module:B"]`` (a bare name takes
+    the module before it)."""
+    paths, module = [], ""
+    for item in (part.strip() for part in spec.split(",")):
+        module, _, name = item.rpartition(":") if ":" in item else (module, ":", item)
+        if not module or not name:
+            raise ValueError(f"--env {spec!r}: give the classes as 'module:A,B' or "
+                             "'a:A,b:B'")  # fmt: skip
+        paths.append(f"{module}:{name}")
+    return paths
+
+
+class Routed:
+    """Several TRL-shaped classes in one run: constructing it with a row makes the adapted
+    class (``trl_env``) that the row's ``environment`` field names. ``routes`` ({class
+    name: adapted class}) and ``tool_schemas`` (every class's tools, for prompt lengths)
+    are set per run by ``routed_env``."""
+
+    routes: dict[str, type] = {}
+    tool_schemas: list[dict] = []
+
+    def __new__(cls, **row):
+        check_routes([row], cls.routes)
+        return cls.routes[row[ROUTE]](**row)
+
+
+def routed_env(adapted: Sequence[type]) -> type:
+    """The class of a run whose rows choose among ``adapted`` (``trl_env`` classes) by
+    name. ValueError when two classes share a name."""
+    routes = {c.route: c for c in adapted}
+    if len(routes) != len(adapted):
+        names = [c.route for c in adapted]
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"--env: two classes are named {twice!r}; a row's {ROUTE!r} field "
+                         "names its class, so the names must differ")  # fmt: skip
+    schemas = {s["function"]["name"]: s for c in adapted for s in c.tool_schemas}
+    return type("Routed", (Routed,), {"routes": routes, "tool_schemas": list(schemas.values())})
+
+
+def check_routes(rows: Sequence[dict], routes: dict[str, type]) -> None:
+    """ValueError naming the first row whose ``environment`` field names no class of
+    ``routes`` (or is missing), and the classes there are."""
+    for row in rows:
+        name = row.get(ROUTE)
+        if name not in routes:
+            what = f"names {name!r}" if ROUTE in row else f"has no {ROUTE!r} field"
+            raise ValueError(f"--env gives {len(routes)} classes and the prompt row "
+                             f"{str(row.get('prompt'))[:60]!r} {what}; set its {ROUTE!r} "
+                             f"to one of {', '.join(routes)}")  # fmt: skip
