@@ -100,6 +100,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 def _train(config: TrainConfig, world: dd.World, stop_after: int | None, cleanup) -> dict:
     run, optim = config.run, config.optim
     _check_world(config, world)
+    engines.preflight(config.sampling)  # e.g. --vllm-servers answer, before the model loads
     run_dir = rundir.resolve(config, world)  # made and locked now: writable, never shared
     cleanup.callback(rundir.release, run_dir)  # unlock; remove it if training never started
     resume_from = ckpt.latest(run_dir) if run.resume else None
