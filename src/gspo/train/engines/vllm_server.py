@@ -244,7 +244,7 @@ class ServerEngine:
                     sent["tensors"] += 1
                     sent["sum"] += float(x.sum())
                     sent["sum_squares"] += float((x * x).sum())
-            self.write_seconds = time.perf_counter() - t0
+            self.write_seconds, self._sent = time.perf_counter() - t0, sent
             answers = self._each(lambda url: self._load(url, directory, version))
         finally:
             shutil.rmtree(directory, ignore_errors=True)
