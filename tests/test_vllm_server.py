@@ -233,3 +233,20 @@ def test_a_server_killed_mid_step_is_exit_3_and_the_resumed_run_equals_the_strai
         assert x.get("eval_reward") == y.get("eval_reward")
     for name, value in weights(straight).items():
         torch.testing.assert_close(weights(killed)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("options, why", [
+    ({"rollout": "vllm-server"}, "give both, or neither"),
+    ({"vllm_servers": ("http://127.0.0.1:1",)}, "give both, or neither"),
+    ({"rollout": "vllm-server", "vllm_servers": ("127.0.0.1:1",)}, "http://HOST:PORT"),
+    ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "vllm_memory": 1.0},
+     "a server's memory is its own option"),
+    ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "fsdp": True}, "drop --fsdp"),
+    ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "generation_batch_size": 4},
+     "schedules its own batches"),
+])  # fmt: skip
+def test_server_options_are_checked_with_the_fix(options, why):
+    from gspo.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=why):
+        TrainConfig(**options)
