@@ -1,4 +1,5 @@
-"""The `gspo` command: `gspo objective` (the spec's objective from JSON) and `gspo train`.
+"""The `gspo` command: `gspo objective` (the spec's objective from JSON), `gspo train`, `gspo eval`
+and `gspo serve`.
 
 Each subcommand loads its own module, so `gspo objective` never imports torch.
 """
@@ -15,6 +16,7 @@ _COMMANDS = {
     "objective": ("gspo.cli", "objective_main", "compute a docs/spec.md objective from JSON"),
     "train": ("gspo.train.cli", "main", "fine-tune a causal LM with GSPO"),
     "eval": ("gspo.train.evaluate", "main", "accuracy, pass@k and format rate on a task"),
+    "serve": ("gspo.train.serve", "main", "a vLLM server that gspo train samples from"),
 }
 
 

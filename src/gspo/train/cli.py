@@ -3,8 +3,9 @@ and ``--compare`` (gspo.train.compare).
 
 Precedence: defaults < the resumed run's config.json < --config FILE < flags.
 Exit codes: 0 done, 2 bad input (ValueError: the message names the field and the fix),
-3 the reward function or the --env environment failed (a checkpoint was saved first), or
-another torchrun rank failed and this one stopped with it (its last checkpoint is intact),
+3 the reward function, the --env environment or a --vllm-servers server failed (a
+checkpoint was saved first), or another torchrun rank failed and this one stopped with it
+(its last checkpoint is intact),
 130 stopped by a signal (a checkpoint was saved; continue with --resume RUN_DIR).
 """
 
@@ -115,7 +116,8 @@ def _main(argv: list[str]) -> int:
             print(f"gspo train: error: {err}; {_after_peer(err.run_dir)}", file=sys.stderr)
         return 3
     except _reward_error() as err:
-        what = "environment" if type(err).__name__ == "EnvError" else "reward"
+        what = {"EnvError": "environment", "ServerError": "rollout server"}.get(
+            type(err).__name__, "reward")  # fmt: skip
         print(f"gspo train: {what} error: {err}", file=sys.stderr)
         print("gspo train: a checkpoint of the state before this step was saved; fix the "
               f"{what} and continue with {resume_command('RUN_DIR')}", file=sys.stderr)  # fmt: skip

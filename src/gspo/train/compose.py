@@ -20,10 +20,16 @@ def check_pairs(config) -> None:
     check(n_seq % config.optim.minibatches == 0, "minibatches", config.optim.minibatches, fix)
     # vLLM schedules its own batches (within --vllm-memory): a batch size it would
     # ignore is refused. (gspo eval keeps its default for hf and says vLLM ignores it.)
-    check(config.sampling.generation_batch_size == 0 or config.sampling.rollout != "vllm",
+    check(config.sampling.generation_batch_size == 0 or config.sampling.rollout == "hf",
           "generation_batch_size", config.sampling.generation_batch_size,
-          "--rollout vllm schedules its own batches (size its KV cache with "
-          "--vllm-memory); drop it or use --rollout hf")  # fmt: skip
+          f"--rollout {config.sampling.rollout} schedules its own batches (size its KV "
+          "cache with --vllm-memory, or the server's options); drop it or use --rollout "
+          "hf")  # fmt: skip
+    # Pushing to servers under FSDP2 would gather every tensor on every rank for rank 0's
+    # files: untested, so refused until it is.
+    check(config.sampling.rollout != "vllm-server" or not config.run.fsdp, "fsdp",
+          config.run.fsdp, "--rollout vllm-server runs with DDP or one process for now "
+          "(FSDP2's push to the servers is untested): drop --fsdp")  # fmt: skip
     limit, buffer = config.sampling.max_new_tokens, config.batch.overlong_penalty
     check(buffer <= limit, "overlong_penalty", buffer,
           f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "

@@ -198,9 +198,10 @@ class SamplingConfig:
     distribution."""
 
     rollout: str = option(
-        "hf", "rollout engine: hf (transformers generate) or vllm (needs vLLM; docs/scale-out.md)",
+        "hf", "rollout engine: hf (transformers generate), vllm (needs vLLM) or vllm-server "
+        "(--vllm-servers; docs/scale-out.md)",
         choices=_engine_names,
-    )
+    )  # fmt: skip
     system_prompt: str | None = option(
         None,
         "system message put before each text prompt when the tokenizer has a chat template; "
@@ -224,6 +225,9 @@ class SamplingConfig:
         None, "vLLM's engine in a process of its own on this device: cpu, or cuda:N (a GPU "
         "of its own); weights reach it through files after each step; none = in the "
         "trainer's process and device", metavar="DEVICE")  # fmt: skip
+    vllm_servers: tuple[str, ...] = option(
+        (), "--rollout vllm-server: the servers' URLs (http://HOST:PORT, each started by "
+        "gspo serve); a step's requests are spread over them", metavar="URL")  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -243,6 +247,16 @@ class SamplingConfig:
               "it places vLLM's engine: add --rollout vllm")  # fmt: skip
         check(device is None or device == "cpu" or (device.startswith("cuda:")
               and device[5:].isdigit()), "vllm_device", device, "use cpu or cuda:N")  # fmt: skip
+        served = self.rollout == "vllm-server"
+        check(memory is None or not served, "vllm_memory", memory,
+              "a server's memory is its own option (gspo serve --gpu-memory-utilization, "
+              "--kv-cache-memory-bytes): drop it")  # fmt: skip
+        check(served == bool(self.vllm_servers), "vllm_servers", list(self.vllm_servers),
+              "--rollout vllm-server samples from the servers --vllm-servers names: give "
+              "both, or neither")  # fmt: skip
+        for url in self.vllm_servers:
+            check(url.startswith(("http://", "https://")), "vllm_servers", url,
+                  "give each server as http://HOST:PORT")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

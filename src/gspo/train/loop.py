@@ -97,6 +97,7 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
         with contextlib.ExitStack() as cleanup:  # closes the rollout engine on any exit
             try:
                 _check_world(config, world)
+                engines.preflight(config.sampling)  # e.g. --vllm-servers answer, before the model
                 run_dir = rundir.resolve(config, world)  # made and locked: writable, not shared
                 cleanup.callback(rundir.release, run_dir)  # unlock; removed if never trained in
                 summary = _train(config, world, run_dir, stop_after, cleanup)

@@ -9,6 +9,7 @@ registry (registry.py) whose keys are ``--rollout``'s choices.
 
 ``hf``: Hugging Face ``generate`` on the policy module itself (no copy, nothing to sync).
 ``vllm``: a vLLM engine in this process, holding its own copy of the weights.
+``vllm-server``: vLLM servers started by ``gspo serve``, weights pushed after each step.
 Both sample from the distribution the trainer's log-probs describe (see each file); at
 --top-p < 1 the trainer's log-probs apply the same nucleus cut (gspo.nucleus, docs/top-p.md).
 A new engine is one file with a class that has ``for_run`` (below) and the protocol's three
@@ -59,6 +60,14 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the engine's memory and files."""
+
+
+def preflight(sampling) -> None:
+    """Checks an engine can make before the model loads (``preflight`` of its class, if it
+    has one: vllm-server's servers answer), ValueError naming what to fix."""
+    check = getattr(engine_class(sampling.rollout), "preflight", None)
+    if check is not None:
+        check(sampling)
 
 
 def build(sampling, policy, world, logprobs, *, seed: int,

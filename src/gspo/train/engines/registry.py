@@ -8,6 +8,8 @@ import importlib
 ENGINES: dict[str, str] = {
     "hf": "gspo.train.engines.hf:HFEngine",  # transformers generate() on the policy itself
     "vllm": "gspo.train.engines.vllm:VLLMEngine",  # a vLLM engine in process, synced weights
+    # vLLM servers started by `gspo serve`, weights pushed after each step
+    "vllm-server": "gspo.train.engines.vllm_server:ServerEngine",
 }
 
 

@@ -1,0 +1,304 @@
+"""Rollouts from vLLM servers (``--rollout vllm-server --vllm-servers URL ...``): the trainer on
+its own ranks, the samplers wherever ``gspo serve`` started them (docs/scale-out.md).
+
+Requests: every sequence of a ``continue_ids`` call is one request to vLLM's
+``/inference/v1/generate`` endpoint (token ids in; token ids and the log-prob of each sampled
+token out, nothing decoded and encoded again), all in flight at once, spread over the
+servers by their index in the step (rank-major). Each sampled request carries its own seed,
+derived from the engine's seed (the run's, offset per rank) and the batch's seed (drawn from
+the process's RNG, which checkpoints save, or the one the caller gives): a request draws the
+same tokens on whichever server it lands, and a resumed run redraws what a straight one
+drew. The servers compute in float32 by default (``gspo serve``) and return
+``processed_logprobs`` (after temperature and top-p), as the in-process engine does.
+
+Weights: after every optimizer step rank 0 writes the policy's weights as safetensors files
+(one tensor per file, tied aliases under each name; in /dev/shm, so the servers must be on
+this machine) and every server reloads them in place through vLLM's ``/collective_rpc``
+into the gspo worker extension (gspo.train.engines.server_worker), then drops its prefix
+cache. Each server answers with the version it now holds and the number, sum and sum of
+squares of the tensors it loaded, which must equal the trainer's. Before every request
+batch each rank asks every server for its version. A push that did not land, a server that
+restarted (it holds no version) or one that does not answer is a ``ServerError``: the next
+sampling call raises it inside the loop's guard, which saves a checkpoint and exits 3 (a
+push is recorded, not raised, so that the checkpoint holds the step's finished update).
+``--resume`` pushes the checkpoint's weights to the servers before it samples.
+
+Not yet: the NCCL push of vLLM's weight-transfer engines (``/init_weight_transfer_engine``)
+for servers on other machines, LoRA adapters pushed as adapters (the merged weights are
+pushed), ``--fsdp`` (refused in gspo.train.compose).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from gspo.train import distributed as dd
+from gspo.train.data import sequence_len
+from gspo.train.engines.vllm import _request_seed, tied_aliases
+from gspo.train.rewards import RewardError
+from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
+
+TIMEOUT_S = 600.0  # one request (a prompt's G samples), or one server's weight reload
+START = "start it with `gspo serve --model DIR --port P` (docs/scale-out.md)"
+
+
+class ServerError(RewardError):
+    """A rollout server failed, timed out, or holds other weights than the trainer pushed.
+    Raised inside the loop's guard, like a reward error: checkpoint, then exit 3."""
+
+
+def _call(url: str, path: str, body: dict | None = None, *, timeout: float = TIMEOUT_S):
+    """POST ``body`` (GET without one) to ``url + path``; the JSON answer (None if empty).
+    Raises OSError (URLError, HTTPError with the server's message, TimeoutError)."""
+    request = urllib.request.Request(url + path, method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            raw = answer.read()
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")[:300]
+        raise OSError(f"HTTP {err.code} from {path}: {detail}") from None
+    return json.loads(raw) if raw else None
+
+
+def _rpc(url: str, method: str, **kwargs: str) -> list:
+    """vLLM's ``/collective_rpc``: ``method`` of the gspo worker extension on every worker of
+    the server; one answer per worker."""
+    return _call(url, "/collective_rpc", {"method": method, "kwargs": kwargs})["results"]
+
+
+def check_servers(urls: Sequence[str]) -> None:
+    """Before the model loads: every server answers, was started by ``gspo serve`` (its
+    worker extension and token endpoint), else ValueError naming the URL (exit 2)."""
+    for url in urls:
+        url = url.rstrip("/")
+        try:
+            _call(url, "/v1/models", timeout=10)
+        except OSError as err:
+            raise ValueError(f"--vllm-servers: {url} does not answer ({_reason(err)}); "
+                             f"{START}") from None  # fmt: skip
+        try:
+            _rpc(url, "gspo_version")
+            _call(url, "/inference/v1/generate", {"token_ids": [0], "sampling_params": {
+                "max_tokens": 1, "detokenize": False}}, timeout=60)  # fmt: skip
+        except OSError as err:
+            raise ValueError(f"--vllm-servers: {url} is a vLLM server without what the "
+                             f"trainer needs ({_reason(err)}); {START}") from None  # fmt: skip
+
+
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "reason", None) or err
+    return " ".join(str(reason).split())[:300]
+
+
+class ServerEngine:
+    def __init__(self, urls: Sequence[str], model, tokenizer, sampling, *, seed: int,
+                 world: dd.World, weights: Iterable[tuple[str, torch.Tensor]],
+                 prompt_tokens: int | None = None):  # fmt: skip
+        """``urls``: the servers; ``weights``: the policy's current weights (Hugging Face
+        names), pushed now, so the servers sample this run's policy whatever they loaded at
+        start; ``seed``: this rank's (the run's, offset per rank)."""
+        self.urls = [u.rstrip("/") for u in urls]
+        self.tokenizer, self.sampling, self.seed, self.world = tokenizer, sampling, seed, world
+        self.max_len = sequence_len(model, prompt_tokens, sampling.max_new_tokens)
+        self.eos = eos_ids(model, tokenizer)
+        self.aliases = tied_aliases(model)
+        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gspo-server")
+        for url, info in zip(self.urls, self._each(lambda u: _call(u, "/v1/models")),
+                             strict=True):  # fmt: skip
+            served = info["data"][0].get("max_model_len") or 0
+            if served < self.max_len:
+                raise ValueError(f"--vllm-servers: {url} holds sequences of {served} tokens, "
+                                 f"this run needs {self.max_len} (longest prompt + "
+                                 f"--max-new-tokens): restart it with --max-model-len "
+                                 f"{self.max_len} or more")  # fmt: skip
+        # this run's versions: another run's pushes to the same servers never match them
+        self.run_id = dd.broadcast_object(uuid.uuid4().hex[:8], world)
+        self.pushes, self.version, self.sync_error = 0, None, None
+        self.load_weights(weights)
+        if self.sync_error is not None:
+            raise ValueError(f"--vllm-servers: the first weight push failed: {self.sync_error}")
+
+    @classmethod
+    def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
+                prompt_tokens: int | None = None) -> ServerEngine:  # fmt: skip
+        return cls(sampling.vllm_servers, policy.hf_model, policy.tokenizer, sampling,
+                   seed=seed + 7919 * world.rank, world=world, weights=policy.sampler_weights(),
+                   prompt_tokens=prompt_tokens)  # fmt: skip
+
+    @classmethod
+    def for_eval(cls, model, tokenizer, sampling, *, device, seed: int, batch_size: int,
+                 prompt_tokens: int | None = None) -> ServerEngine:  # fmt: skip
+        """`gspo eval`'s engine: the model's weights pushed to the servers first."""
+        check_servers(sampling.vllm_servers)
+        return cls(sampling.vllm_servers, model, tokenizer, sampling, seed=seed,
+                   world=dd.World(), weights=model.state_dict().items(),
+                   prompt_tokens=prompt_tokens)  # fmt: skip
+
+    @classmethod
+    def preflight(cls, sampling) -> None:
+        check_servers(sampling.vllm_servers)
+
+    # ---- sampling
+
+    def sample(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
+               seed: int | None = None) -> Rollout:  # fmt: skip
+        return sample_prompts(self, self.tokenizer, prompts, group_size=group_size,
+                              greedy=greedy, seed=seed, system_prompt=self.sampling.system_prompt,
+                              eos=self.eos)  # fmt: skip
+
+    def continue_ids(self, ids: Sequence[Sequence[int]], *, n: int = 1, greedy: bool,
+                     seed: int | None = None) -> list[Continuation]:  # fmt: skip
+        """``n`` continuations of each sequence (rows contiguous per sequence), one request
+        per sequence. ``seed``: the batch's (None: drawn from the process's RNG). Raises
+        ServerError (module docstring)."""
+        self._check_versions()
+        if seed is None and not greedy:
+            seed = int(torch.randint(2**30, ()).item())  # the checkpointed RNG: resumable
+        first = self.world.rank * len(ids)  # spread every rank's requests over the servers
+        base = None if greedy else _request_seed(self.seed, seed)
+        jobs = [(self.urls[(first + i) % len(self.urls)], list(p),
+                 self._params(p, greedy, None if greedy else base + i * n, n))
+                for i, p in enumerate(ids)]  # fmt: skip
+        answers = self._each(lambda job: self._generate(*job), jobs)
+        found = []
+        for (_, p, _), choices in zip(jobs, answers, strict=True):
+            for choice in choices if not greedy else choices * n:
+                logp = None if greedy else [c["logprob"] for c in choice["logprobs"]["content"]]
+                found.append(trim(len(p), choice["token_ids"], logp, eos=self.eos,
+                                  max_new_tokens=self.sampling.max_new_tokens,
+                                  max_len=self.max_len))  # fmt: skip
+        return found
+
+    def _params(self, prompt, greedy: bool, seed: int | None, n: int) -> dict:
+        c = self.sampling
+        return {"n": 1 if greedy else n, "temperature": 0.0 if greedy else c.temperature,
+                "top_p": 1.0 if greedy else c.top_p, "top_k": 0,
+                # the engine's sequence length, whatever the server's --max-model-len
+                "max_tokens": max(0, min(c.max_new_tokens, self.max_len - len(prompt))),
+                "stop_token_ids": self.eos, "logprobs": None if greedy else 0,
+                "detokenize": False, "seed": seed}  # fmt: skip
+
+    def _generate(self, url: str, prompt: list[int], params: dict) -> list[dict]:
+        if params["max_tokens"] == 0:  # no positions left: nothing to ask
+            return [{"token_ids": [], "logprobs": {"content": []}}] * params["n"]
+        try:
+            answer = _call(url, "/inference/v1/generate",
+                           {"token_ids": prompt, "sampling_params": params})  # fmt: skip
+        except OSError as err:
+            raise ServerError(f"rollout server {url} failed: {_reason(err)}") from None
+        return sorted(answer["choices"], key=lambda c: c["index"])
+
+    def more(self, live: bool) -> bool:
+        return live  # every rank samples its own sequences
+
+    # ---- weights
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The policy's weights to every server (rank 0 pushes; every rank walks ``named``,
+        whose FSDP2 gathers are collectives), then the check; a failure is kept for the next
+        ``continue_ids`` to raise (module docstring)."""
+        self.pushes += 1
+        version, error = f"{self.run_id}-{self.pushes}", None
+        if self.world.main:
+            try:
+                self._push(named, version)
+            except ServerError as err:
+                error = str(err)
+        else:
+            for _ in named:
+                pass
+        failed = dd.any_rank(error is not None, self.world)  # and: no rank samples before it
+        self.version = version
+        if failed:
+            self.sync_error = error or "the weight push of rank 0 failed (its message)"
+
+    def _push(self, named: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        directory = tempfile.mkdtemp(prefix="gspo-push-", dir=shm)
+        sent = {"tensors": 0, "sum": 0.0, "sum_squares": 0.0}
+        skip = {alias for names in self.aliases.values() for alias in names}
+        try:
+            t0 = time.perf_counter()
+            for i, (name, tensor) in enumerate((n, t) for n, t in named if n not in skip):
+                tensor = tensor.detach().to("cpu").contiguous()
+                x = tensor.double()
+                for k, alias in enumerate((name, *self.aliases.get(name, ()))):
+                    save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
+                              metadata={"format": "pt"})  # fmt: skip
+                    sent["tensors"] += 1
+                    sent["sum"] += float(x.sum())
+                    sent["sum_squares"] += float((x * x).sum())
+            self.write_seconds, self._sent = time.perf_counter() - t0, sent
+            answers = self._each(lambda url: self._load(url, directory, version))
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        for url, workers in zip(self.urls, answers, strict=True):
+            for got in workers:
+                if not _same(got, sent, version):
+                    raise ServerError(f"rollout server {url}: the weight push did not land: "
+                                      f"it loaded {_describe(got)}, the trainer sent "
+                                      f"{_describe({**sent, 'version': version})}")  # fmt: skip
+
+    def _load(self, url: str, directory: str, version: str) -> list[dict]:
+        try:
+            workers = _rpc(url, "gspo_load_weights", path=directory, version=version)
+            _call(url, "/reset_prefix_cache", {})  # its KV blocks came from the old weights
+        except OSError as err:
+            raise ServerError(f"rollout server {url}: the weight push failed: "
+                              f"{_reason(err)}") from None  # fmt: skip
+        return workers
+
+    def _check_versions(self) -> None:
+        if self.sync_error is not None:
+            raise ServerError(self.sync_error)
+
+        def version(url: str) -> list:
+            try:
+                return [w["version"] for w in _rpc(url, "gspo_version")]
+            except OSError as err:
+                raise ServerError(f"rollout server {url} does not answer: {_reason(err)}") \
+                    from None  # fmt: skip
+
+        for url, held in zip(self.urls, self._each(version), strict=True):
+            if any(v != self.version for v in held):
+                raise ServerError(f"rollout server {url} holds weights version {held[0]}, not "
+                                  f"this run's {self.version}: it restarted or missed a push; "
+                                  "once it is up, --resume pushes the weights again")  # fmt: skip
+
+    def _each(self, work, items: Sequence | None = None) -> list:
+        """``work(item)`` for every item (default: every server URL), all at once; results
+        in order; the first error raised."""
+        return list(self.pool.map(work, self.urls if items is None else items))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def _same(got: dict, sent: dict, version: str) -> bool:
+    return (got.get("version") == version and got.get("tensors") == sent["tensors"]
+            and math.isclose(got.get("sum", math.nan), sent["sum"], rel_tol=1e-9, abs_tol=1e-9)
+            and math.isclose(got.get("sum_squares", math.nan), sent["sum_squares"],
+                             rel_tol=1e-9))  # fmt: skip
+
+
+def _describe(state: dict) -> str:
+    return (
+        f"version {state.get('version')}, {state.get('tensors')} tensors, sum "
+        f"{state.get('sum')}, sum of squares {state.get('sum_squares')}"
+    )
