@@ -22,7 +22,7 @@ import pytest
 
 from gspo.train import data
 from gspo.train.cli import main
-from gspo.train.config import SamplingConfig
+from gspo.train.config import SamplingConfig, TaskConfig
 from gspo.train.engines.hf import HFEngine
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 
@@ -66,7 +66,7 @@ def test_vllm_gives_the_whole_response_after_a_4086_token_prompt(long_model):
     sampling = SamplingConfig(max_new_tokens=32, vllm_memory=0.05)
     prompts = [{"prompt": "a" * 4079 + "sum 07:"}]  # 4086 characters = tokens
     (kept,), dropped, longest = data.fit([prompts], tok, model, SimpleNamespace(
-        data=SimpleNamespace(max_prompt_tokens=None), sampling=sampling))  # fmt: skip
+        data=TaskConfig(max_prompt_tokens=None), sampling=sampling))  # fmt: skip
     assert (kept, dropped, longest) == (prompts, 0, 4086)
     hf = HFEngine.for_eval(model, tok, sampling, device=None, seed=0, batch_size=1)
     want = hf.sample(prompts, group_size=1, greedy=True)
