@@ -133,8 +133,10 @@ class CausalLMLogprobs(torch.nn.Module):
         weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         rows = target_ok.nonzero(as_tuple=True)  # only the scored targets reach the LM head
         packed, self.attention_used = self._pack(input_ids, attention_mask, target_ok, prompt_len)
+        if self.attention_used == "rows" and not prefix_attention.use(self.model):
+            self.attention_used = "dense"  # transformers refused the switch
         if packed is not None:  # one packed row per group (gspo.prefix)
-            if self.attention_used == "rows" and prefix_attention.use(self.model):
+            if self.attention_used == "rows":
                 # No N x N mask: causal SDPA over one gathered row per response.
                 plan = prefix_attention.Rows(packed.rows, packed.back)
                 # An all-ones 2D mask: transformers then builds no 4D mask (SDPA's causal

@@ -141,12 +141,10 @@ def use(model: torch.nn.Module) -> bool:
     """Switch ``model`` from SDPA to ``gspo_sdpa`` (the same results without ``gspo_rows``);
     True when it now runs it. Others are left alone: eager attention materialises every
     N x N score matrix anyway, so it keeps the dense block mask."""
-    config = getattr(model, "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
-    if implementation == NAME:
-        return True
-    if implementation != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    if not supports(model):
         return False
+    if model.config._attn_implementation == NAME:
+        return True
     register()
     model.set_attn_implementation(NAME)
     return model.config._attn_implementation == NAME
