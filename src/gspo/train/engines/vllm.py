@@ -211,7 +211,7 @@ class VLLMEngine:
             logprobs=None if greedy else 0,  # 0: only the sampled token's log-prob
             detokenize=False,
             # vLLM gives the n samples of a request seeds seed, seed + 1, ...
-            seed=None if seed is None else _request_seed(self.seed, seed) + i * per,
+            seed=None if seed is None else request_seed(self.seed, seed) + i * per,
         ) for i in range(len(every))]  # fmt: skip
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in every], params,
                                  use_tqdm=False) if every else []  # fmt: skip
@@ -260,26 +260,13 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def _load_weights_from_files(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """``--vllm-device``: the engine is another process; the weights go through files,
-        one tensor per file (never a second whole model in memory), each alias of a tied
-        tensor under its own name (vLLM's reload needs every name, as in process)."""
-        from safetensors.torch import save_file
-
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        directory = tempfile.mkdtemp(prefix="gspo-weights-", dir=shm)
-        try:
-            for i, (name, tensor) in enumerate(named):
-                tensor = tensor.detach().to("cpu").contiguous()
-                for k, alias in enumerate((name, *self.aliases.get(name, ()))):
-                    save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
-                              metadata={"format": "pt"})  # one file each: no shared storage
-            with _quiet_rotary_reload():
-                self.llm.collective_rpc(
-                    "reload_weights",
-                    kwargs={"weights_path": directory, "is_checkpoint_format": True},
-                )
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+        """``--vllm-device``: the engine is another process; the weights go through files
+        (``weight_files``)."""
+        with weight_files(named, self.aliases) as (directory, _), _quiet_rotary_reload():
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_path": directory, "is_checkpoint_format": True},
+            )
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -290,6 +277,39 @@ class VLLMEngine:
                 engine_core.shutdown()
             self.llm = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def weight_files(named: Iterable[tuple[str, torch.Tensor]], aliases: dict[str, list[str]], *,
+                 checksum: bool = False, prefix: str = "gspo-weights-"):  # fmt: skip
+    """A temporary directory (in /dev/shm where it exists, removed on exit) holding the
+    weights ``named`` for vLLM's ``reload_weights(weights_path=...)``: one tensor per file
+    (never a second whole model in memory), each alias of a tied tensor (``tied_aliases``)
+    under its own name, since vLLM's in-place reload needs every name; an alias that
+    ``named`` also gives is written once. Yields (directory, what was written: ``tensors``
+    and, with ``checksum``, the float64 ``sum`` and ``sum_squares`` of their values)."""
+    from safetensors.torch import save_file
+
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    directory = tempfile.mkdtemp(prefix=prefix, dir=shm)
+    written = {"tensors": 0, "sum": 0.0, "sum_squares": 0.0}
+    skip = {alias for names in aliases.values() for alias in names}
+    try:
+        for i, (name, tensor) in enumerate((n, t) for n, t in named if n not in skip):
+            tensor = tensor.detach().to("cpu").contiguous()
+            if checksum:
+                x = tensor.double()
+                total, squares = float(x.sum()), float((x * x).sum())
+            for k, alias in enumerate((name, *aliases.get(name, ()))):
+                save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
+                          metadata={"format": "pt"})  # one file each: no shared storage
+                written["tensors"] += 1
+                if checksum:
+                    written["sum"] += total
+                    written["sum_squares"] += squares
+        yield directory, written
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write_model(model, directory: str, weights, *, skip: dict[str, list[str]]) -> None:
@@ -355,7 +375,7 @@ def _explain_shm_clash(err: Exception, cpu_tp: bool) -> None:
         ) from err
 
 
-def _request_seed(engine_seed: int, batch_seed: int) -> int:
+def request_seed(engine_seed: int, batch_seed: int) -> int:
     """A batch's first request seed: distinct per engine and batch, within vLLM's range."""
     return (engine_seed * 1_000_003 + batch_seed * 65_537) % (2**31 - 2**20)
 

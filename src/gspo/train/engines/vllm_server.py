@@ -32,9 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +43,7 @@ import torch
 
 from gspo.train import distributed as dd
 from gspo.train.data import sequence_len
-from gspo.train.engines.vllm import _request_seed, tied_aliases
+from gspo.train.engines.vllm import request_seed, tied_aliases, weight_files
 from gspo.train.rewards import RewardError
 from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
 
@@ -169,7 +166,7 @@ class ServerEngine:
         if seed is None and not greedy:
             seed = int(torch.randint(2**30, ()).item())  # the checkpointed RNG: resumable
         first = self.world.rank * len(ids)  # spread every rank's requests over the servers
-        base = None if greedy else _request_seed(self.seed, seed)
+        base = None if greedy else request_seed(self.seed, seed)
         jobs = [(self.urls[(first + i) % len(self.urls)], list(p),
                  self._params(p, greedy, None if greedy else base + i * n, n))
                 for i, p in enumerate(ids)]  # fmt: skip
@@ -227,27 +224,11 @@ class ServerEngine:
             self.sync_error = error or "the weight push of rank 0 failed (its message)"
 
     def _push(self, named: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
-        from safetensors.torch import save_file
-
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        directory = tempfile.mkdtemp(prefix="gspo-push-", dir=shm)
-        sent = {"tensors": 0, "sum": 0.0, "sum_squares": 0.0}
-        skip = {alias for names in self.aliases.values() for alias in names}
-        try:
-            t0 = time.perf_counter()
-            for i, (name, tensor) in enumerate((n, t) for n, t in named if n not in skip):
-                tensor = tensor.detach().to("cpu").contiguous()
-                x = tensor.double()
-                for k, alias in enumerate((name, *self.aliases.get(name, ()))):
-                    save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
-                              metadata={"format": "pt"})  # fmt: skip
-                    sent["tensors"] += 1
-                    sent["sum"] += float(x.sum())
-                    sent["sum_squares"] += float((x * x).sum())
+        t0 = time.perf_counter()
+        with weight_files(named, self.aliases, checksum=True,
+                          prefix="gspo-push-") as (directory, sent):  # fmt: skip
             self.write_seconds, self._sent = time.perf_counter() - t0, sent
             answers = self._each(lambda url: self._load(url, directory, version))
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
         for url, workers in zip(self.urls, answers, strict=True):
             for got in workers:
                 if not _same(got, sent, version):
