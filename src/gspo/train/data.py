@@ -95,7 +95,7 @@ def first_lengths(tokenizer, rows: Sequence[Prompt], config,
     if env_class is None:  # function tools (--tools) without an environment: their schemas
         tools = tool_schemas(config.data) if templated else None
         lengths = prompt_lengths(tokenizer, rows, config.sampling.system_prompt, tools)
-        return lengths, [("a prompt", f"({_clip(p['prompt'])})") for p in rows]
+        return lengths, [("a prompt", f"({episodes.clip_repr(p['prompt'])})") for p in rows]
     name = env_class.__qualname__
     firsts = episodes.first_messages(env_class, rows, label)
     tools = getattr(env_class, "tool_schemas", None) or None
@@ -103,13 +103,8 @@ def first_lengths(tokenizer, rows: Sequence[Prompt], config,
     lengths = prompt_lengths(tokenizer, [{"prompt": m} for m in firsts], system,
                              tools if templated else None)  # fmt: skip
     return lengths, [("the first message", f"(environment {name}'s reset() for {label} {i}, "
-                      f"after the system prompt; the row's fields {_clip(row)})")
+                      f"after the system prompt; the row's fields {episodes.clip_repr(row)})")
                      for i, row in enumerate(rows)]  # fmt: skip
-
-
-def _clip(value, width: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def sequence_len(model, prompt_tokens: int | None, max_new_tokens: int) -> int:

@@ -188,16 +188,14 @@ class MultiTurn:
         return self.tokenizer.decode([i for i in ids if i not in self.strip],
                                      skip_special_tokens=False)  # fmt: skip
 
-    def _start(self, i: int, row: dict):
-        return start(self.env_class, row, i)
-
     def rollout(self, prompts: Sequence[dict], *, group_size: int, greedy: bool,
                 seed: int | None = None) -> Rollout:  # fmt: skip
         """``group_size`` episodes per prompt (contiguous rows). ``seed``: each turn drawn
         from its own seed (``seed``, turn), whatever else drew from the RNG (the sampler
         thread of --async-rollouts)."""
         rows = [p for p in prompts for _ in range(group_size)]
-        envs, firsts = zip(*(self._start(i, row) for i, row in enumerate(rows)), strict=True)
+        started = (start(self.env_class, row, i) for i, row in enumerate(rows))
+        envs, firsts = zip(*started, strict=True)
         turns_of = [self.routes.get(getattr(e, "route", None), self.turns) for e in envs]
         prompt_ids = [t.first_ids([f])[0] for t, f in zip(turns_of, firsts, strict=True)] \
             if self.routes else self.turns.first_ids(firsts)  # fmt: skip
@@ -273,7 +271,7 @@ class MultiTurn:
             if self.max_len is not None and len(ids) + self.max_new_tokens > self.max_len:
                 raise EnvError(f"environment {self.env_class.__qualname__}.reset() wrote a "
                                f"first message of {len(ids)} tokens in episode {i} (fields "
-                               f"{_fields(rows[i])}): with --max-new-tokens "
+                               f"{clip_repr(rows[i])}): with --max-new-tokens "
                                f"{self.max_new_tokens} it exceeds the {self.max_len} positions "
                                "the engine holds, though at start it fit; make reset() "
                                "write the same message for the same row")  # fmt: skip
@@ -296,7 +294,7 @@ def start(env_class: type, row: dict, i: int, *, where: str = "episode"):
         env = env_class(**row)
     except Exception as err:  # noqa: BLE001 - user code: stop the run with context
         raise EnvError(f"environment {env_class.__qualname__}() raised "
-                       f"{type(err).__name__}: {err} in {where} {i} (fields {_fields(row)}), "
+                       f"{type(err).__name__}: {err} in {where} {i} (fields {clip_repr(row)}), "
                        "turn 0; fix the environment or the row's fields") from err  # fmt: skip
     context = {"episode": i, "turn": 0, "prompt": row.get("prompt", row)}
     first = check_message(env, call(env, "reset", **context), "reset", **context)
@@ -322,8 +320,9 @@ def first_messages(env_class: type, rows: Sequence[dict], label: str) -> list[st
     return out
 
 
-def _fields(row: dict, width: int = 80) -> str:
-    text = repr(row)
+def clip_repr(value, width: int = 80) -> str:
+    """``repr(value)`` cut to ``width`` characters, for errors that name a row."""
+    text = repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import inspect
 import json
 
+from gspo.train.envs.trl import with_observation
+
 
 class OpenEnvEpisode:
     """The contract class over an OpenEnv client (module docstring); subclass it and
@@ -80,13 +82,7 @@ class OpenEnvEpisode:
         self.session = client
         result = client.reset(**self.reset_options())
         self.total += float(result.reward or 0.0)
-        observation, prompt = self.text(result.observation), self.row.get("prompt")
-        if prompt is None:
-            return observation
-        if isinstance(prompt, str):
-            return prompt + observation
-        last = prompt[-1]
-        return [*prompt[:-1], {**last, "content": last["content"] + observation}]
+        return with_observation(self.row.get("prompt"), self.text(result.observation))
 
     def step(self, reply: str) -> str | None:
         result = self.session.step(self.action(reply))

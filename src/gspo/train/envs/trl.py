@@ -84,12 +84,7 @@ class TRLEnv(ToolEnv):
         if not isinstance(observation, str):
             raise TypeError(f"reset() returned {type(observation).__name__}; return a str or "
                             "None (TRL's rule)")  # fmt: skip
-        if prompt is None:
-            return observation
-        if isinstance(prompt, str):
-            return prompt + observation
-        last = prompt[-1]
-        return [*prompt[:-1], {**last, "content": last["content"] + observation}]
+        return with_observation(prompt, observation)
 
     def step(self, reply: str):
         answer = super().step(reply)
@@ -142,6 +137,18 @@ def trl_env(cls: type, *, parser: str, reward_fns: Sequence[RewardFn] = (),
         "weights": tuple(float(w) for w in weights) or (1.0,) * len(reward_fns),
         "system_prompt": getattr(cls, "system_prompt", None),
     })  # fmt: skip
+
+
+def with_observation(prompt: str | list | None, observation: str) -> str | list:
+    """The first message: the row's prompt with ``reset()``'s observation appended to its
+    text (a str, or the last chat message's content), or the observation alone without a
+    prompt (TRL's rule)."""
+    if prompt is None:
+        return observation
+    if isinstance(prompt, str):
+        return prompt + observation
+    last = prompt[-1]
+    return [*prompt[:-1], {**last, "content": last["content"] + observation}]
 
 
 def env_paths(spec: str) -> list[str]:
