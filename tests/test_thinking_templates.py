@@ -18,21 +18,16 @@ from gspo.train.cli import main
 from gspo.train.episodes import Turns
 from gspo.train.tiny import tiny_tokenizer
 from test_train_e2e import REPO, TINY, rows
+from test_train_envs import Digits
 
 QWEN3 = str(REPO / "tests" / "data" / "tiny-qwen3.jinja")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # fmt: skip
 
 
-class Thinks:
-    """Answers the first reply with two tool results (rendered by tiny-qwen3 as one user
-    turn), ends the episode at the second; rewards the digits written."""
-
-    def __init__(self, **fields):
-        self.prompt, self.replies = fields["prompt"], []
-
-    def reset(self):
-        return self.prompt
+class Thinks(Digits):
+    """Digits, but the first reply is answered with two tool results (rendered by
+    tiny-qwen3 as one user turn)."""
 
     def step(self, reply):
         self.replies.append(reply)
@@ -40,9 +35,6 @@ class Thinks:
             return None
         return [{"role": "tool", "name": "count", "content": str(len(reply))},
                 {"role": "tool", "name": "count", "content": "0"}]  # fmt: skip
-
-    def reward(self):
-        return sum(c.isdigit() for c in "".join(self.replies)) / 8
 
 
 def _metaspace_tokenizer():

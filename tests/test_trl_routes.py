@@ -22,30 +22,14 @@ from gspo.train.tiny import tiny_model, tiny_tokenizer
 from gspo.train.tools.parsers import ToolCall, register
 from test_episode_facts import Scripted
 from test_train_e2e import TINY
-from test_train_tools import TINY_TEMPLATE, samples
+from test_train_tools import TINY_TEMPLATE, CounterEnv, samples
 
 TOK = tiny_tokenizer()
 MODEL = tiny_model(layers=1, hidden=32, seed=0)
 
 
-class Counter:
-    def reset(self, **kwargs) -> str | None:
-        self.counter = 0
-        self.target = kwargs["target"]
-        return None
-
-    def increment(self, step: int) -> int:
-        """
-        Increment the internal counter.
-
-        Args:
-            step: Value to add to the counter.
-
-        Returns:
-            The updated counter value.
-        """
-        self.counter += step
-        return self.counter
+class Counter(CounterEnv):
+    """test_train_tools' counter, routed by this name."""
 
 
 class Doubler:
