@@ -19,7 +19,7 @@ from gspo.train import distributed as dd
 from gspo.train import episodes
 from gspo.train.config import TrainConfig
 from gspo.train.rollout import Continuation, stop_reason
-from gspo.train.sampling import collect, reply_length, truncated
+from gspo.train.sampling import collect, concerns, reply_length, truncated
 from gspo.train.tiny import tiny_model, tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -87,7 +87,7 @@ def _batch(max_turns=3, **change):
     pool = [{"prompt": "sum 07:", "id": 0}, {"prompt": "sum 12:", "id": 1}]
     return collect(lambda prompts, group_size, greedy: run.rollout(prompts, group_size=group_size,
                                                                   greedy=greedy),
-                   pool, position=0, config=config, world=dd.World(), score=run.score,
+                   pool, position=0, **concerns(config), world=dd.World(), score=run.score,
                    eos=[EOS], pad_id=TOK.pad_token_id), run  # fmt: skip
 
 

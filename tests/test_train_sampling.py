@@ -30,7 +30,7 @@ from gspo.train.loop import train
 from gspo.train.report import step_metrics
 from gspo.train.rewards import Scores
 from gspo.train.rollout import Rollout
-from gspo.train.sampling import collect, overlong_penalty, tied_groups, truncated
+from gspo.train.sampling import collect, concerns, overlong_penalty, tied_groups, truncated
 from gspo.train.tiny import tiny_model
 from gspo.train.update import minibatch_loss, response_logprobs, update
 
@@ -130,7 +130,7 @@ def test_dynamic_sampling_refills_until_full():
     config = TrainConfig(prompts_per_step=4, group_size=G, minibatches=1, dynamic_sampling=True,
                          max_sampling_rounds=10)  # fmt: skip
     sampler = RuleSampler()
-    batch = collect(sampler.sample, POOL, position=8, config=config, world=dd.World(),
+    batch = collect(sampler.sample, POOL, position=8, **concerns(config), world=dd.World(),
                     score=rule_score(lambda k: k % 3 == 0), eos=[EOS], pad_id=PAD)  # fmt: skip
     ids = stream(config, 8, 40)
     informative = [k for k in ids if k % 3 == 0][:4]
@@ -158,7 +158,7 @@ def test_dynamic_sampling_stops_at_the_round_limit_and_says_so():
     sampler = RuleSampler()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batch = collect(sampler.sample, POOL, position=0, config=config, world=dd.World(),
+        batch = collect(sampler.sample, POOL, position=0, **concerns(config), world=dd.World(),
                         score=rule_score(lambda k: k in found or k == ids[9]), eos=[EOS],
                         pad_id=PAD, step=5)  # fmt: skip
     assert len(sampler.calls) == 2 and batch.consumed == 8
@@ -184,7 +184,7 @@ def test_loo_advantages_after_a_refill_equal_a_direct_computation():
         values = score(rollout)
         return [v if p["id"] % 2 else 1.0 for v, p in zip(values, rollout.prompts, strict=True)]
 
-    batch = collect(RuleSampler().sample, POOL, position=3, config=config, world=dd.World(),
+    batch = collect(RuleSampler().sample, POOL, position=3, **concerns(config), world=dd.World(),
                     score=tie_some, eos=[EOS], pad_id=PAD)  # fmt: skip
     assert batch.metrics["sampling_rounds"] > 1
     got = advantages(torch.tensor(batch.rewards, dtype=torch.float64), group_size=G, norm="loo")
@@ -205,7 +205,7 @@ def test_truncated_and_mask_truncated_keep():
         def sample(self, prompts, *, group_size, greedy):
             return fake_rollout(list(prompts), group_size, [4, 1, 2, 4, 3, 4, 4, 2])
 
-    batch = collect(Sampler().sample, POOL, position=0, config=config, world=dd.World(),
+    batch = collect(Sampler().sample, POOL, position=0, **concerns(config), world=dd.World(),
                     score=lambda r: [0.0, 1.0] * 4, eos=[EOS], pad_id=PAD)  # fmt: skip
     cut = [True, False, False, True, False, True, True, False]
     assert truncated(batch.rollout, [EOS]).tolist() == cut
@@ -225,7 +225,7 @@ def test_overlong_penalty_is_added_to_the_reward():
         def sample(self, prompts, *, group_size, greedy):
             return fake_rollout(list(prompts), group_size, [1, 2, 3, 4] * 2)
 
-    batch = collect(Sampler().sample, POOL, position=0, config=config, world=dd.World(),
+    batch = collect(Sampler().sample, POOL, position=0, **concerns(config), world=dd.World(),
                     score=lambda r: [1.0] * 8, eos=[EOS], pad_id=PAD)  # fmt: skip
     # L = 4, C = 2: lengths 1, 2 free; 3 -> -0.5; 4 -> -1
     assert list(batch.rewards) == [1.0, 1.0, 0.5, 0.0] * 2
@@ -460,7 +460,7 @@ def test_dynamic_sampling_filters_on_the_task_s_score_before_the_penalty(on):
                          overlong_penalty=2, dynamic_sampling=True, max_sampling_rounds=2,
                          dynamic_sampling_on=on)  # fmt: skip
     with pytest.warns(TrainWarning) if on == "task" else contextlib.nullcontext():
-        batch = collect(RuleSampler().sample, POOL, position=0, config=config,
+        batch = collect(RuleSampler().sample, POOL, position=0, **concerns(config),
                         world=dd.World(), score=rule_score(lambda k: False), eos=[EOS],
                         pad_id=PAD)  # fmt: skip
     assert min(batch.rewards) < 0  # the penalty is in the rewards either way

@@ -25,7 +25,10 @@ Each concern is behind its own module, so this file holds no model-, task- or en
 branch: models.py (the policy, its reference, its weights for the sampler, save and load),
 tasks/ (prompts and rewards), engines/ (samplers), overlap.py (when they sample), update.py
 (old log-probs and the optimizer steps), checkpoint.py (save and restore everything),
-report.py (metrics, samples, progress).
+report.py (metrics, samples, progress). The run's state (the step, the data position,
+the log) is one ``Trainer``, made by ``_build``, whose stages ``_train`` calls in order;
+each stage is handed the config concerns it reads (``sampling.concerns``,
+``update.Concerns``, the RunConfig for overlap.py), not the whole TrainConfig.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import functools
 import random
 import signal
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -50,7 +55,7 @@ from gspo.train.report import Report, sample_groups, step_metrics
 from gspo.train.rewards import RewardError
 from gspo.train.rollout import eos_ids
 from gspo.train.tasks import build_task, prompts_at
-from gspo.train.update import lr_lambda, update
+from gspo.train.update import Concerns, lr_lambda, update
 
 
 class Stop:
@@ -117,6 +122,163 @@ def train(config: TrainConfig, *, stop_after: int | None = None) -> dict:
 
 def _train(config: TrainConfig, world: dd.World, run_dir, stop_after: int | None,
            cleanup) -> dict:  # fmt: skip
+    run = config.run
+    trainer = _build(config, world, run_dir, cleanup)
+    # Step 0's evaluation is the engine's first work: it runs before RUN_DIR exists, so an
+    # engine that fails there (memory, a kernel) leaves no half-made run behind
+    first = trainer.first_record() if trainer.step == 0 else None
+    rundir.create(run_dir, config, world)
+    trainer.log = Report(run_dir, main=world.main, truncate_after=trainer.step,
+                         report_to=run.report_to, config=to_dict(config),
+                         samples_per_step=run.samples_per_step, total_steps=run.steps,
+                         progress=run.progress)  # fmt: skip
+    if first is not None:
+        trainer.log.metrics(first)
+    with Stop(world) as stop:
+        for step in range(trainer.step + 1, run.steps + 1):
+            record, groups = trainer.train_step(step)
+            evaluating = step % run.eval_every == 0 or step == run.steps
+            if evaluating:  # a reward error here: the step's line, then its checkpoint
+                on_error = functools.partial(trainer.save_after_log, record, groups)
+                record["eval_reward"] = trainer.evaluate(on_error)
+            trainer.log.step_done(record, groups, show_sample=evaluating)
+            interrupted = dd.any_rank(stop.requested or step == stop_after, world)
+            if step % run.checkpoint_every == 0 or step == run.steps or interrupted:
+                trainer.save(step, trainer.position)
+            if interrupted:
+                break
+    trainer.log.close()
+    finished = trainer.step == run.steps
+    if finished:
+        trainer.policy.save_final(run_dir, world)  # RUN_DIR/model (and merged/ under --merge)
+        if run.plot and world.main:
+            from gspo.train.plot import plot_run
+
+            plot_run(run_dir)
+    return {"run_dir": str(run_dir), "step": trainer.step, "main": world.main,
+            "finished": finished, "signal": stop.signal,
+            "last_eval": trainer.log.last_eval}  # fmt: skip
+
+
+@dataclass
+class Trainer:
+    """A run's state and the stages that act on it, made by ``_build``. What changes as
+    the run goes is named here, not captured by closures: ``step`` (steps done),
+    ``position`` (prompts taken from the data stream: a resumed run samples on from it) and
+    ``log`` (the Report, opened once RUN_DIR exists)."""
+
+    config: TrainConfig
+    world: dd.World
+    run_dir: Path
+    policy: models.Policy  # the model, its tokenizer, its KL reference, save and load
+    logprobs: torch.nn.Module  # the trainer's log-probs, wrapped for DDP / FSDP2
+    ref_logprobs: torch.nn.Module | None  # the KL reference's (None: no KL term)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    episodes: episodes.SingleTurn | episodes.MultiTurn  # prompts -> rollout -> rewards
+    source: overlap.Synchronous | overlap.Overlapped  # when the sampler runs
+    pool: list  # the training prompts
+    held_out: list  # the evaluation prompts, all ranks'
+    eos: list[int]  # what ends a response (--mask-truncated)
+    step: int  # steps done
+    position: int  # prompts consumed from the data stream
+    dropped: int = 0  # prompts over --max-prompt-tokens, removed before training
+    warm_losses: list[float] = field(default_factory=list)  # --warm-start, per epoch
+    log: Report | None = None
+
+    def first_record(self) -> dict:
+        """Step 0's line: the held-out reward before any update (a reward error saves the
+        run as it starts, resumable), the prompts dropped, the warm start's last loss."""
+        record = {"step": 0, "eval_reward": self.evaluate(self.save_start)}
+        if self.config.data.max_prompt_tokens is not None:
+            record["prompts_dropped"] = self.dropped
+        if self.warm_losses:
+            record["warm_start_loss"] = self.warm_losses[-1]  # nats per assistant token
+        return record
+
+    def train_step(self, step: int) -> tuple[dict, list]:
+        """Step ``step`` (module docstring): its metrics line and its sample groups."""
+        world, group_size = self.world, self.config.run.group_size
+        t0 = time.perf_counter()
+        batch, ahead = self.sample_batch(step)
+        rollout, rewards = batch.rollout, batch.rewards
+        times = {"time_rollout": time.perf_counter() - t0}  # rewards included
+        self.position += batch.consumed  # every prompt sampled, so resume samples the same
+        # advantages over whole groups, once per rollout batch (spec step 1)
+        reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
+        adv = advantages(reward_t, group_size=group_size, norm=self.config.objective.adv_norm)
+        # old log-probs once, then the minibatch optimizer steps
+        t1 = time.perf_counter()
+        history = update(self.logprobs, self.ref_logprobs, self.optimizer, self.scheduler,
+                         rollout, adv, config=Concerns.of(self.config), world_size=world.size,
+                         keep=batch.keep)  # fmt: skip
+        t2 = time.perf_counter()
+        # the new policy into the sampler (under LoRA: W + s B A, merged on the fly)
+        times.update(self.source.updated(step))
+        times["time_update"] = t2 - t1  # old log-probs included; also given apart below
+        self.step = step
+        record = step_metrics(step, rewards, rollout, history, t0,
+                              self.scheduler.get_last_lr()[0], world)  # fmt: skip
+        record.update(batch.metrics, policy_lag=ahead.lag)
+        record.update(dd.all_mean(self.episodes.metrics(rollout), world))  # {} single-turn
+        record.update(times)
+        groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
+                               group_size=group_size, count=self.config.run.samples_per_step,
+                               episodes=rollout.episodes)  # fmt: skip
+        return record, groups
+
+    def sample_batch(self, step: int) -> tuple[sampling.Batch, overlap.Ahead]:
+        """Prompts -> rollouts -> rewards: this rank's contiguous share of the step's prompts
+        (generated ahead under --async-rollouts; more rounds under --dynamic-sampling), and
+        the sequences in the loss. On a reward or environment error, the state this step
+        started from is saved (its RNG included)."""
+        rng_before = ckpt.rng_state()
+        ahead = self.source.next(step)
+        on_error = functools.partial(self.save, step - 1, self.position, rng_before)
+        sample = overlap.or_now(ahead, self.episodes.rollout)
+        batch = sampling.collect(
+            functools.partial(_sample, sample, self.world, on_error), self.pool,
+            position=self.position, **sampling.concerns(self.config), world=self.world,
+            score=functools.partial(_score, self.episodes, self.world, on_error), eos=self.eos,
+            pad_id=self.policy.tokenizer.pad_token_id, step=step,
+        )  # fmt: skip
+        return batch, ahead
+
+    def evaluate(self, on_error) -> float:
+        """The held-out reward (greedy, one sample per prompt, over every rank's share).
+        ``on_error()`` runs on every rank if a reward or environment fails (``_guarded``)."""
+        world = self.world
+        mine = self.held_out[world.rank :: world.size]
+        ahead_or_now = functools.partial(overlap.evaluation, self.source, self.episodes.rollout)
+        rollout = _sample(ahead_or_now, world, on_error, mine, group_size=1, greedy=True)
+        rewards = _score(self.episodes, world, on_error, rollout)
+        total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
+        return total / count
+
+    def save(self, step: int, position: int, rng: dict | None = None) -> None:
+        """A checkpoint after ``step`` at data position ``position`` (``rng``: the RNG
+        state to restore, default the current one)."""
+        ckpt.save(self.run_dir, step, position, policy=self.policy, logprobs=self.logprobs,
+                  optimizer=self.optimizer, scheduler=self.scheduler, config=self.config,
+                  world=self.world, rng=rng, pending=self.source.pending(step))  # fmt: skip
+
+    def save_start(self) -> None:
+        """A reward error at step 0, before RUN_DIR exists: the run as it starts, made
+        resumable."""
+        rundir.create(self.run_dir, self.config, self.world)
+        self.save(0, 0)
+
+    def save_after_log(self, record: dict, groups: list) -> None:
+        """A reward error in the evaluation after a step's update: the step's own line
+        first (the resumed run starts after this step, and would never write it), then
+        the checkpoint of the step."""
+        self.log.step_done(record, groups, show_sample=False)
+        self.save(self.step, self.position)
+
+
+def _build(config: TrainConfig, world: dd.World, run_dir, cleanup) -> Trainer:
+    """Everything a run holds before its first step, in the order it is made (models and
+    engines draw from the seeded RNG, so the order is part of the run's result)."""
     run, optim = config.run, config.optim
     resume_from = ckpt.latest(run_dir) if run.resume else None
     if resume_from is not None:  # only what may change on resume differs from its settings
@@ -133,31 +295,13 @@ def _train(config: TrainConfig, world: dd.World, run_dir, stop_after: int | None
     if resume_from is not None:
         policy.load(resume_from)  # the model's weights, or the adapter
     policy.prepare(world.device)
-    d = config.data
-    pool, held_out, reward_fn = build_task(
-        task=d.task, prompts_file=d.prompts, reward=d.reward, reward_weights=d.reward_weights,
-        eval_size=d.eval_prompts, seed=run.seed, levels=d.task_levels, dataset=d.dataset,
-        dataset_split=d.dataset_split, prompt_field=d.prompt_field, answer_field=d.answer_field,
-        env=d.env is not None,
-    )  # fmt: skip
-    pool, held_out, dropped, longest = data.fit_prompts(pool, held_out, policy.tokenizer,
-                                                        policy.model, config)  # fmt: skip
-    if world.main:
-        data.start_warnings(config, len(pool), dropped)
+    pool, held_out, reward_fn, dropped, longest = _task(config, policy, world)
 
     # ---- log-probs (the chunked path), data parallel wrapper, optimizer
     logprobs = dd.wrap(CausalLMLogprobs(policy.model, compute_dtype=policy.compute_dtype),
                        world, fsdp=run.fsdp)  # fmt: skip
     ref_logprobs = policy.reference(logprobs, world.device)
-    optimizer = torch.optim.AdamW(
-        [p for p in logprobs.parameters() if p.requires_grad],
-        lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.99),
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(optim.warmup_steps * optim.minibatches, run.steps * optim.minibatches,
-                  optim.min_lr_ratio),
-    )  # fmt: skip
+    optimizer, scheduler = _optimizer(optim, run.steps, logprobs)
     start, position = 0, 0  # steps done; prompts consumed from the data stream
     if resume_from is not None:
         start, position = ckpt.restore(resume_from, logprobs=logprobs, optimizer=optimizer,
@@ -172,131 +316,67 @@ def _train(config: TrainConfig, world: dd.World, run_dir, stop_after: int | None
     sampler = engines.build(config.sampling, policy, world, logprobs, seed=run.seed,
                             prompt_tokens=data.engine_prompt_tokens(config, longest))  # fmt: skip
     cleanup.callback(sampler.close)
-    # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes
-    collect = episodes.build(d, config.sampling, sampler, policy.tokenizer, policy.model,
-                             reward_fn)  # fmt: skip
-    group_size, at_start = run.group_size, position
-    eos = eos_ids(policy.hf_model, policy.tokenizer)  # what ends a response (--mask-truncated)
-
-    def prompts_of(k: int) -> list:  # this rank's contiguous share of step k's prompts
-        at = at_start + (k - start - 1) * run.prompts_per_step
-        return dd.shard(prompts_at(pool, run.seed, at, run.prompts_per_step), world)
-
-    # when the sampler runs: at each step, or ahead of the trainer in a thread (--async-rollouts)
-    # (the same episodes, on the engine the sampler thread uses: its own copy under hf)
-    episodes_of = functools.partial(episodes.build, d, config.sampling,
+    # prompts -> rollout -> rewards: one prompt and one completion, or --env's episodes, on
+    # an engine (under --async-rollouts the sampler thread's is another: its own copy on hf)
+    episodes_of = functools.partial(episodes.build, config.data, config.sampling,
                                     tokenizer=policy.tokenizer, model=policy.model,
                                     reward_fn=reward_fn)  # fmt: skip
-    source = overlap.build(config, sampler, policy, world, prompts_of=prompts_of, start=start,
+    now = episodes_of(sampler=sampler)
+    eos = eos_ids(policy.hf_model, policy.tokenizer)
+    # when the sampler runs: at each step, or ahead of the trainer in a thread (--async-rollouts)
+    prompts_of = functools.partial(_prompts_of, pool, run, world, start, position)
+    source = overlap.build(run, sampler, policy, world, prompts_of=prompts_of, start=start,
                            episodes_of=episodes_of,
-                           resumed=resume_from and ckpt.load_pending(resume_from, world.rank))
-    cleanup.callback(source.close)  # fmt: skip
-
-    def evaluate(record: dict | None = None, groups: list | None = None,
-                 on_error=None) -> float:  # fmt: skip
-        """The held-out reward. On a reward error the run checkpoints at ``step`` (its
-        update is done), so the step's own ``record`` is written first: the resumed run
-        starts after it, and would otherwise never have that step's metrics line.
-        ``on_error``: another checkpoint (step 0's, before RUN_DIR exists)."""
-
-        def checkpoint() -> None:
-            if record is not None:
-                log.step_done(record, groups or [], show_sample=False)
-            save(step, position)
-
-        on_error = on_error or checkpoint
-        mine = held_out[world.rank :: world.size]
-        ahead_or_now = functools.partial(overlap.evaluation, source, collect.rollout)
-        rollout = _sample(ahead_or_now, world, on_error, mine, group_size=1, greedy=True)
-        rewards = _score(collect, world, on_error, rollout)
-        total, count = dd.all_sum([sum(rewards), float(len(rewards))], world)
-        return total / count
-
-    def save(at_step: int, at_position: int, rng: dict | None = None) -> None:
-        ckpt.save(run_dir, at_step, at_position, policy=policy, logprobs=logprobs,
-                  optimizer=optimizer, scheduler=scheduler, config=config, world=world,
-                  rng=rng, pending=source.pending(at_step))  # fmt: skip
-
-    def save_start() -> None:  # a reward error at step 0: the run as it starts, resumable
-        rundir.create(run_dir, config, world)
-        save(0, 0)
-
-    # ---- the loop
-    # Step 0's evaluation is the engine's first work: it runs before RUN_DIR exists, so an
-    # engine that fails there (memory, a kernel) leaves no half-made run behind
-    first = {"step": 0, "eval_reward": evaluate(on_error=save_start)} if start == 0 else None
-    rundir.create(run_dir, config, world)
-    log = Report(run_dir, main=world.main, truncate_after=start, report_to=run.report_to,
-                 config=to_dict(config), samples_per_step=run.samples_per_step,
-                 total_steps=run.steps, progress=run.progress)  # fmt: skip
-    step = start
-    if first is not None:
-        if d.max_prompt_tokens is not None:
-            first["prompts_dropped"] = dropped  # over the limit, removed before training
-        if warm_losses:
-            first["warm_start_loss"] = warm_losses[-1]  # nats per assistant token, last epoch
-        log.metrics(first)
-    with Stop(world) as stop:
-        for step in range(start + 1, run.steps + 1):
-            t0, rng_before = time.perf_counter(), ckpt.rng_state()
-            # prompts -> rollouts -> rewards: this rank's contiguous share of the step's
-            # prompts (generated ahead under --async-rollouts; more rounds under
-            # --dynamic-sampling), and the sequences in the loss; on a reward or environment
-            # error, save the state this step started from
-            ahead = source.next(step)
-            on_error = functools.partial(save, step - 1, position, rng_before)
-            batch = sampling.collect(
-                functools.partial(_sample, overlap.or_now(ahead, collect.rollout), world,
-                                  on_error),
-                pool, position=position,
-                config=config, world=world, eos=eos,
-                score=functools.partial(_score, collect, world, on_error),
-                pad_id=policy.tokenizer.pad_token_id, step=step,
-            )  # fmt: skip
-            rollout, rewards = batch.rollout, batch.rewards
-            times = {"time_rollout": time.perf_counter() - t0}  # rewards included
-            position += batch.consumed  # every prompt sampled, so resume samples the same
-            # advantages over whole groups, once per rollout batch (spec step 1)
-            reward_t = torch.tensor(rewards, dtype=torch.float32, device=world.device)
-            adv = advantages(reward_t, group_size=group_size, norm=config.objective.adv_norm)
-            # old log-probs once, then the minibatch optimizer steps
-            t1 = time.perf_counter()
-            history = update(logprobs, ref_logprobs, optimizer, scheduler, rollout, adv,
-                             config=config, world_size=world.size, keep=batch.keep)  # fmt: skip
-            t2 = time.perf_counter()
-            # the new policy into the sampler (under LoRA: W + s B A, merged on the fly)
-            times.update(source.updated(step))
-            times["time_update"] = t2 - t1  # old log-probs included; also given apart below
-            record = step_metrics(step, rewards, rollout, history, t0,
-                                  scheduler.get_last_lr()[0], world)  # fmt: skip
-            record.update(batch.metrics, policy_lag=ahead.lag)
-            record.update(dd.all_mean(collect.metrics(rollout), world))  # {} single-turn
-            record.update(times)
-            groups = sample_groups(rollout.prompts, rollout.completions, rewards, adv.tolist(),
-                                   group_size=group_size, count=run.samples_per_step,
-                                   episodes=rollout.episodes)  # fmt: skip
-            evaluating = step % run.eval_every == 0 or step == run.steps
-            if evaluating:
-                record["eval_reward"] = evaluate(record, groups)
-            log.step_done(record, groups, show_sample=evaluating)
-            interrupted = dd.any_rank(stop.requested or step == stop_after, world)
-            if step % run.checkpoint_every == 0 or step == run.steps or interrupted:
-                save(step, position)
-            if interrupted:
-                break
-    log.close()
-    finished = step == run.steps
-    if finished:
-        policy.save_final(run_dir, world)  # RUN_DIR/model (and merged/ under --merge)
-        if run.plot and world.main:
-            from gspo.train.plot import plot_run
-
-            plot_run(run_dir)
-    return {"run_dir": str(run_dir), "step": step, "main": world.main, "finished": finished,
-            "signal": stop.signal, "last_eval": log.last_eval}  # fmt: skip
+                           resumed=resume_from and ckpt.load_pending(resume_from, world.rank),
+                           )  # fmt: skip
+    cleanup.callback(source.close)
+    return Trainer(config, world, run_dir, policy, logprobs, ref_logprobs, optimizer,
+                   scheduler, now, source, pool, held_out, eos, step=start, position=position,
+                   dropped=dropped, warm_losses=warm_losses)  # fmt: skip
 
 
 # ---------------------------------------------------------------- helpers, in call order
+
+
+def _task(config: TrainConfig, policy, world: dd.World):
+    """(pool, held_out, reward_fn, dropped, longest): the task's prompts that fit the
+    model (data.fit_prompts), its reward, how many prompts --max-prompt-tokens dropped and
+    the longest kept one's tokens."""
+    d, run = config.data, config.run
+    pool, held_out, reward_fn = build_task(
+        task=d.task, prompts_file=d.prompts, reward=d.reward, reward_weights=d.reward_weights,
+        eval_size=d.eval_prompts, seed=run.seed, levels=d.task_levels, dataset=d.dataset,
+        dataset_split=d.dataset_split, prompt_field=d.prompt_field, answer_field=d.answer_field,
+        env=d.env is not None,
+    )  # fmt: skip
+    pool, held_out, dropped, longest = data.fit_prompts(pool, held_out, policy.tokenizer,
+                                                        policy.model, config)  # fmt: skip
+    if world.main:
+        data.start_warnings(config, len(pool), dropped)
+    return pool, held_out, reward_fn, dropped, longest
+
+
+def _optimizer(optim, steps: int, logprobs):
+    """AdamW over the trainable parameters and its schedule (warmup, cosine), both per
+    optimizer step: ``minibatches`` of them a training step."""
+    optimizer = torch.optim.AdamW(
+        [p for p in logprobs.parameters() if p.requires_grad],
+        lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.99),
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda(optim.warmup_steps * optim.minibatches, steps * optim.minibatches,
+                  optim.min_lr_ratio),
+    )  # fmt: skip
+    return optimizer, scheduler
+
+
+def _prompts_of(pool, run, world: dd.World, start: int, at_start: int, step: int) -> list:
+    """This rank's contiguous share of ``step``'s prompts, in a run whose data position was
+    ``at_start`` after step ``start`` (the sampler thread asks for steps ahead of the
+    trainer's position)."""
+    at = at_start + (step - start - 1) * run.prompts_per_step
+    return dd.shard(prompts_at(pool, run.seed, at, run.prompts_per_step), world)
 
 
 def _check_world(config: TrainConfig, world: dd.World) -> None:
@@ -325,9 +405,9 @@ def _sample(rollout, world: dd.World, on_error, prompts, *, group_size: int, gre
                     world, on_error)  # fmt: skip
 
 
-def _score(collect, world: dd.World, on_error, rollout) -> list[float]:
-    """This rank's rewards of ``rollout``, guarded (``_guarded``)."""
-    return _guarded(lambda: collect.score(rollout), world, on_error)
+def _score(episodes, world: dd.World, on_error, rollout) -> list[float]:
+    """This rank's rewards of ``rollout`` (``episodes.score``), guarded (``_guarded``)."""
+    return _guarded(lambda: episodes.score(rollout), world, on_error)
 
 
 def _guarded(work, world: dd.World, on_error):

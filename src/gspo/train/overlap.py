@@ -3,7 +3,7 @@ sampler thread while the trainer updates (``--async-rollouts``, one step off-pol
 
 The loop sees one interface, built once by ``build``:
 
-    batch = source.next(step)               # step's Rollout, its policy_lag, the wait
+    ahead = source.next(step)               # step's Rollout, its policy_lag, the wait
     ... rewards, advantages, update ...
     source.updated(step)                    # the new weights into the sampler
     source.evaluate(prompts)                # greedy held-out samples of the current weights
@@ -49,7 +49,11 @@ from gspo.train.rollout import Rollout
 
 
 @dataclass
-class Batch:
+class Ahead:
+    """A step's rollout as the source hands it over: generated ahead by the sampler thread,
+    or None (sampled by the loop now). Named apart from gspo.train.sampling.Batch, the
+    step's batch with rewards and ``keep``, which the loop builds from this one."""
+
     rollout: Rollout | None  # None: sample it now (synchronous)
     lag: int  # policy_lag: trainer updates between the sampler's weights and the trainer's
     wait: float  # seconds the trainer waited for it (time_rollout)
@@ -58,13 +62,13 @@ class Batch:
     error: RewardError | None = None
 
 
-def build(config, sampler, policy, world, *, prompts_of: Callable[[int], list],
+def build(run, sampler, policy, world, *, prompts_of: Callable[[int], list],
           episodes_of: Callable, resumed: dict | None = None, start: int = 0):  # fmt: skip
-    """The run's rollout source. ``prompts_of(step)``: this rank's prompts of that step;
+    """The run's rollout source. ``run``: the RunConfig (--async-rollouts, --max-staleness,
+    the group size and seed); ``prompts_of(step)``: this rank's prompts of that step;
     ``episodes_of(sampler=engine)``: the run's episodes (gspo.train.episodes) on an engine,
     single-turn or --env's; ``resumed``: ``pending`` of the checkpoint resumed from (after
     step ``start``)."""
-    run = config.run
     if not run.async_rollouts:
         return Synchronous(sampler, policy, prompts_of, group_size=run.group_size)
     if getattr(sampler, "shares_policy", False):  # HF: sample a copy, not the moving module
@@ -84,8 +88,8 @@ class Synchronous:
         self.sampler, self.policy, self.prompts_of = sampler, policy, prompts_of
         self.group_size = group_size
 
-    def next(self, step: int) -> Batch:
-        return Batch(None, 0, 0.0)
+    def next(self, step: int) -> Ahead:
+        return Ahead(None, 0, 0.0)
 
     def updated(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -102,11 +106,11 @@ class Synchronous:
         pass
 
 
-def or_now(ahead: Batch | Rollout | None, now: Callable[..., Rollout]) -> Callable[..., Rollout]:
+def or_now(ahead: Ahead | Rollout | None, now: Callable[..., Rollout]) -> Callable[..., Rollout]:
     """The ``sample(prompts, group_size=, greedy=)`` of a step: the rollout generated ahead
     (for exactly these prompts), or ``now`` when there is none (synchronous runs)."""
-    rollout = ahead.rollout if isinstance(ahead, Batch) else ahead
-    if isinstance(ahead, Batch) and ahead.error is not None:
+    rollout = ahead.rollout if isinstance(ahead, Ahead) else ahead
+    if isinstance(ahead, Ahead) and ahead.error is not None:
 
         def failed(prompts, *, group_size: int, greedy: bool) -> Rollout:
             raise ahead.error
@@ -166,15 +170,15 @@ class Overlapped:
 
     # ---- the trainer's side
 
-    def next(self, step: int) -> Batch:
+    def next(self, step: int) -> Ahead:
         t0 = time.perf_counter()
         with self._cond:
             self._cond.wait_for(lambda: step in self.ready or self.error is not None)
             if step not in self.ready and isinstance(self.error, RewardError):
-                return Batch(None, 0, time.perf_counter() - t0, error=self.error)
+                return Ahead(None, 0, time.perf_counter() - t0, error=self.error)
             self._raise()
             rollout, version = self.ready[step]
-        return Batch(rollout, (step - 1) - version, time.perf_counter() - t0)
+        return Ahead(rollout, (step - 1) - version, time.perf_counter() - t0)
 
     def updated(self, step: int) -> dict[str, float]:
         """W_step into the sampler once it is idle, then batch step+1+S to generate."""
@@ -219,7 +223,7 @@ class Overlapped:
             self._raise()
 
     def _raise(self) -> None:
-        # a reward or environment error is handed to the loop by ``next`` (Batch.error)
+        # a reward or environment error is handed to the loop by ``next`` (Ahead.error)
         if self.error is not None and not isinstance(self.error, RewardError):
             raise RuntimeError("the sampler thread failed (its error above)") from self.error
 

@@ -42,6 +42,7 @@ Shapes: B = this rank's sequences (prompts x G), T response tokens.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,7 +143,9 @@ def collect(
     pool: Sequence[dict],
     *,
     position: int,
-    config,
+    run,
+    batch,
+    max_new_tokens: int,
     world: dd.World,
     score: Callable[[Rollout], list[float]],
     eos: Sequence[int],
@@ -151,13 +154,19 @@ def collect(
 ) -> Batch:
     """The step's batch, from data position ``position`` (module docstring).
 
+    The concerns it reads (``concerns(config)`` gives them from a TrainConfig): ``run``
+    (RunConfig: prompts a step, G, the data seed), ``batch`` (BatchConfig: the options
+    above) and ``max_new_tokens`` (the overlong penalty's limit).
     ``sample(prompts, group_size=, greedy=)`` samples this rank's prompts (one completion
     each, or an environment's episodes: gspo.train.episodes); ``score(rollout)`` scores them
     (the loop's: it checkpoints and stops the run on a reward or environment error); ``eos``:
     the ids that end a response; ``pad_id``: the tokenizer's pad (rounds are joined with it);
     ``step``: named in the warning."""
-    run, batch = config.run, config.batch
     group_size, per_step = run.group_size, run.prompts_per_step
+    penalty = functools.partial(_with_penalty, buffer=batch.overlong_penalty,
+                                limit=max_new_tokens)  # fmt: skip
+    finish = functools.partial(_finish, run=run, batch=batch, limit=max_new_tokens, world=world,
+                               eos=eos)  # fmt: skip
     quota = per_step // world.size  # this rank's groups
     informative, tied = [], []  # (rollout, rewards) of single groups, in stream order
     counts = {"groups": 0, "tied": 0, "reward_sum": 0.0, "sequences": 0, "informative": 0}
@@ -166,9 +175,9 @@ def collect(
         prompts = prompts_at(pool, run.seed, position + (rounds - 1) * per_step, per_step)
         rollout = sample(dd.shard(prompts, world), group_size=group_size, greedy=False)
         scores = score(rollout)
-        rewards = _with_penalty(scores, rollout, config)
+        rewards = penalty(scores, rollout)
         if not batch.dynamic_sampling:
-            return _finish(rollout, rewards, config, world, eos, rounds=1, counts=None)
+            return finish(rollout, rewards, rounds=1, counts=None)
         flags = tied_groups(scores if batch.dynamic_sampling_on == "task" else rewards,
                             group_size)  # fmt: skip
         for group, is_tied in zip(_groups(rollout, rewards, group_size), flags, strict=True):
@@ -185,7 +194,7 @@ def collect(
     rollout, rewards = _join(groups, pad_id)
     keep = torch.tensor([k < quota - short for k in range(quota) for _ in range(group_size)],
                         device=rollout.response_mask.device)  # fmt: skip
-    out = _finish(rollout, rewards, config, world, eos, rounds=rounds, counts=counts, keep=keep)
+    out = finish(rollout, rewards, rounds=rounds, counts=counts, keep=keep)
     found = int(out.metrics["informative_groups"])
     if found < per_step and world.main:
         warnings.warn(f"step {step}: {found} of {per_step} groups have rewards that differ after "
@@ -195,20 +204,25 @@ def collect(
     return out
 
 
-def _with_penalty(rewards: list[float], rollout: Rollout, config) -> Scores:
-    buffer = config.batch.overlong_penalty
+def concerns(config) -> dict:
+    """The concerns of a TrainConfig that ``collect`` reads, as its keyword arguments."""
+    return {"run": config.run, "batch": config.batch,
+            "max_new_tokens": config.sampling.max_new_tokens}  # fmt: skip
+
+
+def _with_penalty(rewards: list[float], rollout: Rollout, *, buffer: int, limit: int) -> Scores:
     parts = getattr(rewards, "parts", {})
     if not buffer:
         return rewards if isinstance(rewards, Scores) else Scores(rewards, parts)
     length = reply_length(rollout).cpu()
-    penalty = overlong_penalty(length, config.sampling.max_new_tokens, buffer).tolist()
+    penalty = overlong_penalty(length, limit, buffer).tolist()
     values = [r + p for r, p in zip(rewards, penalty, strict=True)]
     return Scores(values, {**parts, "overlong_penalty": penalty} if parts else {})
 
 
-def _finish(rollout, rewards, config, world, eos, *, rounds, counts, keep=None) -> Batch:
+def _finish(rollout, rewards, *, run, batch, limit, world, eos, rounds, counts,
+            keep=None) -> Batch:  # fmt: skip
     """The batch with ``keep`` narrowed by --mask-truncated, and its sampling metrics."""
-    batch, run = config.batch, config.run
     cut = truncated(rollout, eos)
     if batch.mask_truncated:
         keep = ~cut if keep is None else keep & ~cut
@@ -216,8 +230,7 @@ def _finish(rollout, rewards, config, world, eos, *, rounds, counts, keep=None) 
     names = ["truncated", "rows"]
     local = [float(cut.sum()), float(len(rollout))]
     if batch.overlong_penalty:
-        penalty = overlong_penalty(reply_length(rollout), config.sampling.max_new_tokens,
-                                   batch.overlong_penalty)  # fmt: skip
+        penalty = overlong_penalty(reply_length(rollout), limit, batch.overlong_penalty)
         names.append("penalty")
         local.append(float(penalty.sum()))
     if keep is not None:

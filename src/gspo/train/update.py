@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +32,28 @@ from gspo.masking import masked_mean
 from gspo.objectives import registry
 from gspo.train import correction
 from gspo.train import microbatch as mb
+from gspo.train.config import BatchConfig, LossConfig, OptimConfig, SamplingConfig
 from gspo.train.rollout import Rollout, eval_mode
+
+
+@dataclass(frozen=True)
+class Concerns:
+    """The config concerns the update reads: ``objective`` (LossConfig), ``sampling``
+    (SamplingConfig: the temperature and top-p the log-probs are taken at), ``optim``
+    (OptimConfig: minibatches, micro-batches, clipping, shared prefix) and ``batch``
+    (BatchConfig: whether sequences may be kept out of the loss). Every ``config``
+    parameter of this module takes one, or a TrainConfig, which has the same four
+    attributes."""
+
+    objective: LossConfig
+    sampling: SamplingConfig
+    optim: OptimConfig
+    batch: BatchConfig
+
+    @classmethod
+    def of(cls, config) -> Concerns:
+        """The four concerns of ``config`` (a TrainConfig, or Concerns)."""
+        return cls(config.objective, config.sampling, config.optim, config.batch)
 
 
 def response_logprobs(
@@ -187,7 +209,10 @@ def update(
     With ``--max-tokens-per-microbatch`` each forward (old log-probs, and each
     minibatch's forward + backward) runs on micro-batches of at most that many padded
     tokens, gradients accumulating to the whole-minibatch gradient (gspo.train.microbatch).
+
+    ``config``: the Concerns it reads (``Concerns.of(train_config)``), or a TrainConfig.
     """
+    config = Concerns.of(config)  # a TrainConfig's other concerns are none of the update's
     budget, optim = config.optim.max_tokens_per_microbatch, config.optim
     size = len(rollout) // optim.minibatches
     divisors = kept_counts(keep, config, size, world_size, len(rollout))
