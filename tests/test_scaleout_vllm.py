@@ -195,3 +195,25 @@ def test_vllm_device_is_refused_where_it_cannot_run():
     sampling = SamplingConfig(rollout="vllm", vllm_device="cpu")
     with pytest.raises(ValueError, match="under torchrun each rank's engine"):
         VLLMEngine.for_run(sampling, None, World(rank=0, size=2), None, seed=0)
+
+
+def test_vllm_device_resume_draws_what_the_straight_run_drew():
+    """--vllm-device cpu without a batch seed (the synchronous loop's rollouts): the engine
+    process's own RNG is in no checkpoint, so the batch's seed is drawn from the trainer's
+    RNG (which is). Restoring that RNG, as --resume does, must redraw the same batch; with
+    the engine process's RNG the third draw below differed from the first."""
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(layers=1, hidden=128, seed=0), tiny_tokenizer()
+    prompts = [{"prompt": "sum 12:"}, {"prompt": "sum 345:"}]
+    engine = _engine(model, tok, vllm_device="cpu")
+    try:
+        torch.manual_seed(5)
+        first = engine.sample(prompts, group_size=4, greedy=False)
+        engine.sample(prompts, group_size=4, greedy=False)  # the engine process moves on
+        torch.manual_seed(5)  # the checkpoint's trainer RNG, restored
+        again = engine.sample(prompts, group_size=4, greedy=False)
+    finally:
+        engine.close()
+    assert torch.equal(first.input_ids, again.input_ids)
+    torch.testing.assert_close(first.logp_sampler, again.logp_sampler, rtol=0, atol=0)
