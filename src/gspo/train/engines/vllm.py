@@ -401,9 +401,15 @@ def _check_cpu_head_size(model) -> None:
 def tied_aliases(model) -> dict[str, list[str]]:
     """{first name: [other names]} for tensors that appear under several state_dict names
     (tied embeddings and LM head)."""
+    from torch.distributed.tensor import DTensor
+
     first, aliases = {}, {}
     for name, value in model.state_dict(keep_vars=True).items():
-        key = (value.data_ptr(), value.shape)
+        # A DTensor (FSDP2) is a wrapper whose data_ptr() is 0: keyed by storage, every two
+        # tensors of one shape looked tied and the engine was built without one of them
+        # (vLLM: "weights were not initialized from checkpoint"). Tied parameters are one
+        # object under FSDP2, as HF's tie_weights makes them.
+        key = id(value) if isinstance(value, DTensor) else (value.data_ptr(), value.shape)
         if key in first:
             aliases.setdefault(first[key], []).append(name)
         else:
