@@ -58,6 +58,33 @@ def straight_and_resumed(tmp_path: Path, args: list[str]) -> list[dict]:
     return ra
 
 
+def torchrun_straight_and_resumed(tmp_path: Path, args: list[str], *,
+                                  atol: float = 1e-6) -> list[dict]:  # fmt: skip
+    """A 4-step run on 2 torchrun ranks with ``args``, and a copy without its last checkpoint
+    resumed from step 2: weights (the model or the LoRA adapter) within ``atol``, every
+    step's reward_mean equal; the straight run's rows."""
+    import shutil
+
+    from test_train_distributed import torchrun
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = torchrun([*args, "--steps", "4", "--checkpoint-every", "2",
+                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    shutil.rmtree(resumed / "model")
+    again = torchrun(["--resume", str(resumed)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _saved(straight), _saved(resumed)
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=name)
+    first, second = rows(straight), rows(resumed)
+    assert [r.get("reward_mean") for r in second] == [r.get("reward_mean") for r in first]
+    return first
+
+
 ENV = ["--env", "test_train_envs:Digits", "--max-turns", "2"]
 HYGIENE = ["--mask-truncated", "--overlong-penalty", "2"]
 
@@ -118,6 +145,42 @@ def test_vllm_env_async_hygiene_top_p_lora_prefix_warm_start_resume(tmp_path):
     assert all(r["turns_per_episode"] > 1 for r in records[1:])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_vllm_device_env_hygiene_dynamic_sampling_top_p_lora_prefix_warm_start_resume(
+        tmp_path, dtype):  # fmt: skip
+    """The engine in a process of its own (--vllm-device cpu: weights reach it through
+    files) with --env, --mask-truncated, --overlong-penalty, --dynamic-sampling, top-p,
+    LoRA (the merged weights pushed), --shared-prefix, --warm-start and each --dtype: a
+    resumed run equals the straight one (the engine's batch seeds come from the trainer's
+    checkpointed RNG). fp32 trains on the sampler's log-probs: ratio 1 and sampler-trainer
+    mismatch at float rounding (a stale engine gives 0.1-2). bf16 trains on the trainer's
+    (the sampler's are refused under bf16): ratio exactly 1, the mismatch bf16's."""
+    pytest.importorskip("vllm")
+    from test_train_vllm import TINY as VLLM
+
+    old = "sampler" if dtype == "fp32" else "trainer"
+    records = straight_and_resumed(tmp_path, [
+        *VLLM, "--vllm-device", "cpu", *ENV, *HYGIENE, "--dynamic-sampling",
+        "--max-sampling-rounds", "2", "--top-p", "0.9", "--lora-r", "4", "--lr", "1e-2",
+        "--shared-prefix", "--dtype", dtype, "--old-logprobs", old, "--minibatches", "1",
+        "--warm-start", _warm_start_file(tmp_path), "--warm-start-lr", "1e-3",
+        "--seed", "6"])  # fmt: skip
+    assert records[0]["warm_start_loss"] > 0
+    assert all(r["turns_per_episode"] > 1 for r in records[1:])
+    assert any(r["truncated_frac"] > 0 for r in records[1:])  # so the masking had work
+    # a step whose episodes were all truncated logs NaN ratios (and, on the sampler's
+    # log-probs, no mismatch): nothing of it reached the loss
+    stepped = [r for r in records[1:] if r["ratio_min"] == r["ratio_min"]]  # not NaN
+    assert stepped, records
+    for r in stepped:
+        if dtype == "fp32":  # measured: k3 ~3e-14, ratios 1 - 2e-7
+            assert r["mismatch_k3"] < 1e-8 and r["mismatch_max_abs"] < 1e-5, r
+            assert 1 - 1e-5 < r["ratio_min"] <= r["ratio_max"] < 1 + 1e-5, r
+        else:  # the fp32 engine against the bf16 policy, measured: k3 ~9e-7
+            assert 1e-8 < r["mismatch_k3"] < 1e-5, r
+            assert r["ratio_min"] == r["ratio_max"] == 1.0, r
+
+
 def test_env_on_a_tensor_parallel_vllm_engine_under_torchrun(tmp_path):
     """--env with --vllm-tp 2 on 2 torchrun ranks (one engine over both, gloo on CPU),
     with top-p, --mask-truncated, --overlong-penalty and --dynamic-sampling: every turn
@@ -139,6 +202,28 @@ def test_env_on_a_tensor_parallel_vllm_engine_under_torchrun(tmp_path):
     for r in records[1:]:
         assert_agree(r)
         assert r["turns_per_episode"] > 1, r
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_tensor_parallel_vllm_async_bf16_lora_prefix_warm_start_resume(tmp_path, fsdp):
+    """One vLLM engine over 2 torchrun ranks (--vllm-tp 2, gloo on CPU), under DDP or
+    FSDP2, with --async-rollouts, --dtype bf16 (the trainer's old log-probs: the sampler's
+    are refused under bf16), LoRA (the merged weights pushed to both halves of the engine),
+    top-p, --shared-prefix and --warm-start: batches after the first lag one update, the
+    first minibatch's ratio is 1, and a run resumed from step 2 equals the straight one."""
+    pytest.importorskip("vllm")
+    from test_scaleout_vllm import TINY as VLLM
+
+    extra = ["--fsdp"] if fsdp else []
+    records = torchrun_straight_and_resumed(tmp_path, [
+        *VLLM, *extra, "--vllm-tp", "2", "--async-rollouts", "--dtype", "bf16",
+        "--old-logprobs", "trainer", "--lora-r", "4", "--lr", "1e-2", "--top-p", "0.9",
+        "--shared-prefix", "--minibatches", "1", "--warm-start", _warm_start_file(tmp_path),
+        "--warm-start-lr", "1e-3"])  # fmt: skip
+    assert records[0]["warm_start_loss"] > 0
+    assert [r["policy_lag"] for r in records[1:]] == [0, 1, 1, 1]
+    for r in records[1:]:
+        assert r["ratio_min"] == r["ratio_max"] == 1.0, r  # old log-probs: the bf16 policy's
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])

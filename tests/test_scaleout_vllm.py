@@ -195,3 +195,57 @@ def test_vllm_device_is_refused_where_it_cannot_run():
     sampling = SamplingConfig(rollout="vllm", vllm_device="cpu")
     with pytest.raises(ValueError, match="under torchrun each rank's engine"):
         VLLMEngine.for_run(sampling, None, World(rank=0, size=2), None, seed=0)
+
+
+def test_vllm_device_resume_draws_what_the_straight_run_drew():
+    """--vllm-device cpu without a batch seed (the synchronous loop's rollouts): the engine
+    process's own RNG is in no checkpoint, so the batch's seed is drawn from the trainer's
+    RNG (which is). Restoring that RNG, as --resume does, must redraw the same batch; with
+    the engine process's RNG the third draw below differed from the first."""
+    from gspo.train.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(layers=1, hidden=128, seed=0), tiny_tokenizer()
+    prompts = [{"prompt": "sum 12:"}, {"prompt": "sum 345:"}]
+    engine = _engine(model, tok, vllm_device="cpu")
+    try:
+        torch.manual_seed(5)
+        first = engine.sample(prompts, group_size=4, greedy=False)
+        engine.sample(prompts, group_size=4, greedy=False)  # the engine process moves on
+        torch.manual_seed(5)  # the checkpoint's trainer RNG, restored
+        again = engine.sample(prompts, group_size=4, greedy=False)
+    finally:
+        engine.close()
+    assert torch.equal(first.input_ids, again.input_ids)
+    torch.testing.assert_close(first.logp_sampler, again.logp_sampler, rtol=0, atol=0)
+
+
+SHARDED_ALIASES = """
+import os, sys, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from gspo.train.engines.vllm import tied_aliases
+from gspo.train.tiny import tiny_model
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = tiny_model(layers=1, hidden=128, seed=0)
+fully_shard(model.model.layers[0])
+fully_shard(model)
+print(tied_aliases(model))
+dist.destroy_process_group()
+"""
+
+
+def test_tied_aliases_under_fsdp2_are_the_tied_weights_only():
+    """Under FSDP2 every parameter is a DTensor, whose data_ptr() is 0: keyed by storage,
+    q_proj.bias and the three norm weights (all of shape [128]) looked tied, and vLLM's
+    engine under --fsdp was built without the norms and refused to start."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_distributed import REPO, free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", SHARDED_ALIASES, str(free_port())], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "{'model.embed_tokens.weight': ['lm_head.weight']}"

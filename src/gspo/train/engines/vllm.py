@@ -183,7 +183,8 @@ class VLLMEngine:
 
         ``seed``: draw this batch from its own seeded generators (one per sequence),
         whatever else uses the process's RNG meanwhile (the overlapped sampler's thread);
-        None: the engine's running RNG. Under --vllm-tp the ranks of a tensor-parallel
+        None: the engine's running RNG in process, a seed drawn from the trainer's RNG
+        under --vllm-tp or --vllm-device. Under --vllm-tp the ranks of a tensor-parallel
         engine send it their sequences (gathered here, so every caller is served alike) and
         get back their own continuations."""
         from vllm import SamplingParams
@@ -191,10 +192,13 @@ class VLLMEngine:
 
         c = self.sampling
         mine = [list(p) for p in ids]
-        if self.group is not None and seed is None and not greedy:
+        if (self.group is not None or self.own_device is not None) and seed is None \
+                and not greedy:  # fmt: skip
             # The ranks of a tensor-parallel engine must draw the same tokens, but their
             # process RNGs differ (per-rank seeds): the group's first rank draws this batch's
-            # seed from its own (checkpointed) RNG for all of them.
+            # seed from its own (checkpointed) RNG for all of them. An engine in a process
+            # of its own (--vllm-device) would draw from that process's RNG, which no
+            # checkpoint holds: a resumed run would sample other tokens than the straight one.
             seed = int(torch.randint(2**30, ()).item())
         parts, offset = dd.gather_in_group([(p, seed) for p in mine], self.group)
         every, seed = [p for p, _ in parts], (parts[0][1] if parts else seed)
@@ -397,9 +401,15 @@ def _check_cpu_head_size(model) -> None:
 def tied_aliases(model) -> dict[str, list[str]]:
     """{first name: [other names]} for tensors that appear under several state_dict names
     (tied embeddings and LM head)."""
+    from torch.distributed.tensor import DTensor
+
     first, aliases = {}, {}
     for name, value in model.state_dict(keep_vars=True).items():
-        key = (value.data_ptr(), value.shape)
+        # A DTensor (FSDP2) is a wrapper whose data_ptr() is 0: keyed by storage, every two
+        # tensors of one shape looked tied and the engine was built without one of them
+        # (vLLM: "weights were not initialized from checkpoint"). Tied parameters are one
+        # object under FSDP2, as HF's tie_weights makes them.
+        key = id(value) if isinstance(value, DTensor) else (value.data_ptr(), value.shape)
         if key in first:
             aliases.setdefault(first[key], []).append(name)
         else:
