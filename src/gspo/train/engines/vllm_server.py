@@ -11,21 +11,25 @@ same tokens on whichever server it lands, and a resumed run redraws what a strai
 drew. The servers compute in float32 by default (``gspo serve``) and return
 ``processed_logprobs`` (after temperature and top-p), as the in-process engine does.
 
-Weights: after every optimizer step rank 0 writes the policy's weights as safetensors files
-(one tensor per file, tied aliases under each name; in /dev/shm, so the servers must be on
-this machine) and every server reloads them in place through vLLM's ``/collective_rpc``
-into the gspo worker extension (gspo.train.engines.server_worker), then drops its prefix
-cache. Each server answers with the version it now holds and the number, sum and sum of
-squares of the tensors it loaded, which must equal the trainer's. Before every request
-batch each rank asks every server for its version. A push that did not land, a server that
-restarted (it holds no version) or one that does not answer is a ``ServerError``: the next
-sampling call raises it inside the loop's guard, which saves a checkpoint and exits 3 (a
-push is recorded, not raised, so that the checkpoint holds the step's finished update).
-``--resume`` pushes the checkpoint's weights to the servers before it samples.
+Weights: after every optimizer step rank 0 pushes the policy's weights to every server, by
+``--weight-push``: ``files`` (the default) writes safetensors files (one tensor per file, tied
+aliases under each name; in /dev/shm, so the servers must be on this machine) and every
+server reloads them in place through vLLM's ``/collective_rpc`` into the gspo worker
+extension (gspo.train.engines.server_worker); ``collective`` sends them through vLLM's
+weight-transfer endpoints over a process group per server (gspo.train.engines.weight_transfer:
+gloo on CPU, NCCL on GPUs; servers anywhere the trainer can reach). Then each server drops its
+prefix cache. Each server answers with the version it now holds and the number, sum and sum
+of squares of the tensors it loaded, which must equal the trainer's. Before every request
+batch each rank asks every server for its version. A server that restarted (it holds no
+version) gets the last push again from rank 0 and is checked (the other ranks wait for it,
+REFILL_S). A push that did not land, a server that holds another version, or one that does
+not answer is a ``ServerError``: the next sampling call raises it inside the loop's guard,
+which saves a checkpoint and exits 3 (a push is recorded, not raised, so that the checkpoint
+holds the step's finished update). ``--resume`` pushes the checkpoint's weights to the
+servers before it samples.
 
-Not yet: the NCCL push of vLLM's weight-transfer engines (``/init_weight_transfer_engine``)
-for servers on other machines, LoRA adapters pushed as adapters (the merged weights are
-pushed), ``--fsdp`` (refused in gspo.train.compose).
+Not yet: the NCCL push run on GPUs (written, never run: no GPU here), LoRA adapters pushed as
+adapters (the merged weights are pushed), ``--fsdp`` (refused in gspo.train.compose).
 """
 
 from __future__ import annotations

@@ -107,8 +107,8 @@ class CollectivePush:
     again after the server restarted; ``call(url, path, body)`` is the engine's HTTP call
     (raises OSError)."""
 
-    def __init__(self, call: Callable, *, chunk_bytes: int = CHUNK_BYTES):
-        self.call, self.chunk_bytes = call, chunk_bytes
+    def __init__(self, call: Callable, *, chunk_bytes: int | None = None):
+        self.call, self.chunk_bytes = call, chunk_bytes or CHUNK_BYTES
         self.groups: dict[str, tuple[object, torch.device]] = {}  # url -> (group, device)
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="gspo-push")
 
