@@ -329,6 +329,7 @@ def test_a_server_killed_mid_step_is_exit_3_and_the_resumed_run_equals_the_strai
     ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "fsdp": True}, "drop --fsdp"),
     ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "generation_batch_size": 4},
      "schedules its own batches"),
+    ({"weight_push": "collective"}, "add --rollout vllm-server --vllm-servers URL"),
 ])  # fmt: skip
 def test_server_options_are_checked_with_the_fix(options, why):
     from gspo.train.config import TrainConfig

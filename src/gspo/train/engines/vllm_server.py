@@ -244,8 +244,8 @@ class ServerEngine:
             except (OSError, RuntimeError) as err:  # HTTP, or the group (a server gone)
                 for url in urls:  # a failed group is not used again
                     self.collective.groups.pop(url, None)
-                raise ServerError(f"rollout server(s) {', '.join(urls)}: the collective weight "
-                                  f"push failed: {_reason(err)}") from None  # fmt: skip
+                raise ServerError(f"the collective weight push failed (rollout server(s) "
+                                  f"{', '.join(urls)}): {_reason(err)}") from None  # fmt: skip
             answers = self._each(self._landed, urls)
         else:
             with weight_files(named, self.aliases, checksum=True,
