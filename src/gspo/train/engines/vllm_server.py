@@ -286,8 +286,9 @@ class ServerEngine:
         two steps; with --async-rollouts the trainer may have moved on: then exit 3)."""
         if self.collective is not None:
             self.collective.groups.pop(url, None)  # its old group died with it
+        last = self._sent
         sent = self._push(self.weights(), self.version, [url])
-        if not _same({**sent, "version": self.version}, self._sent, self.version):
+        if not _same({**sent, "version": self.version}, last, self.version):
             raise ServerError(f"rollout server {url} restarted, and the trainer's weights are "
                               "no longer the ones it last pushed (the server cannot be "
                               "refilled mid-step); --resume pushes them again")  # fmt: skip

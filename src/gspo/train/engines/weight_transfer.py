@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 CHUNK_BYTES = 256 * 2**20  # one broadcast's buffer: bounds the copy the push adds
-TIMEOUT_S = 600.0  # one collective (a chunk) or one rendezvous
+TIMEOUT_S = 600.0  # one collective (a chunk)
+RENDEZVOUS_S = 60.0  # a new group's members meeting
 
 
 def process_group(backend: str, address: str, port: int, rank: int, world: int,
@@ -41,8 +42,10 @@ def process_group(backend: str, address: str, port: int, rank: int, world: int,
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(address, port, world, rank == 0, timeout=timeout,
-                          wait_for_workers=False)  # fmt: skip
+    # the rendezvous: a server that cannot reach the trainer's port fails the push in a
+    # minute, not in a collective's ten
+    store = dist.TCPStore(address, port, world, rank == 0, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=min(RENDEZVOUS_S, timeout_s)))
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
