@@ -50,8 +50,8 @@ def _up(url: str) -> bool:
 class Server:
     """One `gspo serve` process group on 127.0.0.1 (the API server and its engine core)."""
 
-    def __init__(self, log: Path):
-        self.port = _free_port()
+    def __init__(self, log: Path, port: int | None = None):
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "VLLM_LOGGING_LEVEL": "WARNING"}
@@ -109,7 +109,8 @@ def test_serve_passes_vllm_its_options_and_fills_in_ours():
     assert args[:4] == ["--model", "/m", "--port", "8000"]
     assert args.count("--dtype") == 1 and "bfloat16" in args  # the user's, not ours
     for ours in ("--worker-extension-cls", "--logprobs-mode", "--enable-scale-out",
-                 "--enforce-eager", "--kv-cache-memory-bytes", "--host"):  # fmt: skip
+                 "--enforce-eager", "--kv-cache-memory-bytes", "--host",
+                 "--weight-transfer-config"):  # fmt: skip
         assert ours in args
     assert "--enforce-eager" not in vllm_arguments("/m", 1, [], cuda=True)
 
@@ -135,6 +136,37 @@ def test_on_policy_after_every_push_and_two_servers_sample_as_one(servers, tmp_p
         assert x.get("eval_reward") == y.get("eval_reward")
     for name, value in weights(one).items():
         torch.testing.assert_close(weights(two)[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_collective_push_samples_what_the_file_push_does(servers, tmp_path, monkeypatch):
+    """--weight-push collective, in chunks of 100 kB (the tiny model's 1 MiB: several chunks,
+    a 256 kB tensor alone in its own, the tied embedding sent once and loaded as lm_head too):
+    on policy after every push, and the same samples and weights as the file push."""
+    from gspo.train.engines import weight_transfer
+
+    monkeypatch.setattr(weight_transfer, "CHUNK_BYTES", 100_000)
+    sizes = []
+    send = weight_transfer.CollectivePush._send
+
+    def counted(self, urls, run, *rest):
+        sizes.append(sum(t.numel() * t.element_size() for _, t in run))
+        return send(self, urls, run, *rest)
+
+    monkeypatch.setattr(weight_transfer.CollectivePush, "_send", counted)
+    files, collective = tmp_path / "files", tmp_path / "collective"
+    assert _run(files, servers[:1], "--steps", "3") == 0
+    assert _run(collective, servers, "--steps", "3", "--weight-push", "collective") == 0
+    assert len(sizes) % 4 == 0 and max(sizes) == 262144 and len(set(sizes)) > 2, sizes
+    # 15 tensors, 1,038,848 bytes; the tied lm_head (52 x 128 x 4 = 26,624 bytes) not sent
+    assert sum(sizes) == 4 * (1038848 - 26624), sizes  # pushes: start + 3 steps
+    a, b = rows(files), rows(collective)
+    for record in b[1:]:
+        assert_on_policy(record)
+    for x, y in zip(a, b, strict=True):
+        assert x.get("reward_mean") == y.get("reward_mean")
+        assert x.get("eval_reward") == y.get("eval_reward")
+    for name, value in weights(files).items():
+        torch.testing.assert_close(weights(collective)[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_lora_merged_weights_are_pushed(servers, tmp_path):
@@ -188,28 +220,77 @@ def _corrupt(save):
     return corrupted
 
 
+def _corrupt_broadcast(broadcast):
+    chunks = []
+
+    def corrupted(group, tensor):  # the trainer's side of step 1's push: one chunk's values
+        chunks.append(tensor.numel())  # change after the trainer summed them
+        if len(chunks) == 3:  # one chunk a push, two servers: the start's is calls 1-2
+            tensor = tensor + 1e-3
+        return broadcast(group, tensor)
+
+    return corrupted
+
+
 # A push that loses a tensor fails on the server (the layer got no weights), but the
 # half-done reload can leave vLLM's engine core dead for the next run (seen once in
 # three runs of this file): not run on the servers the module shares.
-FAULTS = {"server-missed": "holds weights version", "values-changed": "did not land"}
+FAULTS = {"server-missed": "holds weights version", "values-changed": "did not land",
+          "collective-values-changed": "did not land"}  # fmt: skip
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_broken_push_stops_at_the_next_step_with_a_checkpoint(servers, tmp_path, capsys,
                                                                   monkeypatch, fault):  # fmt: skip
-    engine = vllm_server.ServerEngine
+    engine, push = vllm_server.ServerEngine, []
     if fault == "server-missed":
         monkeypatch.setattr(engine, "_load", _skip_server(engine._load))
-    else:
+    elif fault == "values-changed":
         import safetensors.torch
 
         monkeypatch.setattr(safetensors.torch, "save_file", _corrupt(safetensors.torch.save_file))
+    else:
+        from gspo.train.engines import weight_transfer
+
+        monkeypatch.setattr(weight_transfer, "broadcast",
+                            _corrupt_broadcast(weight_transfer.broadcast))  # fmt: skip
+        push = ["--weight-push", "collective"]
     run = tmp_path / "run"
-    assert _run(run, servers, "--steps", "4", "--checkpoint-every", "10") == 3
+    assert _run(run, servers, "--steps", "4", "--checkpoint-every", "10", *push) == 3
     err = capsys.readouterr().err
     assert "rollout server error" in err and FAULTS[fault] in err, err
     assert [c.name for c in list_checkpoints(run)] == ["step-000001"]  # step 1's update kept
     assert [r["step"] for r in rows(run)] == [0, 1]
+
+
+def test_a_restarted_server_gets_the_last_push_and_the_run_goes_on(servers, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """--weight-push collective: the second server is killed after step 1's push and started
+    again on its port, holding no version; before it samples, rank 0 pushes it the last
+    weights (through a new group) and checks them, and the run equals a straight one."""
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    assert _run(straight, servers[:1], "--steps", "3") == 0
+    sample, restarts = vllm_server.ServerEngine.continue_ids, []
+
+    def restarts_in_step_2(self, ids, *, n=1, greedy, seed=None):
+        if self.pushes == 2 and not greedy and not restarts:  # pushes: start, step 1
+            old = servers[1]
+            old.kill()
+            servers[1] = Server(old.log.with_name("b-restarted.log"), port=old.port)
+            servers[1].wait(time.time() + 600)
+            restarts.append(old.port)
+        return sample(self, ids, n=n, greedy=greedy, seed=seed)
+
+    monkeypatch.setattr(vllm_server.ServerEngine, "continue_ids", restarts_in_step_2)
+    assert _run(restarted, servers, "--steps", "3", "--weight-push", "collective") == 0
+    assert restarts == [servers[1].port]
+    for record in rows(restarted)[1:]:  # step 2 sampled half its prompts on the new server
+        assert_on_policy(record)
+    for x, y in zip(rows(straight), rows(restarted), strict=True):
+        assert x.get("reward_mean") == y.get("reward_mean")
+        assert x.get("eval_reward") == y.get("eval_reward")
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(restarted)[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_server_killed_mid_step_is_exit_3_and_the_resumed_run_equals_the_straight_one(
@@ -248,6 +329,7 @@ def test_a_server_killed_mid_step_is_exit_3_and_the_resumed_run_equals_the_strai
     ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "fsdp": True}, "drop --fsdp"),
     ({"rollout": "vllm-server", "vllm_servers": ("http://h:1",), "generation_batch_size": 4},
      "schedules its own batches"),
+    ({"weight_push": "collective"}, "add --rollout vllm-server --vllm-servers URL"),
 ])  # fmt: skip
 def test_server_options_are_checked_with_the_fix(options, why):
     from gspo.train.config import TrainConfig

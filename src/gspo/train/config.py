@@ -228,6 +228,11 @@ class SamplingConfig:
     vllm_servers: tuple[str, ...] = option(
         (), "--rollout vllm-server: the servers' URLs (http://HOST:PORT, each started by "
         "gspo serve); a step's requests are spread over them", metavar="URL")  # fmt: skip
+    weight_push: str = option(
+        "files", "--rollout vllm-server: how each step's weights reach the servers: files "
+        "(safetensors in /dev/shm, servers on this machine) or collective (vLLM's weight-"
+        "transfer endpoints: a gloo group on CPU, NCCL on GPUs; servers anywhere)",
+        choices=("files", "collective"))  # fmt: skip
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -254,6 +259,9 @@ class SamplingConfig:
         check(served == bool(self.vllm_servers), "vllm_servers", list(self.vllm_servers),
               "--rollout vllm-server samples from the servers --vllm-servers names: give "
               "both, or neither")  # fmt: skip
+        check(served or self.weight_push == "files", "weight_push", self.weight_push,
+              "it says how weights reach vLLM servers: add --rollout vllm-server "
+              "--vllm-servers URL, or drop it")  # fmt: skip
         for url in self.vllm_servers:
             check(url.startswith(("http://", "https://")), "vllm_servers", url,
                   "give each server as http://HOST:PORT")  # fmt: skip

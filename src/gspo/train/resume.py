@@ -53,6 +53,7 @@ CHANGEABLE = {
     "vllm_memory": "vLLM's memory",
     "vllm_device": "where vLLM's engine runs: the same samples (tests/test_scaleout_vllm.py)",
     "vllm_servers": "which servers sample: the same samples (tests/test_vllm_server.py)",
+    "weight_push": "how weights reach the servers: the same weights (tests/test_vllm_server.py)",
     "shared_prefix": "each group's prompt run once: the same log-probs and gradients",
     "fused_loss": "the loss inside the LM-head pass: the same gradients",
 }

@@ -12,6 +12,10 @@ given:
   pushed weights, reports the version and a checksum of the weights it holds);
 * ``--enable-scale-out``: vLLM's ``/inference/v1/generate`` endpoint, token ids in, token
   ids and log-probs out (nothing decoded and encoded again);
+* ``--weight-transfer-config {"backend": "gspo_gloo"}`` (``gspo_nccl`` on CUDA): the
+  backend of vLLM's weight-transfer endpoints that ``--weight-push collective`` drives,
+  registered by the worker extension (vLLM's own backends need CUDA; see
+  gspo.train.engines.weight_transfer);
 * ``--logprobs-mode processed_logprobs`` (log-probs after temperature and top-p, the
   distribution each token was drawn from), ``--generation-config vllm`` (the model's
   generation_config.json does not change the sampling), ``--dtype float32`` (the trainer's
@@ -26,6 +30,7 @@ push anyway). Every other argument goes to ``vllm serve`` as it is.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults set unless given: --host 127.0.0.1, --dtype float32, --logprobs-mode "
         "processed_logprobs, --generation-config vllm, --enable-scale-out, --worker-extension-cls "
         + EXTENSION
+        + ", --weight-transfer-config '{\"backend\": \"gspo_gloo\"}' (gspo_nccl on CUDA)"
         + "; on CPU --enforce-eager and --kv-cache-memory-bytes 1 GiB. The server's "
         "development endpoints are on (VLLM_SERVER_DEV_MODE=1): expose it only to the trainer.",
     )  # fmt: skip
@@ -61,7 +67,9 @@ def vllm_arguments(model_dir: str, port: int, rest: Sequence[str], *, cuda: bool
     given = {a.split("=")[0] for a in rest if a.startswith("--")}
     defaults = {"--host": "127.0.0.1", "--dtype": "float32",
                 "--logprobs-mode": "processed_logprobs", "--generation-config": "vllm",
-                "--worker-extension-cls": EXTENSION}  # fmt: skip
+                "--worker-extension-cls": EXTENSION,
+                "--weight-transfer-config": json.dumps(
+                    {"backend": "gspo_nccl" if cuda else "gspo_gloo"})}  # fmt: skip
     if not cuda:
         defaults["--kv-cache-memory-bytes"] = str(2**30)
     args = ["--model", model_dir, "--port", str(port), *rest]

@@ -11,21 +11,25 @@ same tokens on whichever server it lands, and a resumed run redraws what a strai
 drew. The servers compute in float32 by default (``gspo serve``) and return
 ``processed_logprobs`` (after temperature and top-p), as the in-process engine does.
 
-Weights: after every optimizer step rank 0 writes the policy's weights as safetensors files
-(one tensor per file, tied aliases under each name; in /dev/shm, so the servers must be on
-this machine) and every server reloads them in place through vLLM's ``/collective_rpc``
-into the gspo worker extension (gspo.train.engines.server_worker), then drops its prefix
-cache. Each server answers with the version it now holds and the number, sum and sum of
-squares of the tensors it loaded, which must equal the trainer's. Before every request
-batch each rank asks every server for its version. A push that did not land, a server that
-restarted (it holds no version) or one that does not answer is a ``ServerError``: the next
-sampling call raises it inside the loop's guard, which saves a checkpoint and exits 3 (a
-push is recorded, not raised, so that the checkpoint holds the step's finished update).
-``--resume`` pushes the checkpoint's weights to the servers before it samples.
+Weights: after every optimizer step rank 0 pushes the policy's weights to every server, by
+``--weight-push``: ``files`` (the default) writes safetensors files (one tensor per file, tied
+aliases under each name; in /dev/shm, so the servers must be on this machine) and every
+server reloads them in place through vLLM's ``/collective_rpc`` into the gspo worker
+extension (gspo.train.engines.server_worker); ``collective`` sends them through vLLM's
+weight-transfer endpoints over a process group per server (gspo.train.engines.weight_transfer:
+gloo on CPU, NCCL on GPUs; servers anywhere the trainer can reach). Then each server drops its
+prefix cache. Each server answers with the version it now holds and the number, sum and sum
+of squares of the tensors it loaded, which must equal the trainer's. Before every request
+batch each rank asks every server for its version. A server that restarted (it holds no
+version) gets the last push again from rank 0 and is checked (the other ranks wait for it,
+REFILL_S). A push that did not land, a server that holds another version, or one that does
+not answer is a ``ServerError``: the next sampling call raises it inside the loop's guard,
+which saves a checkpoint and exits 3 (a push is recorded, not raised, so that the checkpoint
+holds the step's finished update). ``--resume`` pushes the checkpoint's weights to the
+servers before it samples.
 
-Not yet: the NCCL push of vLLM's weight-transfer engines (``/init_weight_transfer_engine``)
-for servers on other machines, LoRA adapters pushed as adapters (the merged weights are
-pushed), ``--fsdp`` (refused in gspo.train.compose).
+Not yet: the NCCL push run on GPUs (written, never run: no GPU here), LoRA adapters pushed as
+adapters (the merged weights are pushed), ``--fsdp`` (refused in gspo.train.compose).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -44,10 +48,12 @@ import torch
 from gspo.train import distributed as dd
 from gspo.train.data import sequence_len
 from gspo.train.engines.vllm import request_seed, tied_aliases, weight_files
+from gspo.train.engines.weight_transfer import CollectivePush
 from gspo.train.rewards import RewardError
 from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
 
 TIMEOUT_S = 600.0  # one request (a prompt's G samples), or one server's weight reload
+REFILL_S = 120.0  # how long a rank other than 0 waits for rank 0 to refill a restarted server
 START = "start it with `gspo serve --model DIR --port P` (docs/scale-out.md)"
 
 
@@ -103,11 +109,12 @@ def _reason(err: BaseException) -> str:
 
 class ServerEngine:
     def __init__(self, urls: Sequence[str], model, tokenizer, sampling, *, seed: int,
-                 world: dd.World, weights: Iterable[tuple[str, torch.Tensor]],
+                 world: dd.World, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]],
                  prompt_tokens: int | None = None):  # fmt: skip
-        """``urls``: the servers; ``weights``: the policy's current weights (Hugging Face
+        """``urls``: the servers; ``weights()``: the policy's current weights (Hugging Face
         names), pushed now, so the servers sample this run's policy whatever they loaded at
-        start; ``seed``: this rank's (the run's, offset per rank)."""
+        start, and again to a server that restarted; ``seed``: this rank's (the run's, offset
+        per rank)."""
         self.urls = [u.rstrip("/") for u in urls]
         self.tokenizer, self.sampling, self.seed, self.world = tokenizer, sampling, seed, world
         self.max_len = sequence_len(model, prompt_tokens, sampling.max_new_tokens)
@@ -125,7 +132,10 @@ class ServerEngine:
         # this run's versions: another run's pushes to the same servers never match them
         self.run_id = dd.broadcast_object(uuid.uuid4().hex[:8], world)
         self.pushes, self.version, self.sync_error = 0, None, None
-        self.load_weights(weights)
+        self.weights, self.collective = weights, None
+        if sampling.weight_push == "collective" and world.main:
+            self.collective = CollectivePush(_call)
+        self.load_weights(weights())
         if self.sync_error is not None:
             raise ValueError(f"--vllm-servers: the first weight push failed: {self.sync_error}")
 
@@ -133,7 +143,7 @@ class ServerEngine:
     def for_run(cls, sampling, policy, world, logprobs, *, seed: int,
                 prompt_tokens: int | None = None) -> ServerEngine:  # fmt: skip
         return cls(sampling.vllm_servers, policy.hf_model, policy.tokenizer, sampling,
-                   seed=seed + 7919 * world.rank, world=world, weights=policy.sampler_weights(),
+                   seed=seed + 7919 * world.rank, world=world, weights=policy.sampler_weights,
                    prompt_tokens=prompt_tokens)  # fmt: skip
 
     @classmethod
@@ -142,7 +152,7 @@ class ServerEngine:
         """`gspo eval`'s engine: the model's weights pushed to the servers first."""
         check_servers(sampling.vllm_servers)
         return cls(sampling.vllm_servers, model, tokenizer, sampling, seed=seed,
-                   world=dd.World(), weights=model.state_dict().items(),
+                   world=dd.World(), weights=lambda: model.state_dict().items(),
                    prompt_tokens=prompt_tokens)  # fmt: skip
 
     @classmethod
@@ -212,7 +222,7 @@ class ServerEngine:
         version, error = f"{self.run_id}-{self.pushes}", None
         if self.world.main:
             try:
-                self._push(named, version)
+                self._sent = self._push(named, version, self.urls)
             except ServerError as err:
                 error = str(err)
         else:
@@ -223,18 +233,33 @@ class ServerEngine:
         if failed:
             self.sync_error = error or "the weight push of rank 0 failed (its message)"
 
-    def _push(self, named: Iterable[tuple[str, torch.Tensor]], version: str) -> None:
+    def _push(self, named: Iterable[tuple[str, torch.Tensor]], version: str,
+              urls: Sequence[str]) -> dict:  # fmt: skip
+        """``named`` to ``urls`` by --weight-push, each server's report checked against what
+        was sent (returned)."""
         t0 = time.perf_counter()
-        with weight_files(named, self.aliases, checksum=True,
-                          prefix="gspo-push-") as (directory, sent):  # fmt: skip
-            self.write_seconds, self._sent = time.perf_counter() - t0, sent
-            answers = self._each(lambda url: self._load(url, directory, version))
-        for url, workers in zip(self.urls, answers, strict=True):
+        if self.collective is not None:
+            try:
+                sent = self.collective.push(list(urls), named, self.aliases, version)
+            except (OSError, RuntimeError) as err:  # HTTP, or the group (a server gone)
+                for url in urls:  # a failed group is not used again
+                    self.collective.groups.pop(url, None)
+                raise ServerError(f"the collective weight push failed (rollout server(s) "
+                                  f"{', '.join(urls)}): {_reason(err)}") from None  # fmt: skip
+            answers = self._each(self._landed, urls)
+        else:
+            with weight_files(named, self.aliases, checksum=True,
+                              prefix="gspo-push-") as (directory, sent):  # fmt: skip
+                self._sent = sent  # the tests' stand-in for a push that skipped a server
+                answers = self._each(lambda url: self._load(url, directory, version), urls)
+        self.push_seconds = time.perf_counter() - t0
+        for url, workers in zip(urls, answers, strict=True):
             for got in workers:
                 if not _same(got, sent, version):
                     raise ServerError(f"rollout server {url}: the weight push did not land: "
                                       f"it loaded {_describe(got)}, the trainer sent "
                                       f"{_describe({**sent, 'version': version})}")  # fmt: skip
+        return sent
 
     def _load(self, url: str, directory: str, version: str) -> list[dict]:
         try:
@@ -245,22 +270,53 @@ class ServerEngine:
                               f"{_reason(err)}") from None  # fmt: skip
         return workers
 
+    def _landed(self, url: str) -> list[dict]:
+        """A collective push's report from each of ``url``'s workers."""
+        try:
+            workers = _rpc(url, "gspo_transfer_landed")
+            _call(url, "/reset_prefix_cache", {})
+        except OSError as err:
+            raise ServerError(f"rollout server {url}: the weight push failed: "
+                              f"{_reason(err)}") from None  # fmt: skip
+        return workers
+
+    def _refill(self, url: str) -> None:
+        """A server that restarted (it holds no version) gets the last push again, from the
+        policy's weights now: they must still be the pushed ones (they are, sampling between
+        two steps; with --async-rollouts the trainer may have moved on: then exit 3)."""
+        if self.collective is not None:
+            self.collective.groups.pop(url, None)  # its old group died with it
+        last = self._sent
+        sent = self._push(self.weights(), self.version, [url])
+        if not _same({**sent, "version": self.version}, last, self.version):
+            raise ServerError(f"rollout server {url} restarted, and the trainer's weights are "
+                              "no longer the ones it last pushed (the server cannot be "
+                              "refilled mid-step); --resume pushes them again")  # fmt: skip
+
     def _check_versions(self) -> None:
+        """Every server holds this run's last push; one that restarted (no version) gets it
+        again from rank 0, which pushes (the other ranks wait for it: REFILL_S)."""
         if self.sync_error is not None:
             raise ServerError(self.sync_error)
-
-        def version(url: str) -> list:
-            try:
-                return [w["version"] for w in _rpc(url, "gspo_version")]
-            except OSError as err:
-                raise ServerError(f"rollout server {url} does not answer: {_reason(err)}") \
-                    from None  # fmt: skip
-
-        for url, held in zip(self.urls, self._each(version), strict=True):
+        deadline = time.monotonic() + REFILL_S
+        for url, held in zip(self.urls, self._each(self._held), strict=True):
+            if None in held and self.world.main:
+                self._refill(url)
+                held = self._held(url)
+            while None in held and time.monotonic() < deadline:
+                time.sleep(1)
+                held = self._held(url)
             if any(v != self.version for v in held):
                 raise ServerError(f"rollout server {url} holds weights version {held[0]}, not "
                                   f"this run's {self.version}: it restarted or missed a push; "
                                   "once it is up, --resume pushes the weights again")  # fmt: skip
+
+    def _held(self, url: str) -> list:
+        try:
+            return [w["version"] for w in _rpc(url, "gspo_version")]
+        except OSError as err:
+            raise ServerError(f"rollout server {url} does not answer: {_reason(err)}") \
+                from None  # fmt: skip
 
     def _each(self, work, items: Sequence | None = None) -> list:
         """``work(item)`` for every item (default: every server URL), all at once; results
@@ -269,6 +325,8 @@ class ServerEngine:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+        if self.collective is not None:
+            self.collective.close()
 
 
 def _same(got: dict, sent: dict, version: str) -> bool:
