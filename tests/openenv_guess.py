@@ -12,7 +12,7 @@ gets reward 1 and ends the episode, any other reply gets 0 and "again". Served a
     /two     an action of two fields (refused at start: one text field is sent)
     /number  an action whose one field is an int (refused at start)
 
-GET /counts: the resets and steps served (all variants together).
+GET /counts: the resets and steps served and the sessions open (all variants together).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from openenv.core.env_server import Action, Environment, Observation, State, create_app
 
 SLOW_S = 3.0
-COUNTS = {"reset": 0, "step": 0}
+COUNTS = {"reset": 0, "step": 0, "open": 0}  # "open": sessions not yet closed
 
 
 class GuessAction(Action):
@@ -52,6 +52,10 @@ class Guess(Environment):
     def __init__(self) -> None:
         super().__init__()
         self.target, self._state = 0, State(step_count=0)
+        COUNTS["open"] += 1  # the server makes one instance per session
+
+    def close(self) -> None:  # the server calls it when the session ends
+        COUNTS["open"] -= 1
 
     def reset(self, seed: int | None = None, episode_id: str | None = None, **kwargs):
         COUNTS["reset"] += 1

@@ -103,9 +103,13 @@ def test_an_episode_resets_with_the_rows_fields_steps_and_closes_its_session(ser
     chat = env_class(prompt=[{"role": "user", "content": "Play."}], seed=1)
     assert chat.reset() == [{"role": "user", "content": "Play. Guess a digit."}]
     chat.close()
-    assert env_class(seed=1).reset() == " Guess a digit."  # no prompt: the text alone
+    bare = env_class(seed=1)
+    assert bare.reset() == " Guess a digit."  # no prompt: the text alone
     after = server.counts()
     assert (after["reset"] - before["reset"], after["step"] - before["step"]) == (3, 2)
+    assert after["open"] - before["open"] == 1  # open until its reward() or close()
+    bare.close()
+    assert server.counts()["open"] == before["open"]
 
 
 def test_the_observation_text_and_the_default_action():
@@ -137,15 +141,16 @@ def test_a_server_trains_a_tiny_model_and_closes_every_session(server, tmp_path)
     before = server.counts()
     assert main([*GAME, "--prompts", _prompts(tmp_path), "--env", f"openenv:{server.url}/guess",
                  "--steps", "2", "--samples-per-step", "4", "--run-dir", str(run)]) == 0
-    got = _rewarded_by_the_game(run)
-    assert len(got) == 8 and any(c["reward"] == 1.0 for c in got)
+    assert len(_rewarded_by_the_game(run)) == 2 * 4 * 4  # steps x groups written x G
     metrics = rows(run)
     assert [r["step"] for r in metrics] == [0, 1, 2]
     assert all(1 <= r["turns_per_episode"] <= 2 for r in metrics[1:])
-    # resets: every row once at start (8), the capacity check none (it asks for state),
-    # 4 held-out episodes at steps 0 and 2, 4 x 4 episodes per step
+    # resets: every row once at start (8; the capacity check asks for state, no reset),
+    # the held-out row (--prompts holds out its last 10%: 1 of 8) at steps 0 and 2, and
+    # 4 prompts x 4 episodes at steps 1 and 2; wrong counts would mean sessions reused
     after = server.counts()
-    assert after["reset"] - before["reset"] == 8 + 2 * 4 + 2 * 16
+    assert after["reset"] - before["reset"] == 8 + 2 * 1 + 2 * 16
+    assert after["open"] == 0  # every session closed (the server closes its environment)
 
 
 class GuessClient(OpenEnvEpisode):
@@ -167,7 +172,7 @@ def test_a_client_class_of_the_user_trains_through_module_class(server, tmp_path
     run = tmp_path / "run"
     assert main([*GAME, "--prompts", _prompts(tmp_path), "--env", "test_openenv:GuessClient",
                  "--steps", "1", "--samples-per-step", "4", "--run-dir", str(run)]) == 0
-    assert len(_rewarded_by_the_game(run)) == 4
+    assert len(_rewarded_by_the_game(run)) == 16
 
 
 def test_a_server_allowing_too_few_sessions_is_refused_at_start(server, tmp_path, capsys):
@@ -230,7 +235,8 @@ def test_gspo_eval_runs_episodes_on_the_server(server, tmp_path, capsys):
     from gspo.cli import main as gspo_main
 
     out = tmp_path / "completions.jsonl"
-    assert gspo_main(["eval", "--model", "tiny", "--tiny-hidden", "32", "--prompts",
+    assert gspo_main(["eval", "--model", "tiny", "--tiny-hidden", "32", "--task", "digitsum",
+                      "--prompts",
                       _prompts(tmp_path, 4), "--env", f"openenv:{server.url}/guess",
                       "--max-turns", "2", "-n", "2", "--max-new-tokens", "3", "--engine", "hf",
                       "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip

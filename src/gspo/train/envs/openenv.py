@@ -195,8 +195,12 @@ class ServerEpisode(OpenEnvEpisode):
 
 
 async def _open_sessions(cls, n: int) -> int:
-    """How many of ``n`` sessions the server of ``cls`` opens at once (OpenEnv answers
-    CAPACITY_REACHED to those past its ``max_concurrent_envs``); all closed after."""
+    """How many of ``n`` sessions the server of ``cls`` opens at once; all closed after.
+    Past its ``max_concurrent_envs`` OpenEnv's server answers a new connection with
+    CAPACITY_REACHED and closes it at once, so the client's first call fails either with
+    that error or on the closed connection."""
+    from websockets.exceptions import ConnectionClosed  # OpenEnv's client is built on it
+
     clients, held = [], 0
     try:
         for _ in range(n):
@@ -204,7 +208,9 @@ async def _open_sessions(cls, n: int) -> int:
             clients.append(client)
             try:
                 await client.state()
-            except RuntimeError as err:  # OpenEnv's client raises its error responses so
+            except ConnectionClosed:
+                break
+            except RuntimeError as err:  # OpenEnv's client raises error responses so
                 if "CAPACITY_REACHED" in str(err):
                     break
             held += 1
