@@ -24,7 +24,7 @@ def test_an_openenv_server_trains_on_vllm(tmp_path):
                      "--run-dir", str(run)]) == 0  # fmt: skip
     finally:
         server.kill()
-    assert len(_rewarded_by_the_game(run)) == 8
+    assert len(_rewarded_by_the_game(run)) == 2 * 4 * 4  # steps x groups written x G
     for r in rows(run)[1:]:
         assert 1 <= r["turns_per_episode"] <= 2, r
         assert r["mismatch_max_abs"] < 1e-4 and r["mismatch_k3"] < 1e-8, r
