@@ -16,8 +16,8 @@ def check_episode_options(task) -> None:
     is not given."""
     env, turns, tools = task.env, task.max_turns, task.tools
     check(env is None or env in names() or ":" in env, "env", env,
-          f"use a built-in environment ({', '.join(names())}) or your class as "
-          "'module:Class'")  # fmt: skip
+          f"use a built-in environment ({', '.join(names())}), your class as "
+          "'module:Class', or an OpenEnv server as 'openenv:http://HOST:PORT'")  # fmt: skip
     if is_server(env):
         _check_server(task)
     check(turns is None or env is not None or tools is not None, "max_turns", turns,
