@@ -206,7 +206,7 @@ def test_no_server_at_the_url_is_exit_2_naming_it(tmp_path, capsys):
 
 def test_a_slow_server_stops_the_run_with_exit_3_and_a_checkpoint(server, tmp_path, capsys):
     run = tmp_path / "run"
-    t0 = time.perf_counter()
+    before, t0 = server.counts(), time.perf_counter()
     code = main([*GAME, "--prompts", _prompts(tmp_path), "--env", f"openenv:{server.url}/slow",
                  "--tool-time-limit", "0.5", "--steps", "1", "--run-dir", str(run)])
     err = capsys.readouterr().err
@@ -215,6 +215,12 @@ def test_a_slow_server_stops_the_run_with_exit_3_and_a_checkpoint(server, tmp_pa
         "(--tool-time-limit)" in err  # fmt: skip
     assert [p.name for p in list_checkpoints(run)] == ["step-000000"]
     assert time.perf_counter() - t0 < 60  # one call's limit, not every session's
+    # the failed batch's sessions are closed (episodes.close_all; without it one stayed
+    # open here); the one whose step was late ends once the server finishes that step (3 s)
+    deadline = time.time() + 20
+    while server.counts()["open"] != before["open"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert server.counts()["open"] == before["open"]
 
 
 @pytest.mark.parametrize("flags, why", [
