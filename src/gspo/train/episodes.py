@@ -194,8 +194,20 @@ class MultiTurn:
         from its own seed (``seed``, turn), whatever else drew from the RNG (the sampler
         thread of --async-rollouts)."""
         rows = [p for p in prompts for _ in range(group_size)]
-        started = (start(self.env_class, row, i) for i, row in enumerate(rows))
-        envs, firsts = zip(*started, strict=True)
+        envs: list = []
+        try:
+            firsts = []
+            for i, row in enumerate(rows):
+                env, first = start(self.env_class, row, i)
+                envs.append(env)
+                firsts.append(first)
+            return self._episodes(rows, envs, firsts, greedy=greedy, seed=seed)
+        except BaseException:
+            close_all(envs)  # a server's sessions (envs.openenv) end with the batch
+            raise
+
+    def _episodes(self, rows, envs, firsts, *, greedy: bool, seed: int | None) -> Rollout:
+        """``rollout`` once every episode has started (``envs``, their ``firsts``)."""
         turns_of = [self.routes.get(getattr(e, "route", None), self.turns) for e in envs]
         prompt_ids = [t.first_ids([f])[0] for t, f in zip(turns_of, firsts, strict=True)] \
             if self.routes else self.turns.first_ids(firsts)  # fmt: skip
@@ -318,6 +330,17 @@ def first_messages(env_class: type, rows: Sequence[dict], label: str) -> list[st
         if callable(getattr(env, "close", None)):
             env.close()
     return out
+
+
+def close_all(envs) -> None:
+    """``close()`` every environment that has one (the contract's optional method: a
+    server session's end), ignoring their errors: the batch is failing already."""
+    for env in envs:
+        if callable(getattr(env, "close", None)):
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - the error that stops the run is raised
+                pass
 
 
 def clip_repr(value, width: int = 80) -> str:

@@ -10,8 +10,10 @@ An environment is any class with this shape (one instance per episode)::
         def reward(self) -> float: ...           # called once, after the episode ends
 
 Optional: a class attribute ``system_prompt`` (str), used when ``--system-prompt`` is not
-given. ``reset`` may also return chat messages ``[{"role", "content"}]`` (rendered as a
-prompt is, gspo.train.rollout.render_prompt).
+given; a method ``close()``, called on the instances made for the checks at start and on
+every episode of a batch that stops on an error (a server session's end: envs/openenv.py).
+``reset`` may also return chat messages ``[{"role", "content"}]`` (rendered as a prompt is,
+gspo.train.rollout.render_prompt).
 
 Any exception raised by the environment (its constructor, ``reset``, ``step`` or
 ``reward``), or a reward that is not a finite float, is an :class:`EnvError` naming the

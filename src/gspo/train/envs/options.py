@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from gspo.config import check
+from gspo.train.envs.openenv import check_url, is_server
 from gspo.train.envs.registry import names
 from gspo.train.tools.parsers import parser_names
 
@@ -15,8 +16,10 @@ def check_episode_options(task) -> None:
     is not given."""
     env, turns, tools = task.env, task.max_turns, task.tools
     check(env is None or env in names() or ":" in env, "env", env,
-          f"use a built-in environment ({', '.join(names())}) or your class as "
-          "'module:Class'")  # fmt: skip
+          f"use a built-in environment ({', '.join(names())}), your class as "
+          "'module:Class', or an OpenEnv server as 'openenv:http://HOST:PORT'")  # fmt: skip
+    if is_server(env):
+        _check_server(task)
     check(turns is None or env is not None or tools is not None, "max_turns", turns,
           "it bounds the episodes of an environment: add --env NAME")  # fmt: skip
     check(turns is None or turns >= 1, "max_turns", turns, "use a positive integer")
@@ -34,3 +37,15 @@ def check_episode_options(task) -> None:
           "use a positive number of seconds")  # fmt: skip
     if (env is not None or tools is not None) and turns is None:
         object.__setattr__(task, "max_turns", 4)
+
+
+def _check_server(task) -> None:
+    """``--env openenv:URL``: a well-formed URL; the server's rewards score the episodes
+    and the replies go to it whole, so --reward and --tool-parser have nothing to do."""
+    fix = check_url(task.env)
+    check(fix is None, "env", task.env, fix or "")
+    check(not task.reward, "reward", task.reward, "with --env openenv:URL the server's "
+          "rewards score each episode: drop --reward")  # fmt: skip
+    check(task.tool_parser is None, "tool_parser", task.tool_parser, "with --env "
+          "openenv:URL each reply goes to the server whole, as its action: drop "
+          "--tool-parser")  # fmt: skip

@@ -4,6 +4,7 @@ tools run needs from the chat template."""
 
 from __future__ import annotations
 
+from gspo.train.envs import openenv
 from gspo.train.envs.base import load_env
 from gspo.train.envs.registry import ENVS
 from gspo.train.envs.tools import function_tools
@@ -23,13 +24,15 @@ DEFAULT_PARSER = "hermes"  # Qwen / Hermes / ChatML with tools (examples/chatml-
 
 
 def _target(spec: str):
+    if openenv.is_server(spec):  # a URL, nothing to import
+        return None
     path = ENVS.get(spec, spec)
     return import_user("--env", path) if ":" in path else None
 
 
 def several(spec: str | None) -> bool:
     """``--env`` gives several classes, routed by each row's ``environment`` field."""
-    return spec is not None and "," in spec
+    return spec is not None and "," in spec and not openenv.is_server(spec)
 
 
 def _classes(spec: str) -> list[type]:
@@ -75,6 +78,8 @@ def resolve(task, reward_fn) -> type | None:
         return None
     if several(task.env):
         return _routed(task, parser)
+    if openenv.is_server(task.env):  # --reward, --tool-parser refused by its options' check
+        return openenv.server_env(task.env, time_limit=task.tool_time_limit)
     target = _target(task.env)
     if is_trl_shaped(target):
         return trl_env(target, parser=parser, reward_fns=[import_reward(s) for s in task.reward],
@@ -106,7 +111,7 @@ def tool_schemas(task) -> list[dict] | None:
 def declared_system_prompt(spec: str) -> str | None:
     """The class attribute ``system_prompt`` of ``--env spec`` (either shape), else None;
     with several classes, each episode's class's own (episodes.MultiTurn)."""
-    if several(spec):
+    if several(spec) or openenv.is_server(spec):
         return None
     target = _target(spec)
     if is_trl_shaped(target):
