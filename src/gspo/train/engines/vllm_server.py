@@ -31,8 +31,9 @@ servers before it samples.
 Under ``--fsdp`` (FSDP2) the weights are shards: every rank walks ``weights()`` in the same
 order, so each tensor is gathered once (``full_tensor()``, a collective), and only rank 0 writes
 or sends it. Every rank walks to the end even when rank 0's push fails partway (else the
-others would wait in a gather rank 0 never joins), and the ranks agree on which server
-restarted before rank 0 refills it, for the same reason.
+others would wait in a gather rank 0 never joins). A server that restarted is not refilled
+under ``--fsdp`` (the gathers would need every rank at once): ServerError, exit 3, and
+``--resume`` pushes the weights to it.
 
 Not yet: the NCCL push run on GPUs (written, never run: no GPU here), LoRA adapters pushed as
 adapters (the merged weights are pushed).
@@ -316,17 +317,17 @@ class ServerEngine:
         if self.sync_error is not None:
             raise ServerError(self.sync_error)
         deadline = time.monotonic() + REFILL_S
-        helds = self._each(self._held)
-        restarted = [None in held for held in helds]
-        if self.sharded:  # rank 0's refill gathers every tensor: all ranks join, or none
-            restarted = [dd.any_rank(r, self.world) for r in restarted]
-        for url, held, again in zip(self.urls, helds, restarted, strict=True):
-            if again and self.world.main:
+        for url, held in zip(self.urls, self._each(self._held), strict=True):
+            if None in held and self.sharded:
+                # a refill gathers every tensor, a collective of all ranks, which ranks that
+                # see the restart at different moments (or sample on the --async-rollouts
+                # thread) cannot agree on: stop, and let --resume push
+                raise ServerError(f"rollout server {url} restarted (it holds no weights); "
+                                  "under --fsdp it is not refilled mid-run: --resume pushes "
+                                  "the weights to it again")  # fmt: skip
+            if None in held and self.world.main:
                 self._refill(url)
                 held = self._held(url)
-            elif again and self.sharded:
-                for _ in self.weights():  # the gathers of rank 0's refill
-                    pass
             while None in held and time.monotonic() < deadline:
                 time.sleep(1)
                 held = self._held(url)
