@@ -258,8 +258,10 @@ def test_fsdp2_ranks_gather_each_tensor_once_per_push_and_train_as_ddp(servers, 
                 assert record[f"mismatch_k3/rank{rank}"] < 1e-8, record
         for x, y in zip(rows(ddp), rows(run), strict=True):
             assert x.get("reward_mean") == y.get("reward_mean")
+        # reduce-scatter vs all-reduce: 5.9e-7 measured (weights ~1, float32); a push that
+        # missed a step would change the samples and so the rewards above
         for key, value in weights(ddp).items():
-            torch.testing.assert_close(weights(run)[key], value, rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(weights(run)[key], value, rtol=0, atol=2e-6, msg=key)
 
 
 def _skip_server(load):
