@@ -25,11 +25,6 @@ def check_pairs(config) -> None:
           f"--rollout {config.sampling.rollout} schedules its own batches (size its KV "
           "cache with --vllm-memory, or the server's options); drop it or use --rollout "
           "hf")  # fmt: skip
-    # Pushing to servers under FSDP2 would gather every tensor on every rank for rank 0's
-    # files: untested, so refused until it is.
-    check(config.sampling.rollout != "vllm-server" or not config.run.fsdp, "fsdp",
-          config.run.fsdp, "--rollout vllm-server runs with DDP or one process for now "
-          "(FSDP2's push to the servers is untested): drop --fsdp")  # fmt: skip
     limit, buffer = config.sampling.max_new_tokens, config.batch.overlong_penalty
     check(buffer <= limit, "overlong_penalty", buffer,
           f"the buffer is the last tokens before --max-new-tokens {limit}: use 1 to "

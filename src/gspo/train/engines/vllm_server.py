@@ -28,8 +28,15 @@ which saves a checkpoint and exits 3 (a push is recorded, not raised, so that th
 holds the step's finished update). ``--resume`` pushes the checkpoint's weights to the
 servers before it samples.
 
+Under ``--fsdp`` (FSDP2) the weights are shards: every rank walks ``weights()`` in the same
+order, so each tensor is gathered once (``full_tensor()``, a collective), and only rank 0 writes
+or sends it. Every rank walks to the end even when rank 0's push fails partway (else the
+others would wait in a gather rank 0 never joins). A server that restarted is not refilled
+under ``--fsdp`` (the gathers would need every rank at once): ServerError, exit 3, and
+``--resume`` pushes the weights to it.
+
 Not yet: the NCCL push run on GPUs (written, never run: no GPU here), LoRA adapters pushed as
-adapters (the merged weights are pushed), ``--fsdp`` (refused in gspo.train.compose).
+adapters (the merged weights are pushed).
 """
 
 from __future__ import annotations
@@ -120,6 +127,7 @@ class ServerEngine:
         self.max_len = sequence_len(model, prompt_tokens, sampling.max_new_tokens)
         self.eos = eos_ids(model, tokenizer)
         self.aliases = tied_aliases(model)
+        self.sharded = _sharded(model)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="gspo-server")
         for url, info in zip(self.urls, self._each(lambda u: _call(u, "/v1/models")),
                              strict=True):  # fmt: skip
@@ -238,6 +246,23 @@ class ServerEngine:
         """``named`` to ``urls`` by --weight-push, each server's report checked against what
         was sent (returned)."""
         t0 = time.perf_counter()
+        named = iter(named)
+        try:
+            sent, answers = self._transfer(named, version, urls)
+        finally:
+            for _ in named:  # FSDP2: the rest of the gathers, which the other ranks run
+                pass
+        self.push_seconds = time.perf_counter() - t0
+        for url, workers in zip(urls, answers, strict=True):
+            for got in workers:
+                if not _same(got, sent, version):
+                    raise ServerError(f"rollout server {url}: the weight push did not land: "
+                                      f"it loaded {_describe(got)}, the trainer sent "
+                                      f"{_describe({**sent, 'version': version})}")  # fmt: skip
+        return sent
+
+    def _transfer(self, named, version: str, urls: Sequence[str]) -> tuple[dict, list]:
+        """``named`` to ``urls`` by --weight-push: what was sent, and each server's report."""
         if self.collective is not None:
             try:
                 sent = self.collective.push(list(urls), named, self.aliases, version)
@@ -252,14 +277,7 @@ class ServerEngine:
                               prefix="gspo-push-") as (directory, sent):  # fmt: skip
                 self._sent = sent  # the tests' stand-in for a push that skipped a server
                 answers = self._each(lambda url: self._load(url, directory, version), urls)
-        self.push_seconds = time.perf_counter() - t0
-        for url, workers in zip(urls, answers, strict=True):
-            for got in workers:
-                if not _same(got, sent, version):
-                    raise ServerError(f"rollout server {url}: the weight push did not land: "
-                                      f"it loaded {_describe(got)}, the trainer sent "
-                                      f"{_describe({**sent, 'version': version})}")  # fmt: skip
-        return sent
+        return sent, answers
 
     def _load(self, url: str, directory: str, version: str) -> list[dict]:
         try:
@@ -300,6 +318,13 @@ class ServerEngine:
             raise ServerError(self.sync_error)
         deadline = time.monotonic() + REFILL_S
         for url, held in zip(self.urls, self._each(self._held), strict=True):
+            if None in held and self.sharded:
+                # a refill gathers every tensor, a collective of all ranks, which ranks that
+                # see the restart at different moments (or sample on the --async-rollouts
+                # thread) cannot agree on: stop, and let --resume push
+                raise ServerError(f"rollout server {url} restarted (it holds no weights); "
+                                  "under --fsdp it is not refilled mid-run: --resume pushes "
+                                  "the weights to it again")  # fmt: skip
             if None in held and self.world.main:
                 self._refill(url)
                 held = self._held(url)
@@ -327,6 +352,13 @@ class ServerEngine:
         self.pool.shutdown(wait=False)
         if self.collective is not None:
             self.collective.close()
+
+
+def _sharded(model) -> bool:
+    """Whether the weights are FSDP2 shards (DTensors): gathering them is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _same(got: dict, sent: dict, version: str) -> bool:
