@@ -359,9 +359,14 @@ def _task(config: TrainConfig, policy, world: dd.World):
 def _optimizer(optim, steps: int, logprobs):
     """AdamW over the trainable parameters and its schedule (warmup, cosine), both per
     optimizer step: ``minibatches`` of them a training step."""
+    # fused: the whole step in one kernel. The default (foreach) step gave another last bit
+    # while a vLLM generation ran in another thread (--async-rollouts; measured: 4.5e-8
+    # after 3 steps, the fused step 0), so a resumed run, whose first step overlaps the
+    # sampler when the straight run's did not, drifted from the straight one (1.3e-4 by
+    # step 4 under bf16, tests/test_compose_pairs.py).
     optimizer = torch.optim.AdamW(
         [p for p in logprobs.parameters() if p.requires_grad],
-        lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.99),
+        lr=optim.lr, weight_decay=optim.weight_decay, betas=(0.9, 0.99), fused=True,
     )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
