@@ -219,11 +219,28 @@ def test_tensor_parallel_vllm_async_bf16_lora_prefix_warm_start_resume(tmp_path,
         *VLLM, *extra, "--vllm-tp", "2", "--async-rollouts", "--dtype", "bf16",
         "--old-logprobs", "trainer", "--lora-r", "4", "--lr", "1e-2", "--top-p", "0.9",
         "--shared-prefix", "--minibatches", "1", "--warm-start", _warm_start_file(tmp_path),
-        "--warm-start-lr", "1e-3"])  # fmt: skip
+        "--warm-start-lr", "1e-3"], atol=0)  # fmt: skip
     assert records[0]["warm_start_loss"] > 0
     assert [r["policy_lag"] for r in records[1:]] == [0, 1, 1, 1]
     for r in records[1:]:
         assert r["ratio_min"] == r["ratio_max"] == 1.0, r  # old log-probs: the bf16 policy's
+
+
+def test_vllm_async_bf16_two_minibatches_resume_bit_for_bit(tmp_path):
+    """--async-rollouts on vLLM under torchrun, --dtype bf16, --old-logprobs trainer and 2
+    minibatches: a run resumed from step 2 ends with the straight run's weights bit for bit.
+    The resumed run's step 3 updates while the sampler thread generates batch 4; the straight
+    run's updated with the thread idle (batch 4 was done during step 2's evaluation and
+    checkpoint). With AdamW's default (foreach) step that overlap alone changed the last bit
+    of the weights (vLLM's generation sets torch.compiler.is_compiling() for every thread:
+    gspo.train.loop._optimizer); bf16's second minibatch grew it to 1.3e-4 by step 4 (step
+    4's loss 4.0e-4, straight 3.4e-4). The fused step: 0."""
+    pytest.importorskip("vllm")
+    from test_scaleout_vllm import TINY as VLLM
+
+    torchrun_straight_and_resumed(tmp_path, [
+        *VLLM, "--async-rollouts", "--dtype", "bf16", "--old-logprobs", "trainer",
+        "--minibatches", "2"], atol=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
