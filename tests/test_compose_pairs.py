@@ -60,22 +60,12 @@ def straight_and_resumed(tmp_path: Path, args: list[str]) -> list[dict]:
 
 def torchrun_straight_and_resumed(tmp_path: Path, args: list[str], *,
                                   atol: float = 1e-6) -> list[dict]:  # fmt: skip
-    """A 4-step run on 2 torchrun ranks with ``args``, and a copy without its last checkpoint
-    resumed from step 2: weights (the model or the LoRA adapter) within ``atol``, every
+    """``test_train_distributed.run_and_resume`` with ``args`` (2 torchrun ranks, 4 steps,
+    resumed from step 2): weights (the model or the LoRA adapter) within ``atol``, every
     step's reward_mean equal; the straight run's rows."""
-    import shutil
+    from test_train_distributed import run_and_resume
 
-    from test_train_distributed import torchrun
-
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = torchrun([*args, "--steps", "4", "--checkpoint-every", "2",
-                     "--run-dir", str(straight)], tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
-    shutil.rmtree(resumed / "model")
-    again = torchrun(["--resume", str(resumed)], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    straight, resumed = run_and_resume(tmp_path, args)
     a, b = _saved(straight), _saved(resumed)
     assert set(a) == set(b)
     for name in a:

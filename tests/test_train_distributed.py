@@ -287,13 +287,11 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def straight_and_resumed(tmp_path, args: list[str]):
-    """A 4-step torchrun run with ``args``, and a copy without its last checkpoint resumed
-    from step 2: the final weights agree to 1e-6 and every step's reward_mean is equal.
-    Returns the straight run's directory, the resumed run's and the straight run's rows."""
+def run_and_resume(tmp_path, args: list[str]) -> tuple[Path, Path]:
+    """A 4-step torchrun run with ``args`` (checkpoints at steps 2 and 4), and a copy of its
+    directory without the step-4 checkpoint and the final model, resumed from step 2.
+    Returns the straight run's directory and the resumed run's."""
     import shutil
-
-    from safetensors.torch import load_file
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     done = torchrun([*args, "--steps", "4", "--checkpoint-every", "2",
@@ -304,6 +302,16 @@ def straight_and_resumed(tmp_path, args: list[str]):
     shutil.rmtree(resumed / "model")
     again = torchrun(["--resume", str(resumed)], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
+    return straight, resumed
+
+
+def straight_and_resumed(tmp_path, args: list[str]):
+    """``run_and_resume``: the final weights agree to 1e-6 and every step's reward_mean is
+    equal. Returns the straight run's directory, the resumed run's rows and the straight
+    run's rows."""
+    from safetensors.torch import load_file
+
+    straight, resumed = run_and_resume(tmp_path, args)
     a = load_file(straight / "model" / "model.safetensors")
     b = load_file(resumed / "model" / "model.safetensors")
     for name in a:

@@ -8,11 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +28,7 @@ from gspo.train.rollout import Rollout
 from gspo.train.sampling import collect, concerns, overlong_penalty, tied_groups, truncated
 from gspo.train.tiny import tiny_model
 from gspo.train.update import minibatch_loss, response_logprobs, update
+from test_train_distributed import run_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 EOS, PAD = 2, 0
@@ -411,16 +407,6 @@ def test_resume_with_dynamic_sampling_equals_the_straight_run(tmp_path):
 # ---------------------------------------------------------------- two ranks
 
 
-def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(port), "-m", "gspo", "train", *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_ranks_fill_their_own_groups_and_resume_exactly(tmp_path, fsdp):
     """Under torchrun every rank samples every round (FSDP2's generate is a collective) and
@@ -429,16 +415,8 @@ def test_two_ranks_fill_their_own_groups_and_resume_exactly(tmp_path, fsdp):
     extra = ["--fsdp"] if fsdp else []
     # pairs tie more often than fours (both without a digit: 0 and 0); no penalty, which
     # would make rewards differ by length
-    args = [*TINY[: TINY.index("--overlong-penalty")], *extra, "--group-size", "2",
-            "--steps", "4", "--checkpoint-every", "2"]  # fmt: skip
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = torchrun([*args, "--run-dir", str(straight)], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
-    shutil.rmtree(resumed / "model")
-    again = torchrun(["--resume", str(resumed)], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    args = [*TINY[: TINY.index("--overlong-penalty")], *extra, "--group-size", "2"]
+    straight, resumed = run_and_resume(tmp_path, args)
     a, b = rows(straight), rows(resumed)
     assert [r["step"] for r in b] == list(range(5))
     for x, y in zip(a, b, strict=True):
