@@ -74,6 +74,7 @@ class WorkerExtension:
         from safetensors.torch import load_file
 
         from gspo.train.engines.vllm import _quiet_rotary_reload
+        from gspo.train.engines.weight_transfer import sums
 
         self._gspo_version = None  # a load that fails half-way holds no version
         state = {"tensors": 0, "sum": 0.0, "sum_squares": 0.0}
@@ -81,10 +82,10 @@ class WorkerExtension:
         def weights():
             for name in sorted(os.listdir(path)):
                 for key, tensor in load_file(os.path.join(path, name)).items():
-                    x = tensor.double()
+                    total, squares = sums(tensor)
                     state["tensors"] += 1
-                    state["sum"] += float(x.sum())
-                    state["sum_squares"] += float((x * x).sum())
+                    state["sum"] += total
+                    state["sum_squares"] += squares
                     yield key, tensor
 
         with _Reloading() as failures, _quiet_rotary_reload(), torch.no_grad():

@@ -50,6 +50,7 @@ import torch
 from gspo.train import checkpoint as ckpt
 from gspo.train import distributed as dd
 from gspo.train.data import sequence_len
+from gspo.train.engines.weight_transfer import sums
 from gspo.train.rollout import Continuation, Rollout, eos_ids, sample_prompts, trim
 
 INSTALL_HINT = ("--rollout vllm needs vLLM: `pip install 'gspo[vllm]'` on a CUDA machine, "
@@ -302,8 +303,7 @@ def weight_files(named: Iterable[tuple[str, torch.Tensor]], aliases: dict[str, l
         for i, (name, tensor) in enumerate((n, t) for n, t in named if n not in skip):
             tensor = tensor.detach().to("cpu").contiguous()
             if checksum:
-                x = tensor.double()
-                total, squares = float(x.sum()), float((x * x).sum())
+                total, squares = sums(tensor)
             for k, alias in enumerate((name, *aliases.get(name, ()))):
                 save_file({alias: tensor}, os.path.join(directory, f"{i:06d}-{k}.safetensors"),
                           metadata={"format": "pt"})  # one file each: no shared storage
