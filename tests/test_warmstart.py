@@ -126,6 +126,43 @@ def test_the_loss_is_the_assistant_tokens_nll_and_ignores_padding():
         assert _nll(logprobs, encoded, pad) == pytest.approx(expected, rel=1e-5)
 
 
+def test_common_prefix_counts_the_ids_every_sequence_begins_with():
+    assert warmstart.common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert warmstart.common_prefix([[1, 2], [1, 2]]) == 2
+    assert warmstart.common_prefix([[5], [1, 2]]) == 0
+
+
+@pytest.mark.parametrize("pad", [0, 51])
+def test_a_shared_system_prompt_runs_once_with_the_same_loss_and_gradients(pad, float64_norm):
+    # The episodes share a long system prompt (as the tools' schemas are): packed, it runs
+    # once per batch (gspo.prefix); the loss and every gradient equal the plain forward's,
+    # whatever fills the padding (float64; conftest.float64_norm says why the norm is patched).
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    turns = Turns(tok, "You answer sums. Think of the digits, then add them. " * 3,
+                  [tok.eos_token_id])  # fmt: skip
+    encoded = [warmstart.encode(_episode(("user", f"sum {i}{3 * i}:"),
+                                         ("assistant", str(4 * i + 3 * i % 7)))["messages"],
+                                turns, tok.eos_token_id) for i in range(6)]  # fmt: skip
+    shared = warmstart.common_prefix([ids for ids, _ in encoded])
+    assert shared > 20 and len({len(ids) for ids, _ in encoded}) > 1  # a prefix, and padding
+    results = []
+    for packed in (False, True):
+        logprobs = CausalLMLogprobs(tiny_model(layers=2, hidden=32, seed=0).double(),
+                                    prefix_attention="dense")  # fmt: skip
+        loss, tokens = warmstart._batch_loss(logprobs, encoded, pad, torch.device("cpu"),
+                                             shared_prefix=packed)  # fmt: skip
+        loss.backward()
+        assert logprobs.attention_used == ("dense" if packed else None)
+        results.append((loss, tokens, {n: p.grad for n, p in logprobs.named_parameters()}))
+    (plain, n_plain, g_plain), (packed, n_packed, g_packed) = results
+    assert n_plain == n_packed
+    torch.testing.assert_close(packed, plain, rtol=1e-12, atol=1e-12)
+    for name, grad in g_plain.items():
+        torch.testing.assert_close(g_packed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_warm_start_raises_the_likelihood_of_the_worked_replies():
     encoded, tok = _encoded()
     torch.manual_seed(0)

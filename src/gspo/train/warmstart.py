@@ -157,12 +157,15 @@ def end_of_turn_id(turns, eos: list[int]) -> int:
 
 
 def run(logprobs, encoded: list[tuple[list[int], list[bool]]], config: WarmStartConfig, *,
-        world, seed: int, max_grad_norm: float, pad_id: int, log=print) -> list[float]:  # fmt: skip
+        world, seed: int, max_grad_norm: float, pad_id: int, shared_prefix: bool = True,
+        log=print) -> list[float]:  # fmt: skip
     """Fine-tune ``logprobs`` (the trainer's log-prob module, DDP/FSDP2-wrapped or not) on
     the encoded episodes; returns each epoch's mean loss (nats per assistant token, over
     all ranks). Under torchrun each rank takes a contiguous share (episodes beyond a
     multiple of the world size are left out, so that every rank takes the same number of
-    steps)."""
+    steps). ``shared_prefix`` (the run's ``--shared-prefix``) runs the ids a batch's
+    episodes all begin with (the system prompt, the tools' schemas) once per batch, as a
+    rollout group's prompt is (gspo.prefix): the same loss and gradients, fewer tokens."""
     import torch
 
     per_rank = len(encoded) // world.size
@@ -178,7 +181,8 @@ def run(logprobs, encoded: list[tuple[list[int], list[bool]]], config: WarmStart
         order.shuffle(mine)
         total = count = 0.0
         for at in range(0, per_rank, BATCH):
-            loss, tokens = _batch_loss(logprobs, mine[at : at + BATCH], pad_id, world.device)
+            loss, tokens = _batch_loss(logprobs, mine[at : at + BATCH], pad_id, world.device,
+                                       shared_prefix=shared_prefix)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -194,9 +198,16 @@ def run(logprobs, encoded: list[tuple[list[int], list[bool]]], config: WarmStart
     return losses
 
 
-def _batch_loss(logprobs, batch, pad_id: int, device):
+def common_prefix(sequences: list[list[int]]) -> int:
+    """How many leading ids every sequence shares."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    return next((i for i in range(n) if any(s[i] != first[i] for s in sequences)), n)
+
+
+def _batch_loss(logprobs, batch, pad_id: int, device, *, shared_prefix: bool = True):
     """(mean NLL of the batch's assistant tokens, their count); right-padded, the padding
-    masked."""
+    masked. With ``shared_prefix``, the ids all episodes begin with go to the forward as
+    ``prompt_len`` (CausalLMLogprobs packs them once where that is exact and cheaper)."""
     import torch
 
     from gspo.masking import masked_mean
@@ -210,7 +221,13 @@ def _batch_loss(logprobs, batch, pad_id: int, device):
         attention[row, : len(seq)] = 1
         target[row, : len(seq) - 1] = torch.tensor(mask[1:])
     ids, attention, target = ids.to(device), attention.to(device), target.to(device)
-    logp = logprobs(ids, attention, target_mask=target)
+    # No target may sit in the shared part (packing scores responses only), and one column
+    # past it must remain: prompt_len is in [1, L).
+    first_target = min(mask[1:].index(True) if True in mask[1:] else len(mask)
+                       for _, mask in batch)  # fmt: skip
+    shared = min(common_prefix([seq for seq, _ in batch]), first_target + 1, width - 1)
+    prompt_len = shared if shared_prefix and len(batch) > 1 and shared >= 1 else None
+    logp = logprobs(ids, attention, target_mask=target, prompt_len=prompt_len)
     return -masked_mean(logp, target), int(target.sum())
 
 
@@ -243,7 +260,8 @@ def warm_start(config, policy, logprobs, world, *, limit: int | None,
         encoded.append((ids, mask))
     return run(logprobs, encoded, config.warm, world=world, seed=config.run.seed,
                max_grad_norm=config.optim.max_grad_norm,
-               pad_id=policy.tokenizer.pad_token_id, log=log if world.main else _quiet)
+               pad_id=policy.tokenizer.pad_token_id, shared_prefix=config.optim.shared_prefix,
+               log=log if world.main else _quiet)  # fmt: skip
 
 
 def _quiet(*_args) -> None:
