@@ -226,7 +226,8 @@ def _batch_loss(logprobs, batch, pad_id: int, device, *, shared_prefix: bool = T
     first_target = min(mask[1:].index(True) if True in mask[1:] else len(mask)
                        for _, mask in batch)  # fmt: skip
     shared = min(common_prefix([seq for seq, _ in batch]), first_target + 1, width - 1)
-    prompt_len = shared if shared_prefix and len(batch) > 1 and shared >= 1 else None
+    # (a batch of one packs into no fewer tokens: CausalLMLogprobs then runs the plain forward)
+    prompt_len = shared if shared_prefix and shared >= 1 else None
     logp = logprobs(ids, attention, target_mask=target, prompt_len=prompt_len)
     return -masked_mean(logp, target), int(target.sum())
 
